@@ -1,0 +1,3 @@
+"""forkserver: a preforking WSGI HTTP/1.1 server."""
+
+__version__ = "0.1.0"
