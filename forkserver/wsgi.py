@@ -1,0 +1,488 @@
+"""PEP 3333 glue: the environ, ``start_response``, ``wsgi.input`` and the one place an app is called.
+
+The worker owns sockets and the event loop; this module only needs a *channel* from it (see
+``Channel``): a parser to pull body events from, and blocking-with-timeout send/receive used while
+the app runs. Everything here runs once per request, so the constant part of the environ is built
+once per listener (``base_environ``) and copied, and a bodiless request shares one empty input.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections import deque
+from typing import Any, Callable, Iterable, Protocol
+from urllib.parse import unquote_to_bytes
+
+from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
+from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
+from forkserver.http.response import Response
+
+# Bodies up to this size travel as one send together with the head.
+SMALL_BODY = 64 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Channel(Protocol):
+    """What the worker's connection offers while an app runs (blocking, bounded by timeouts)."""
+
+    parser: RequestParser
+
+    def receive(self) -> bool:
+        """Read more bytes into ``parser``; False when the peer has closed."""
+
+    def send_all(self, data: bytes) -> None:
+        """Send everything or raise OSError (including a timeout)."""
+
+    def send_file(self, fd: int, offset: int, count: int) -> int:
+        """Send ``count`` bytes of ``fd`` from ``offset`` with sendfile; return bytes sent."""
+
+
+class ClientDisconnected(OSError):
+    """The client went away while the app was reading the request body."""
+
+
+class AppError(Exception):
+    """The application broke the WSGI contract; the message says how (for the error log)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# wsgi.input
+
+
+class EmptyInput:
+    """``wsgi.input`` for requests without a body: stateless, so one instance serves all."""
+
+    __slots__ = ()
+    complete = True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+    def discard_rest(self) -> bool:
+        return True
+
+
+EMPTY_INPUT = EmptyInput()
+
+
+class Input:
+    """Streaming ``wsgi.input``: serves pre-read body parts, then pulls from the parser.
+
+    It never reads past the end of the request body, because the parser stops at the message
+    boundary; pipelined bytes after it stay in the parser for the next request.
+    """
+
+    __slots__ = ("_channel", "_parts", "_buf", "complete", "_continue")
+
+    def __init__(self, channel: Channel, parts: deque | None, complete: bool,
+                 send_continue: bool) -> None:
+        self._channel = channel
+        self._parts = parts if parts is not None else deque()
+        self._buf = b""
+        self.complete = complete          # the parser has returned END_OF_MESSAGE
+        self._continue = send_continue    # "100 Continue" still owed before the first read
+
+    def _pull(self) -> bytes:
+        """The next piece of body, or b"" at the end of the body."""
+        if self._parts:
+            return self._parts.popleft()
+        if self.complete:
+            return b""
+        channel = self._channel
+        if self._continue:
+            self._continue = False
+            channel.send_all(_CONTINUE)
+        parser = channel.parser
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                if not channel.receive():
+                    parser.eof()  # raises BadRequest mid-body
+                    raise ClientDisconnected("client closed the connection mid-body")
+                continue
+            if event is END_OF_MESSAGE:
+                self.complete = True
+                return b""
+            return event
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            pieces = [self._buf]
+            self._buf = b""
+            while piece := self._pull():
+                pieces.append(piece)
+            return b"".join(pieces)
+        buf = self._buf
+        while len(buf) < size:
+            piece = self._pull()
+            if not piece:
+                break
+            buf = buf + piece if buf else piece
+        self._buf = buf[size:]
+        return buf[:size]
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = size if size is not None and size >= 0 else None
+        buf = self._buf
+        start = 0
+        while True:
+            newline = buf.find(b"\n", start)
+            if newline >= 0:
+                end = newline + 1
+                break
+            if limit is not None and len(buf) >= limit:
+                end = limit
+                break
+            start = len(buf)
+            piece = self._pull()
+            if not piece:
+                end = len(buf)
+                break
+            buf += piece
+        if limit is not None:
+            end = min(end, limit)
+        self._buf = buf[end:]
+        return buf[:end]
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+    def discard_rest(self, limit: int = SMALL_BODY * 16) -> bool:
+        """Skip the unread body so the connection can carry another request.
+
+        Returns False (close the connection instead) when the rest is larger than ``limit``, or
+        when a "100 Continue" was never sent: the client may not send the body at all.
+        """
+        self._buf = b""
+        self._parts.clear()
+        if self.complete:
+            return True
+        if self._continue:
+            return False
+        skipped = 0
+        while piece := self._pull():
+            skipped += len(piece)
+            if skipped > limit:
+                return False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# wsgi.file_wrapper
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterable over a file; the worker sends real files with sendfile."""
+
+    __slots__ = ("filelike", "blksize")
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+
+    def __iter__(self):
+        read = self.filelike.read
+        while data := read(self.blksize):
+            yield data
+
+    def close(self) -> None:
+        close = getattr(self.filelike, "close", None)
+        if close is not None:
+            close()
+
+    def sendfile_span(self) -> tuple[int, int, int] | None:
+        """(fd, offset, size) when the file is a regular OS file, else None (iterate instead)."""
+        try:
+            fd = self.filelike.fileno()
+            info = os.fstat(fd)
+        except (AttributeError, OSError, ValueError):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        try:
+            offset = self.filelike.tell()
+        except (AttributeError, OSError, ValueError):
+            offset = 0
+        return fd, offset, max(0, info.st_size - offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# environ
+
+
+def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
+                 errors: Any = None) -> dict[str, Any]:
+    """The keys that are the same for every request on one listener."""
+    return {
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "SCRIPT_NAME": "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": url_scheme,
+        "wsgi.errors": errors if errors is not None else sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+
+
+# Header name -> environ key; bounded so hostile clients cannot grow it without end.
+_ENVIRON_KEYS: dict[str, str] = {"CONTENT_TYPE": "CONTENT_TYPE", "CONTENT_LENGTH": "CONTENT_LENGTH"}
+_ENVIRON_KEYS_MAX = 1024
+
+
+def _environ_key(name: str) -> str:
+    key = _ENVIRON_KEYS.get(name)
+    if key is None:
+        key = "HTTP_" + name.replace("-", "_")
+        if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+            _ENVIRON_KEYS[name] = key
+    return key
+
+
+def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str],
+                  wsgi_input: Any) -> dict[str, Any]:
+    environ = base.copy()
+    path = request.path
+    if "%" in path:
+        path = unquote_to_bytes(path).decode("latin-1")
+    environ["REQUEST_METHOD"] = request.method
+    environ["PATH_INFO"] = path
+    environ["QUERY_STRING"] = request.query
+    environ["RAW_URI"] = request.target
+    environ["REQUEST_URI"] = request.target
+    environ["SERVER_PROTOCOL"] = request.version
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
+    environ["wsgi.input"] = wsgi_input
+    for name, value in request.headers:
+        key = _environ_key(name)
+        if key in environ and key.startswith("HTTP_"):
+            separator = "; " if key == "HTTP_COOKIE" else ", "
+            environ[key] = environ[key] + separator + value
+        else:
+            environ[key] = value
+    if request.chunked:
+        environ.pop("CONTENT_LENGTH", None)
+    return environ
+
+
+# ---------------------------------------------------------------------------------------------
+# the app call
+
+
+class Exchange:
+    """One request/response: ``start_response``, ``write`` and the sending of the body.
+
+    ``run`` is the only place forkserver calls an application.
+    """
+
+    __slots__ = ("channel", "request", "keep_alive", "server", "status", "headers",
+                 "response", "head_sent", "bytes_sent", "status_code", "close_reason")
+
+    def __init__(self, channel: Channel, request: Request, keep_alive: bool,
+                 server: bytes) -> None:
+        self.channel = channel
+        self.request = request
+        self.keep_alive = keep_alive
+        self.server = server
+        self.status: str | None = None
+        self.headers: list | None = None
+        self.response: Response | None = None
+        self.head_sent = False
+        self.bytes_sent = 0
+        self.status_code = 0
+        self.close_reason = ""
+
+    # -- PEP 3333 callables ------------------------------------------------------------------
+    def start_response(self, status: str, headers: list, exc_info: Any = None) -> Callable:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AppError("start_response called a second time without exc_info")
+        if type(status) is not str:
+            raise AppError(f"status must be str, not {type(status).__name__}")
+        if type(headers) is not list:
+            raise AppError(f"headers must be a list, not {type(headers).__name__}")
+        self.status = status
+        self.headers = headers
+        self.response = None
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        if self.status is None:
+            raise AppError("write() called before start_response")
+        if not self.head_sent:
+            self._start(None)
+        self._send_body(data)
+
+    # -- sending -----------------------------------------------------------------------------
+    def _start(self, body_length: int | None) -> Response:
+        """Validate and frame the head; it is sent with the first body bytes."""
+        if self.status is None:
+            raise AppError("the application returned without calling start_response")
+        request = self.request
+        response = Response(self.status, self.headers, minor=request.minor,
+                            is_head=request.method == "HEAD", keep_alive=self.keep_alive,
+                            server=self.server, body_length=body_length)
+        self.response = response
+        self.status_code = int(self.status[:3])
+        return response
+
+    def _send(self, data: bytes) -> None:
+        self.channel.send_all(data)
+        self.head_sent = True
+        self.bytes_sent += len(data)
+
+    def _send_body(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            if isinstance(data, (bytearray, memoryview)):
+                data = bytes(data)
+            else:
+                raise AppError(f"body items must be bytes, not {type(data).__name__}")
+        response = self.response
+        framed = response.body(data) if data else b""
+        if not self.head_sent:
+            self._send(response.head + framed)
+        elif framed:
+            self._send(framed)
+
+    def _finish(self) -> None:
+        response = self.response
+        tail = response.end()
+        if not self.head_sent:
+            self._send(response.head + tail)
+        elif tail:
+            self._send(tail)
+
+    def run(self, app: Callable, environ: dict[str, Any]) -> None:
+        """Call the app and send its response. Raises on failures the caller must handle."""
+        result = app(environ, self.start_response)
+        try:
+            if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
+                # The common case: the whole body in hand, so one send with the head.
+                body = result[0]
+                if self.head_sent:
+                    response = self.response
+                    self._send(response.body(body) + response.end())
+                else:
+                    response = self.response or self._start(len(body))
+                    self._send(response.head + response.body(body) + response.end())
+                return
+            if isinstance(result, FileWrapper) and not self.head_sent:
+                if self._send_file(result):
+                    return
+            for data in result:
+                if data:
+                    if not self.head_sent and self.response is None:
+                        self._start(None)
+                    self._send_body(data)
+            if self.response is None:
+                self._start(0)
+            self._finish()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    def _send_file(self, wrapper: FileWrapper) -> bool:
+        """Send a real file with sendfile; False when the file must be iterated instead."""
+        span = wrapper.sendfile_span()
+        if span is None:
+            return False
+        fd, offset, size = span
+        response = self.response or self._start(size)
+        length = response.content_length
+        if response.chunked or length is None:
+            return False
+        self._send(response.head)
+        if self.request.method == "HEAD" or not length:
+            return True
+        count = min(size, length)
+        while count > 0:
+            sent = self.channel.send_file(fd, offset, count)
+            if sent == 0:
+                break
+            offset += sent
+            count -= sent
+            self.bytes_sent += sent
+        if count or size < length:
+            # The file was shorter than the declared length: the body cannot be completed.
+            raise InvalidResponse(f"file ended {length - (size - count)} bytes short of Content-Length")
+        return True
+
+    # -- failures ----------------------------------------------------------------------------
+    def send_error(self, error: HTTPError) -> None:
+        """Answer with a prebuilt error response, if nothing has been sent yet."""
+        if not self.head_sent:
+            self.status_code = error.status
+            self._send(error.response())
+        self.keep_alive = False
+
+
+def handle(app: Callable, channel: Channel, request: Request, environ: dict[str, Any],
+           keep_alive: bool, server: bytes, log_error: Callable[[str, bool], None]) -> Exchange:
+    """Run one request through the app. Never raises for app faults; the exchange says what
+    happened (``keep_alive`` False means the connection must close after this)."""
+    exchange = Exchange(channel, request, keep_alive, server)
+    wsgi_input = environ["wsgi.input"]
+    try:
+        exchange.run(app, environ)
+    except HTTPError as error:
+        # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
+        # response from the app (500): both answerable if nothing was sent yet.
+        if isinstance(error, InvalidResponse):
+            log_error(f"invalid response from app: {error}", False)
+        exchange.send_error(error)
+        return exchange
+    except OSError as error:
+        # The client went away or stopped reading: nothing more can be sent.
+        exchange.keep_alive = False
+        exchange.close_reason = f"client I/O: {error}"
+        return exchange
+    except Exception as error:  # noqa: BLE001 - any app fault must become a 500, not a dead worker
+        log_error(f"error handling {request.method} {request.target}: {error!r}", True)
+        try:
+            exchange.send_error(InternalServerError())
+        except OSError:
+            pass
+        exchange.keep_alive = False
+        return exchange
+    response = exchange.response
+    if response is not None and not response.keep_alive:
+        exchange.keep_alive = False
+    if exchange.keep_alive:
+        try:
+            if not wsgi_input.discard_rest():
+                exchange.keep_alive = False
+        except (HTTPError, OSError):
+            exchange.keep_alive = False
+    return exchange
+
