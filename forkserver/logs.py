@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["LOGGER_NAME", "setup", "reopen", "get_logger"]
+__all__ = ["LOGGER_NAME", "get_logger", "reopen", "setup"]
 
 LOGGER_NAME = "forkserver"
 _FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -89,7 +89,9 @@ def reopen() -> None:
         if not isinstance(handler, logging.FileHandler):
             continue
         try:
-            stream = open(handler.baseFilename, handler.mode, encoding=handler.encoding)
+            # Not a `with`: the handler owns the stream from here on.
+            path, mode, encoding = handler.baseFilename, handler.mode, handler.encoding
+            stream = open(path, mode, encoding=encoding)  # noqa: SIM115
         except OSError as exc:
             logger.error("cannot reopen log file %s: %s", handler.baseFilename, exc.strerror)
             continue

@@ -43,7 +43,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-__all__ = ["State", "Reason", "SlotView", "Scoreboard", "SlotWriter", "SLOT_SIZE", "LINE_MAX"]
+__all__ = ["LINE_MAX", "SLOT_SIZE", "Reason", "Scoreboard", "SlotView", "SlotWriter", "State"]
 
 
 class State(enum.IntEnum):
@@ -247,7 +247,7 @@ class SlotWriter:
     instead of one call per field.
     """
 
-    __slots__ = ("_mm", "_off", "_seq", "_requests", "_bytes", "_counts")
+    __slots__ = ("_bytes", "_counts", "_mm", "_off", "_requests", "_seq")
 
     def __init__(self, mm: mmap.mmap, offset: int, current: SlotView) -> None:
         self._mm = mm

@@ -8,6 +8,7 @@ ones it hands over explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -15,14 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "BindSpec",
     "BindError",
-    "parse_bind",
+    "BindSpec",
     "bind",
-    "inherited_sockets",
-    "inherited_names",
-    "describe",
     "cleanup",
+    "describe",
+    "inherited_names",
+    "inherited_sockets",
+    "parse_bind",
 ]
 
 _FORMS = "expected HOST:PORT, [IPV6]:PORT, unix:/PATH or fd://N"
@@ -272,8 +273,7 @@ def cleanup(socks: list[socket.socket], specs: list[BindSpec]) -> None:
         ours = _bound_unix.get(spec.path)
         if not stat.S_ISSOCK(st.st_mode) or (ours is not None and ours != (st.st_dev, st.st_ino)):
             continue
-        try:
+        # Best effort at shutdown: a file we cannot remove is only clutter.
+        with contextlib.suppress(OSError):
             os.unlink(spec.path)
-        except OSError:
-            pass  # best effort at shutdown: a file we cannot remove is only clutter
         _bound_unix.pop(spec.path, None)

@@ -1,0 +1,811 @@
+"""The settings table, and everything derived from it.
+
+Each setting is declared exactly once, as a row of ``SETTINGS`` (style rule 1). The row drives the
+argparse flags, the config-file key, the ``FORKSERVER_<NAME>`` environment variable,
+``--print-config`` and ``docs/settings.md``, so adding a setting is one edit and nothing can drift.
+Parsing and validation live in a few shared *kinds* (integer, seconds, bool, ...), never per
+setting, so every setting of one type accepts and rejects the same spellings.
+
+Sources, weakest first: defaults < config file < environment < command line. ``resolve`` is the
+part a HUP reload re-runs: it re-reads the file and the environment while keeping the command-line
+values of the original start. Nothing here reads the environment or the disk at import time;
+``WEB_CONCURRENCY`` and the CPU count are looked at only when a ``Settings`` is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import textwrap
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "FORKSERVER_"
+CONFIG_FILE = "forkserver.toml"
+PYPROJECT = "pyproject.toml"
+
+
+class ConfigError(Exception):
+    """A configuration mistake the user can fix; ``str()`` is the whole one-line message."""
+
+
+class _Invalid(ValueError):
+    """A kind's verdict on one value ("expected an integer").
+
+    Kinds do not know which setting or source they are checking, so the caller turns this into a
+    ``ConfigError`` that names both.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds: how one type of value is parsed from text (env, CLI) and from TOML, checked and written.
+
+
+class Kind:
+    """Base for the shared per-type parsers; subclasses are small frozen dataclasses."""
+
+    #: docs column "Type"
+    label = "value"
+    #: argparse metavar
+    metavar = "VALUE"
+
+    def from_value(self, value: object) -> Any:
+        """Check a typed value (TOML, or already-parsed CLI) and return it normalised."""
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> Any:
+        """Parse the string form used by environment variables and command-line flags."""
+        return self.from_value(text)
+
+    def argparse_options(self) -> dict[str, Any]:
+        """Extra ``add_argument`` keywords; by default a flag takes one string."""
+        return {"metavar": self.metavar}
+
+    def from_cli(self, raw: Any) -> Any:
+        """Turn what argparse stored (see ``argparse_options``) into a value."""
+        return self.from_text(raw)
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    minimum: int = 0
+    metavar: str = "INT"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"integer >= {self.minimum}"
+
+    def from_value(self, value: object) -> int:
+        # bool is an int subclass; `workers = true` is a typo, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("expected an integer")
+        if value < self.minimum:
+            raise _Invalid(f"must be at least {self.minimum}")
+        return value
+
+    def from_text(self, text: str) -> int:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+            raise _Invalid("expected an integer")
+        return self.from_value(int(text))
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    """A duration as a float number of seconds.
+
+    ``allow_zero`` is off for deadlines whose absence would let one slow client hold a worker
+    forever (header and send timeouts); where 0 is allowed it means "off", as the help says.
+    """
+
+    allow_zero: bool = True
+    metavar: str = "SECONDS"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "seconds >= 0" if self.allow_zero else "seconds > 0"
+
+    def from_value(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid("expected a number of seconds")
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise _Invalid("expected a finite number of seconds")
+        if seconds < 0 or (seconds == 0 and not self.allow_zero):
+            raise _Invalid("must not be negative" if seconds < 0 else "must be greater than 0")
+        return seconds
+
+    def from_text(self, text: str) -> float:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise _Invalid("expected a number of seconds") from None
+        return self.from_value(seconds)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Bool(Kind):
+    label = "bool"
+
+    def from_value(self, value: object) -> bool:
+        # TOML has real booleans, so a quoted "true" in a file is a mistake worth reporting.
+        if not isinstance(value, bool):
+            raise _Invalid("expected true or false")
+        return value
+
+    def from_text(self, text: str) -> bool:
+        word = text.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise _Invalid("expected one of 1/0, true/false, yes/no, on/off")
+
+    def argparse_options(self) -> dict[str, Any]:
+        return {"action": argparse.BooleanOptionalAction}
+
+    def from_cli(self, raw: Any) -> bool:
+        return self.from_value(raw)
+
+
+def _check_text(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("expected a string")
+    if "\x00" in value:
+        raise _Invalid("must not contain a NUL character")
+    # Lone surrogates come from undecodable bytes in the environment; they cannot be written
+    # back as TOML or passed to most OS calls, so refuse them here with a clear message.
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise _Invalid("is not valid UTF-8 text")
+    return value
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    """A string; ``metavar`` says what it holds (PATH, NAME, ...) in --help and the docs."""
+
+    metavar: str = "TEXT"
+    label = "string"
+
+    def from_value(self, value: object) -> str:
+        return _check_text(value)
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    choices: tuple[str, ...] = ()
+    metavar: str = "LEVEL"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "one of " + ", ".join(self.choices)
+
+    def from_value(self, value: object) -> str:
+        word = _check_text(value).strip().lower()
+        if word not in self.choices:
+            raise _Invalid("expected one of " + ", ".join(self.choices))
+        return word
+
+
+@dataclass(frozen=True)
+class TextList(Kind):
+    """A non-empty list of strings, each checked by ``item``.
+
+    The forms differ per source because each source has its own natural list syntax: a repeated
+    flag on the command line, an array (or a single string) in TOML, commas in the environment.
+    Stored as a tuple so that ``Settings`` stays immutable.
+    """
+
+    item: Callable[[str], str] = _check_text
+    metavar: str = "ITEM"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"list of {self.metavar}"
+
+    def from_value(self, value: object) -> tuple[str, ...]:
+        items: Iterable[object]
+        if isinstance(value, str):
+            items = [value]
+        elif isinstance(value, (list, tuple)):
+            items = value
+        else:
+            raise _Invalid("expected a string or an array of strings")
+        checked: list[str] = []
+        for entry in items:
+            text = _check_text(entry)
+            try:
+                text = self.item(text)
+            except _Invalid as exc:
+                raise _Invalid(f"{_toml_value(text)}: {exc}") from None
+            if text in checked:
+                raise _Invalid(f"{_toml_value(text)} is listed twice")
+            checked.append(text)
+        if not checked:
+            raise _Invalid("must list at least one entry")
+        return tuple(checked)
+
+    def from_text(self, text: str) -> tuple[str, ...]:
+        return self.from_value([part.strip() for part in text.split(",") if part.strip()])
+
+    def argparse_options(self) -> dict[str, Any]:
+        return {"action": "append", "metavar": self.metavar}
+
+    def from_cli(self, raw: Any) -> tuple[str, ...]:
+        return self.from_value(raw)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_UNIX_PATH_MAX = 107
+
+
+def check_bind(spec: str) -> str:
+    """Validate one bind address; the sockets module does the binding.
+
+    Checking the form here makes a typo a config error (caught by --check-config and by a HUP
+    reload before any worker is touched) rather than a failure deep inside startup.
+    """
+    if spec.startswith("unix:"):
+        path = spec[len("unix:"):]
+        if not path:
+            raise _Invalid("unix: needs a socket path")
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise _Invalid(f"unix socket path is longer than {_UNIX_PATH_MAX} bytes")
+        return spec
+    if spec.startswith("fd://"):
+        number = spec[len("fd://"):]
+        if not number.isascii() or not number.isdigit():
+            raise _Invalid("fd:// needs a file descriptor number")
+        return spec
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host:
+        raise _Invalid("expected HOST:PORT, [IPv6]:PORT, unix:/path or fd://N")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise _Invalid(f"port {port!r} is not a number from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise _Invalid(f"{host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise _Invalid("an IPv6 address needs brackets: [ADDRESS]:PORT")
+    elif not _HOSTNAME.fullmatch(host):
+        raise _Invalid(f"{host!r} is not a host name or IPv4 address")
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value; see the module docstring for what is derived from it."""
+
+    name: str  # snake_case; the TOML key; the env var is FORKSERVER_<NAME upper>
+    kind: Kind
+    default: object  # a value, or a zero-argument callable for computed defaults
+    flags: tuple[str, ...]  # command-line flags; empty for the positional APP
+    help: str
+    positional: bool = False
+    # Another environment variable that, when set, replaces the default (WEB_CONCURRENCY, the
+    # convention of Heroku-style platforms). It is a default, so every real source beats it.
+    default_env: str | None = None
+    default_doc: str | None = None  # how the docs describe a computed default
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def dest(self) -> str:
+        """Where argparse stores the value; the setting name, so the Namespace reads naturally."""
+        return self.name
+
+
+def usable_cpus(
+    cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"
+) -> int:
+    """CPUs this process may actually use: its affinity mask, capped by the cgroup v2 quota.
+
+    ``os.cpu_count()`` reports the machine, which in a container or a systemd unit with
+    ``CPUQuota=`` would start far more workers than there is CPU time for. Every ``cpu.max`` from
+    the process's own cgroup up to the root is a cap, so the smallest one wins. A fractional
+    quota is rounded up: a worker that waits on I/O leaves the rest of its share to the others.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root, self_cgroup)
+    if limit is not None:
+        cpus = min(cpus, limit)
+    return max(1, cpus)
+
+
+def _cgroup_cpu_limit(cgroup_root: str, self_cgroup: str) -> int | None:
+    relative = ""
+    try:
+        with open(self_cgroup, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("0::"):  # the unified (v2) hierarchy
+                    relative = line[3:].strip().strip("/")
+    except OSError:
+        pass
+    parts = [p for p in relative.split("/") if p and p not in {".", ".."}]
+    limits = []
+    for depth in range(len(parts), -1, -1):
+        limit = _read_cpu_max(os.path.join(cgroup_root, *parts[:depth], "cpu.max"))
+        if limit is not None:
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _read_cpu_max(path: str) -> int | None:
+    """``cpu.max`` holds "QUOTA PERIOD" in microseconds, or "max PERIOD" for no limit."""
+    try:
+        with open(path, encoding="ascii") as f:
+            fields = f.read().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+_SECONDS = Seconds()
+_POSITIVE_SECONDS = Seconds(allow_zero=False)
+_COUNT = Int(minimum=0)
+_POSITIVE = Int(minimum=1)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "app", Text(metavar="APP"), "forkserver.demo:app", (),
+        "WSGI application: module:callable, module:factory() (called once, literal arguments "
+        "allowed) or a bare module (its 'application', else its 'app').",
+        positional=True,
+    ),
+    Setting(
+        "bind", TextList(item=check_bind, metavar="ADDRESS"), ("127.0.0.1:8000",),
+        ("-b", "--bind"),
+        "Address to listen on: HOST:PORT, [IPv6]:PORT, unix:/path or fd://N. Repeat the flag "
+        "for several; the environment variable takes a comma-separated list. Sockets passed by "
+        "systemd (LISTEN_FDS) are used automatically.",
+    ),
+    Setting(
+        "workers", _POSITIVE, usable_cpus, ("-w", "--workers"),
+        "Number of worker processes, each running one request at a time.",
+        default_env="WEB_CONCURRENCY",
+        default_doc="usable CPUs (affinity and cgroup `cpu.max`); `WEB_CONCURRENCY` if set",
+    ),
+    Setting(
+        "backlog", _POSITIVE, 2048, ("--backlog",),
+        "Listen queue length: connections the kernel holds until a worker accepts them.",
+    ),
+    Setting(
+        "keepalive", _SECONDS, 5.0, ("--keepalive",),
+        "Seconds an idle keep-alive connection stays open waiting for the next request; "
+        "0 disables keep-alive.",
+    ),
+    Setting(
+        "keepalive_requests", _POSITIVE, 1000, ("--keepalive-requests",),
+        "Requests served on one connection before it is closed.",
+    ),
+    Setting(
+        "header_timeout", _POSITIVE_SECONDS, 10.0, ("--header-timeout",),
+        "Seconds a client has to send a complete request head, so slow clients cannot hold "
+        "connections open.",
+    ),
+    Setting(
+        "timeout", _SECONDS, 30.0, ("-t", "--timeout"),
+        "Seconds a worker may spend on one request before the master aborts it; 0 disables.",
+    ),
+    Setting(
+        "graceful_timeout", _SECONDS, 30.0, ("--graceful-timeout",),
+        "Seconds workers get to finish in-flight requests on shutdown or reload before they "
+        "are killed.",
+    ),
+    Setting(
+        "send_timeout", _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
+        "Seconds a client may stop reading a response before the connection is cut off.",
+    ),
+    Setting(
+        "worker_connections", _POSITIVE, 1000, ("--worker-connections",),
+        "Most connections one worker holds at once, busy plus idle keep-alive; at the limit it "
+        "stops accepting.",
+    ),
+    Setting(
+        "limit_request_line", _POSITIVE, 8190, ("--limit-request-line",),
+        "Longest request line in bytes; longer ones get 414.",
+    ),
+    Setting(
+        "limit_request_fields", _POSITIVE, 100, ("--limit-request-fields",),
+        "Most header fields in one request; more get 431.",
+    ),
+    Setting(
+        "limit_request_field_size", _POSITIVE, 8190, ("--limit-request-field-size",),
+        "Longest header field (name and value) in bytes; longer ones get 431.",
+    ),
+    Setting(
+        "limit_request_body", _COUNT, 100 * 1024 * 1024, ("--limit-request-body",),
+        "Largest request body in bytes; larger ones get 413. 0 means unlimited.",
+    ),
+    Setting(
+        "max_requests", _COUNT, 0, ("--max-requests",),
+        "Requests a worker serves before it is replaced, to contain memory leaks; 0 disables.",
+    ),
+    Setting(
+        "max_requests_jitter", _COUNT, 0, ("--max-requests-jitter",),
+        "Random extra requests (0 to this) added to max_requests per worker, so workers are "
+        "not all replaced at once.",
+    ),
+    Setting(
+        "preload", Bool(), False, ("--preload",),
+        "Import the application in the master before forking: faster worker start and shared "
+        "memory, but a reload (HUP) no longer picks up code changes.",
+    ),
+    Setting(
+        "chdir", Text(metavar="DIR"), "", ("--chdir",),
+        "Directory to change to before the application is imported; empty to stay.",
+    ),
+    Setting(
+        "pythonpath", Text(metavar="DIRS"), "", ("--pythonpath",),
+        "Comma-separated directories put in front of sys.path before the application is "
+        "imported.",
+    ),
+    Setting(
+        "pidfile", Text(metavar="FILE"), "", ("-p", "--pidfile"),
+        "File to write the master's PID to; empty for none.",
+    ),
+    Setting(
+        "proc_name", Text(metavar="NAME"), "forkserver", ("-n", "--proc-name"),
+        "Name shown in ps and top for the master and workers.",
+    ),
+    Setting(
+        "log_level", Choice(choices=("debug", "info", "warning", "error", "critical")),
+        "info", ("--log-level",),
+        "Least severe error-log messages written; debug also shows tracebacks for "
+        "configuration and import errors.",
+    ),
+    Setting(
+        "error_log", Text(metavar="FILE"), "-", ("--error-log",),
+        "File for the error log; - is stderr. Reopened on USR1.",
+    ),
+)
+
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+_BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(s.name, Any) for s in SETTINGS] + [("config_file", "str | None", None)],
+    frozen=True,
+)
+Settings.__module__ = __name__
+Settings.__doc__ = (
+    "The effective configuration: one attribute per row of SETTINGS, plus ``config_file`` "
+    "(the absolute path of the file that was read, or None). Frozen, so a reload builds a new one."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Building Settings from the sources.
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string; escapes everything TOML forbids raw (controls, DEL, quote, \\)."""
+    out = ['"']
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch < " " or ch == "\x7f":
+            named = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+            out.append(named.get(ch, f"\\u{ord(ch):04X}"))
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: object) -> str:
+    """Render a value the way it would be written in TOML; also used to quote it in errors."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def _coerce(setting: Setting, raw: object, parse: Callable[[Any], Any], where: str) -> Any:
+    try:
+        return parse(raw)
+    except _Invalid as exc:
+        raise ConfigError(f"{setting.name} = {_toml_value(raw)} {where}: {exc}") from None
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_toml(path: str, label: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {label}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label} is not valid TOML: {exc}") from None
+
+
+def _tool_table(data: dict[str, Any], label: str) -> dict[str, Any] | None:
+    tool = data.get("tool", {})
+    table = tool.get("forkserver") if isinstance(tool, dict) else None
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"{label}: tool.forkserver must be a table")
+    return table
+
+
+def _find_config(config_file: str | None, cwd: str) -> tuple[str | None, str, dict[str, Any]]:
+    """Return (absolute path or None, label for messages, the table of settings)."""
+    if config_file:
+        path = os.path.abspath(os.path.join(cwd, config_file))
+        data = _read_toml(path, config_file)
+        if os.path.basename(path) == PYPROJECT:
+            label = f"{config_file} [tool.forkserver]"
+            return path, label, _tool_table(data, config_file) or {}
+        return path, config_file, data
+    path = os.path.join(cwd, CONFIG_FILE)
+    if os.path.exists(path):
+        return os.path.abspath(path), CONFIG_FILE, _read_toml(path, CONFIG_FILE)
+    path = os.path.join(cwd, PYPROJECT)
+    if os.path.exists(path):
+        table = _tool_table(_read_toml(path, PYPROJECT), PYPROJECT)
+        if table is not None:
+            return os.path.abspath(path), f"{PYPROJECT} [tool.forkserver]", table
+    return None, "", {}
+
+
+def _default(setting: Setting, environ: Mapping[str, str]) -> Any:
+    if setting.default_env and environ.get(setting.default_env, "").strip():
+        where = f"in environment variable {setting.default_env}"
+        return _coerce(setting, environ[setting.default_env], setting.kind.from_text, where)
+    if callable(setting.default):
+        return setting.default()
+    return setting.default
+
+
+def resolve(
+    cli_overrides: Mapping[str, Any],
+    config_file: str | None,
+    environ: Mapping[str, str],
+    cwd: str,
+) -> Settings:
+    """Build Settings from defaults < config file < environment < ``cli_overrides``.
+
+    ``cli_overrides`` maps setting names to already-parsed values (see ``cli_overrides``); they
+    are checked again so that a programmatic caller gets the same errors. ``config_file`` is the
+    ``-c`` argument (relative to ``cwd``) or None to look for one in ``cwd``. A HUP reload calls
+    this again with the original arguments, so edits to the file and environment take effect.
+    """
+    values: dict[str, Any] = {}
+    path, label, table = _find_config(config_file, cwd)
+    for key, raw in table.items():
+        setting = _BY_NAME.get(key)
+        if setting is None:
+            hint = _did_you_mean(key, _BY_NAME)
+            raise ConfigError(f"unknown setting {key!r} in {label}{hint}")
+        values[key] = _coerce(setting, raw, setting.kind.from_value, f"in {label}")
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        setting = _BY_ENV.get(var)
+        if setting is None:
+            hint = _did_you_mean(var, _BY_ENV)
+            raise ConfigError(f"unknown environment variable {var}{hint}")
+        where = f"in environment variable {var}"
+        values[setting.name] = _coerce(setting, environ[var], setting.kind.from_text, where)
+    for name, raw in cli_overrides.items():
+        setting = _BY_NAME.get(name)
+        if setting is None:
+            raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name, _BY_NAME)}")
+        values[name] = _coerce(setting, raw, setting.kind.from_value, _cli_where(setting))
+    for setting in SETTINGS:
+        if setting.name not in values:
+            values[setting.name] = _default(setting, environ)
+    return Settings(**values, config_file=path)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raise instead of printing usage and exiting, so the CLI prints one line and returns 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _default_text(setting: Setting) -> str:
+    if setting.default_doc:
+        return setting.default_doc
+    if setting.default == "":
+        return "empty"
+    return _toml_value(setting.default)
+
+
+def _cli_where(setting: Setting) -> str:
+    return f"on the command line ({'/'.join(setting.flags) or 'APP'})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser; every setting flag comes from SETTINGS.
+
+    Setting options default to SUPPRESS so the Namespace holds only what was actually typed:
+    that is what lets the command line override the file and environment without a default
+    sneaking in over them.
+    """
+    parser = _Parser(
+        prog="forkserver",
+        description="A preforking WSGI HTTP/1.1 server.",
+        epilog="Every setting can also come from the config file (its name as the key) or the "
+        "environment (FORKSERVER_<NAME>). Precedence: default < file < environment < command "
+        "line. See docs/settings.md.",
+        argument_default=argparse.SUPPRESS,
+    )
+    actions = parser.add_argument_group("actions")
+    actions.add_argument(
+        "-c", "--config", metavar="FILE", default=None,
+        help="TOML config file (default: ./forkserver.toml, else [tool.forkserver] in "
+        "./pyproject.toml)",
+    )
+    mode = actions.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check-config", action="store_true", default=False,
+        help="validate the settings and import the app, then exit 0 or 1",
+    )
+    mode.add_argument(
+        "--print-config", action="store_true", default=False,
+        help="print the effective settings as TOML and exit",
+    )
+    actions.add_argument(
+        "--version", action="store_true", default=False, help="print the version and exit"
+    )
+    group = parser.add_argument_group("settings")
+    for setting in SETTINGS:
+        help_text = f"{setting.help} [default: {_default_text(setting)}; env {setting.env}]"
+        options = setting.kind.argparse_options()
+        options["help"] = help_text.replace("%", "%%")
+        if setting.positional:
+            options["metavar"] = setting.kind.metavar
+            group.add_argument(setting.dest, nargs="?", **options)
+        else:
+            group.add_argument(*setting.flags, dest=setting.dest, **options)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; usage errors become ConfigError. ``--help`` exits (SystemExit)."""
+    return build_parser().parse_args(argv)
+
+
+def cli_overrides(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, parsed; the input ``resolve`` keeps on reload."""
+    overrides: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if hasattr(namespace, setting.dest):
+            raw = getattr(namespace, setting.dest)
+            where = _cli_where(setting)
+            overrides[setting.name] = _coerce(setting, raw, setting.kind.from_cli, where)
+    return overrides
+
+
+def load(
+    argv: list[str], environ: Mapping[str, str], cwd: str
+) -> tuple[Settings, argparse.Namespace]:
+    """Parse ``argv`` and resolve all sources; the Namespace carries the non-setting options."""
+    namespace = parse_args(argv)
+    return resolve(cli_overrides(namespace), namespace.config, environ, cwd), namespace
+
+
+# --------------------------------------------------------------------------------------------
+# Output derived from the table.
+
+
+def to_toml(settings: Settings) -> str:
+    """The effective configuration as a TOML file that ``-c`` loads back to the same Settings."""
+    source = settings.config_file or "defaults, environment and command line only"
+    lines = [
+        "# forkserver effective configuration",
+        f"# config file: {source}".replace("\n", " "),
+    ]
+    for setting in SETTINGS:
+        lines.append("")
+        lines.extend("# " + line for line in textwrap.wrap(setting.help, 96))
+        lines.append(f"{setting.name} = {_toml_value(getattr(settings, setting.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_code(text: str) -> str:
+    return f"`{text}`" if text else ""
+
+
+def _flag_text(setting: Setting) -> str:
+    if setting.positional:
+        return f"`{setting.kind.metavar}` (positional)"
+    if isinstance(setting.kind, Bool):
+        longs = [f for f in setting.flags if f.startswith("--")]
+        return ", ".join(f"`{f}` / `--no-{f[2:]}`" for f in longs)
+    return ", ".join(f"`{f} {setting.kind.metavar}`" for f in setting.flags)
+
+
+def settings_markdown() -> str:
+    """The content of docs/settings.md; a unit test keeps the committed file equal to it."""
+    lines = [
+        "# Settings",
+        "",
+        "<!-- Generated from the SETTINGS table in forkserver/config.py by",
+        "     `python -m forkserver.config > docs/settings.md`. Do not edit by hand. -->",
+        "",
+        "Every setting can be given in four places. Weakest first:",
+        "",
+        "1. its default;",
+        f"2. the config file: `-c FILE`, else `./{CONFIG_FILE}`, else the `[tool.forkserver]` "
+        f"table of `./{PYPROJECT}` (TOML, the setting name is the key);",
+        f"3. the environment variable `{ENV_PREFIX}<NAME>`;",
+        "4. the command line.",
+        "",
+        "Unknown keys in the file and unknown `FORKSERVER_*` variables are errors. In the",
+        "environment, booleans are `1/0`, `true/false`, `yes/no` or `on/off`, and lists are",
+        "comma-separated. `forkserver --print-config` prints the effective settings as a file",
+        "that `-c` accepts; `forkserver --check-config` validates them and imports the app.",
+        "",
+        "| Setting | Type | Default | Command line | Environment | Description |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = _default_text(s)
+        if not s.default_doc and s.default != "":
+            default = _md_code(default)
+        cells = [
+            _md_code(s.name),
+            s.kind.label,
+            default,
+            _flag_text(s),
+            _md_code(s.env),
+            s.help,
+        ]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -1,0 +1,160 @@
+"""The error log: line format, level filtering, handler replacement, reopen, pid after fork."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import pytest
+
+from forkserver import logs
+
+LINE = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4})\] \[(\d+)\] \[([A-Z]+)\] (.*)$"
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_logger():
+    logger = logging.getLogger(logs.LOGGER_NAME)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+def _lines(path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_line_format_in_a_file(tmp_path):
+    path = tmp_path / "error.log"
+    logger = logs.setup("info", str(path))
+    assert logger is logs.get_logger() and logger.name == "forkserver"
+    logger.info("listening at %s", "http://127.0.0.1:8000")
+    [line] = _lines(path)
+    match = LINE.match(line)
+    assert match, line
+    assert match.group(2) == str(os.getpid())
+    assert match.group(3) == "INFO"
+    assert match.group(4) == "listening at http://127.0.0.1:8000"
+
+
+def test_file_is_appended_not_truncated(tmp_path):
+    path = tmp_path / "error.log"
+    path.write_text("older line\n")
+    logs.setup("info", str(path)).warning("newer")
+    lines = _lines(path)
+    assert lines[0] == "older line" and lines[1].endswith("[WARNING] newer")
+
+
+def test_stderr_is_the_default(capsys):
+    logs.setup("debug", "-").debug("to stderr")
+    err = capsys.readouterr().err
+    assert LINE.match(err.rstrip("\n"))
+    assert err.rstrip("\n").endswith("[DEBUG] to stderr")
+
+
+@pytest.mark.parametrize("level, shown", [
+    ("debug", ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
+    ("INFO", ["INFO", "WARNING", "ERROR", "CRITICAL"]),
+    ("warning", ["WARNING", "ERROR", "CRITICAL"]),
+    ("error", ["ERROR", "CRITICAL"]),
+    ("critical", ["CRITICAL"]),
+])
+def test_level_filtering(tmp_path, level, shown):
+    path = tmp_path / "error.log"
+    logger = logs.setup(level, str(path))
+    for name in ("debug", "info", "warning", "error", "critical"):
+        getattr(logger, name)("m")
+    assert [LINE.match(line).group(3) for line in _lines(path)] == shown
+
+
+def test_unknown_level_is_rejected_by_name():
+    with pytest.raises(ValueError, match="'loud'"):
+        logs.setup("loud")
+
+
+def test_setup_again_replaces_handlers(tmp_path):
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    logs.setup("info", str(first)).info("one")
+    logger = logs.setup("info", str(second))
+    logger.info("two")
+    assert len(logger.handlers) == 1
+    assert [line[-3:] for line in _lines(first)] == ["one"]
+    assert [line[-3:] for line in _lines(second)] == ["two"]
+
+
+def test_unopenable_file_keeps_the_previous_log(tmp_path):
+    good = tmp_path / "good.log"
+    logs.setup("info", str(good))
+    with pytest.raises(OSError):
+        logs.setup("info", str(tmp_path / "missing-dir" / "x.log"))
+    logs.get_logger().info("still here")
+    assert _lines(good)[-1].endswith("still here")
+
+
+def test_does_not_propagate_to_the_root_logger(tmp_path):
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    catch = Catch()
+    logging.getLogger().addHandler(catch)
+    try:
+        logs.setup("info", str(tmp_path / "e.log")).info("server line")
+    finally:
+        logging.getLogger().removeHandler(catch)
+    assert seen == []
+
+
+def test_reopen_after_rename_writes_a_new_file(tmp_path):
+    path = tmp_path / "error.log"
+    rotated = tmp_path / "error.log.1"
+    logger = logs.setup("info", str(path))
+    logger.info("before rotation")
+    os.rename(path, rotated)
+    logger.info("after rename, before reopen")  # still goes to the moved file
+    logs.reopen()
+    logger.info("after reopen")
+    assert [line.split("] ", 3)[-1] for line in _lines(rotated)] == [
+        "before rotation", "after rename, before reopen"]
+    assert [line.split("] ", 3)[-1] for line in _lines(path)] == ["after reopen"]
+
+
+def test_reopen_with_stderr_is_harmless(capsys):
+    logs.setup("info", "-")
+    logs.reopen()
+    logs.get_logger().info("ok")
+    assert capsys.readouterr().err.rstrip().endswith("[INFO] ok")
+
+
+def test_records_carry_the_process_role(tmp_path):
+    seen = []
+    logger = logs.setup("info", str(tmp_path / "e.log"), proc="worker")
+    logger.handlers[0].addFilter(lambda record: seen.append(record.proc) or True)
+    logger.info("x")
+    assert seen == ["worker"]
+
+
+def test_a_forked_child_logs_its_own_pid(tmp_path):
+    path = tmp_path / "error.log"
+    logger = logs.setup("info", str(path))
+    logger.info("from master")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            logger.info("from worker")
+            logging.shutdown()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    pids = {LINE.match(line).group(4): int(LINE.match(line).group(2)) for line in _lines(path)}
+    assert pids == {"from master": os.getpid(), "from worker": pid}
