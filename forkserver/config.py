@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "FORKSERVER_"
+# Variables with the prefix that are not settings: the master hands its listeners and old workers
+# to its own re-exec (USR2) through these. Every other FORKSERVER_* variable must be a setting,
+# so that a typo is an error rather than silently ignored.
+RESERVED_ENV = frozenset({"FORKSERVER_INHERIT_FDS", "FORKSERVER_OLD_WORKERS"})
 CONFIG_FILE = "forkserver.toml"
 PYPROJECT = "pyproject.toml"
 
@@ -72,6 +76,10 @@ class Kind:
         """Turn what argparse stored (see ``argparse_options``) into a value."""
         return self.from_text(raw)
 
+    def to_toml(self, value: Any) -> str | None:
+        """The TOML literal for ``value``; None when TOML cannot say it and the key is left out."""
+        return _toml_value(value)
+
 
 @dataclass(frozen=True)
 class Int(Kind):
@@ -91,7 +99,7 @@ class Int(Kind):
         return value
 
     def from_text(self, text: str) -> int:
-        if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text, re.ASCII):
             raise _Invalid("expected an integer")
         return self.from_value(int(text))
 
@@ -195,6 +203,62 @@ class Choice(Kind):
         if word not in self.choices:
             raise _Invalid("expected one of " + ", ".join(self.choices))
         return word
+
+
+@dataclass(frozen=True)
+class Umask(Kind):
+    """An optional file mode mask, written in octal as everywhere else (``022``).
+
+    Unset is None ("leave the inherited umask alone"), which TOML cannot express, so an unset
+    umask is simply left out of --print-config and an empty string means unset in the
+    environment and on the command line.
+    """
+
+    label = "octal mode or unset"
+    metavar = "MODE"
+
+    def from_value(self, value: object) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("expected an octal mode such as 0o022")
+        if not 0 <= value <= 0o777:
+            raise _Invalid("must be between 0o000 and 0o777")
+        return value
+
+    def from_text(self, text: str) -> int | None:
+        digits = text.strip().lower().removeprefix("0o")
+        if not text.strip():
+            return None
+        if not re.fullmatch(r"[0-7]{1,4}", digits):
+            raise _Invalid("expected an octal mode such as 022")
+        return self.from_value(int(digits, 8))
+
+    def to_toml(self, value: Any) -> str | None:
+        return None if value is None else f"0o{value:03o}"
+
+
+_HOOK = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Hook(Kind):
+    """A "module:function" string, or empty for none.
+
+    Only the form is checked here; importing is the loader's job, done by the master, so that
+    reading the configuration never runs application code.
+    """
+
+    label = "module:function"
+    metavar = "MODULE:FUNC"
+
+    def from_value(self, value: object) -> str:
+        text = _check_text(value).strip()
+        if text and not _HOOK.fullmatch(text):
+            raise _Invalid("expected module:function")
+        return text
 
 
 @dataclass(frozen=True)
@@ -373,6 +437,7 @@ def _read_cpu_max(path: str) -> int | None:
 _SECONDS = Seconds()
 _POSITIVE_SECONDS = Seconds(allow_zero=False)
 _COUNT = Int(minimum=0)
+_HOOK_KIND = Hook()
 _POSITIVE = Int(minimum=1)
 
 SETTINGS: tuple[Setting, ...] = (
@@ -400,6 +465,10 @@ SETTINGS: tuple[Setting, ...] = (
         "Listen queue length: connections the kernel holds until a worker accepts them.",
     ),
     Setting(
+        "reuse_port", Bool(), False, ("--reuse-port",),
+        "Set SO_REUSEPORT on TCP listeners, so another server can bind the same port.",
+    ),
+    Setting(
         "keepalive", _SECONDS, 5.0, ("--keepalive",),
         "Seconds an idle keep-alive connection stays open waiting for the next request; "
         "0 disables keep-alive.",
@@ -421,6 +490,11 @@ SETTINGS: tuple[Setting, ...] = (
         "graceful_timeout", _SECONDS, 30.0, ("--graceful-timeout",),
         "Seconds workers get to finish in-flight requests on shutdown or reload before they "
         "are killed.",
+    ),
+    Setting(
+        "boot_timeout", _SECONDS, 60.0, ("--boot-timeout",),
+        "Seconds a new worker has to import the app and become ready before it is killed; "
+        "0 disables.",
     ),
     Setting(
         "send_timeout", _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
@@ -457,6 +531,19 @@ SETTINGS: tuple[Setting, ...] = (
         "not all replaced at once.",
     ),
     Setting(
+        "max_worker_lifetime", _SECONDS, 0.0, ("--max-worker-lifetime",),
+        "Seconds after which a worker is replaced (its successor starts first); 0 disables.",
+    ),
+    Setting(
+        "max_worker_memory", _COUNT, 0, ("--max-worker-memory",),
+        "MiB of memory a worker may use beyond what it shares with the master before it is "
+        "replaced; 0 disables.",
+    ),
+    Setting(
+        "memory_check_interval", _POSITIVE_SECONDS, 10.0, ("--memory-check-interval",),
+        "Seconds between the master's checks of max_worker_memory.",
+    ),
+    Setting(
         "preload", Bool(), False, ("--preload",),
         "Import the application in the master before forking: faster worker start and shared "
         "memory, but a reload (HUP) no longer picks up code changes.",
@@ -475,6 +562,19 @@ SETTINGS: tuple[Setting, ...] = (
         "File to write the master's PID to; empty for none.",
     ),
     Setting(
+        "user", Text(metavar="USER"), "", ("-u", "--user"),
+        "User (name or uid) the workers switch to when started as root; empty to stay.",
+    ),
+    Setting(
+        "group", Text(metavar="GROUP"), "", ("-g", "--group"),
+        "Group (name or gid) the workers switch to when started as root; empty for the user's.",
+    ),
+    Setting(
+        "umask", Umask(), None, ("--umask",),
+        "File mode mask for the master and workers, in octal (022); unset keeps the inherited "
+        "one.",
+    ),
+    Setting(
         "proc_name", Text(metavar="NAME"), "forkserver", ("-n", "--proc-name"),
         "Name shown in ps and top for the master and workers.",
     ),
@@ -487,6 +587,46 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "error_log", Text(metavar="FILE"), "-", ("--error-log",),
         "File for the error log; - is stderr. Reopened on USR1.",
+    ),
+    Setting(
+        "on_starting", _HOOK_KIND, "", ("--on-starting",),
+        "Hook f(settings) in the master before the first workers start.",
+    ),
+    Setting(
+        "when_ready", _HOOK_KIND, "", ("--when-ready",),
+        "Hook f(settings) in the master once the first workers are all ready.",
+    ),
+    Setting(
+        "pre_fork", _HOOK_KIND, "", ("--pre-fork",),
+        "Hook f(settings, index) in the master just before each worker is forked.",
+    ),
+    Setting(
+        "on_reload", _HOOK_KIND, "", ("--on-reload",),
+        "Hook f(settings) in the master after a reload (HUP) read new settings.",
+    ),
+    Setting(
+        "on_exit", _HOOK_KIND, "", ("--on-exit",),
+        "Hook f(settings) in the master as it exits.",
+    ),
+    Setting(
+        "post_fork", _HOOK_KIND, "", ("--post-fork",),
+        "Hook f(pid) in each worker right after the fork, before loading the app.",
+    ),
+    Setting(
+        "post_worker_init", _HOOK_KIND, "", ("--post-worker-init",),
+        "Hook f(pid) in each worker once the app is loaded.",
+    ),
+    Setting(
+        "worker_exit", _HOOK_KIND, "", ("--worker-exit",),
+        "Hook f(pid) in each worker as it exits.",
+    ),
+    Setting(
+        "pre_request", _HOOK_KIND, "", ("--pre-request",),
+        "Hook f(environ) in the worker before each request.",
+    ),
+    Setting(
+        "post_request", _HOOK_KIND, "", ("--post-request",),
+        "Hook f(environ, status_code) in the worker after each request.",
     ),
 )
 
@@ -620,7 +760,7 @@ def resolve(
             raise ConfigError(f"unknown setting {key!r} in {label}{hint}")
         values[key] = _coerce(setting, raw, setting.kind.from_value, f"in {label}")
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or var in RESERVED_ENV:
             continue
         setting = _BY_ENV.get(var)
         if setting is None:
@@ -647,6 +787,13 @@ class _Parser(argparse.ArgumentParser):
     """Raise instead of printing usage and exiting, so the CLI prints one line and returns 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            options = [o for action in self._actions for o in action.option_strings]
+            for word in message[len(prefix):].split():
+                if word.startswith("--"):
+                    message += _did_you_mean(word.partition("=")[0], options)
+                    break
         raise ConfigError(message)
 
 
@@ -655,7 +802,7 @@ def _default_text(setting: Setting) -> str:
         return setting.default_doc
     if setting.default == "":
         return "empty"
-    return _toml_value(setting.default)
+    return setting.kind.to_toml(setting.default) or "unset"
 
 
 def _cli_where(setting: Setting) -> str:
@@ -676,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
         "environment (FORKSERVER_<NAME>). Precedence: default < file < environment < command "
         "line. See docs/settings.md.",
         argument_default=argparse.SUPPRESS,
+        # Abbreviations would make every new flag a possible break for existing scripts.
+        allow_abbrev=False,
     )
     actions = parser.add_argument_group("actions")
     actions.add_argument(
@@ -746,7 +895,11 @@ def to_toml(settings: Settings) -> str:
     for setting in SETTINGS:
         lines.append("")
         lines.extend("# " + line for line in textwrap.wrap(setting.help, 96))
-        lines.append(f"{setting.name} = {_toml_value(getattr(settings, setting.name))}")
+        literal = setting.kind.to_toml(getattr(settings, setting.name))
+        if literal is None:
+            lines.append(f"# {setting.name} is not set")
+        else:
+            lines.append(f"{setting.name} = {literal}")
     return "\n".join(lines) + "\n"
 
 
@@ -778,8 +931,10 @@ def settings_markdown() -> str:
         "Every setting can be given in four places. Weakest first:",
         "",
         "1. its default;",
-        f"2. the config file: `-c FILE`, else `./{CONFIG_FILE}`, else the `[tool.forkserver]` "
-        f"table of `./{PYPROJECT}` (TOML, the setting name is the key);",
+        (
+            f"2. the config file: `-c FILE`, else `./{CONFIG_FILE}`, else the "
+            f"`[tool.forkserver]` table of `./{PYPROJECT}` (TOML, the setting name is the key);"
+        ),
         f"3. the environment variable `{ENV_PREFIX}<NAME>`;",
         "4. the command line.",
         "",
@@ -793,7 +948,7 @@ def settings_markdown() -> str:
     ]
     for s in SETTINGS:
         default = _default_text(s)
-        if not s.default_doc and s.default != "":
+        if not s.default_doc and s.default not in ("", None):
             default = _md_code(default)
         cells = [
             _md_code(s.name),

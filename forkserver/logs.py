@@ -98,3 +98,13 @@ def reopen() -> None:
         old = handler.setStream(stream)
         if old is not None:
             old.close()
+
+
+def error_stream():
+    """The open stream the error log writes to (the file, or stderr): where a worker's
+    faulthandler dumps its traceback on SIGABRT, so the trace lands beside the log lines."""
+    for handler in get_logger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None:
+            return stream
+    return sys.stderr

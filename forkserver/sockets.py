@@ -187,6 +187,11 @@ def _adopt(fd: int, origin: str) -> socket.socket:
     return sock
 
 
+def adopt(fd: int, origin: str) -> socket.socket:
+    """A listener inherited by descriptor number (USR2 re-exec); ValueError if it is not one."""
+    return _adopt(fd, origin)
+
+
 def bind(spec: BindSpec, backlog: int, reuse_port: bool = False) -> socket.socket:
     """A listening, non-blocking, close-on-exec socket for `spec`.
 

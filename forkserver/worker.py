@@ -66,7 +66,9 @@ class WorkerSpec:
     limit_request_body: int = 0
     max_requests: int = 0
     server_header: bytes = b"forkserver"
-    post_fork: list[Callable[[], None]] = field(default_factory=list)
+    user: str = ""
+    group: str = ""
+    hooks: dict[str, Callable] = field(default_factory=dict)
 
 
 class Connection:
@@ -157,6 +159,8 @@ class Worker:
         self.slot = spec.scoreboard.writer(spec.index)
         self.app: Callable | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pre_request = spec.hooks.get("pre_request")
+        self.post_request = spec.hooks.get("post_request")
 
     # -- setup ------------------------------------------------------------------------------
     def _base_environ(self, sock: socket.socket) -> dict[str, Any]:
@@ -189,12 +193,17 @@ class Worker:
         except ImportError:  # pragma: no cover - it is a declared dependency
             pass
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
-        faulthandler.enable(file=sys.stderr, all_threads=True)
+        # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
+        faulthandler.enable(file=logs.error_stream(), all_threads=True)
         self._install_signals()
+        hooks = spec.hooks
         try:
-            for hook in spec.post_fork:
-                hook()
+            _drop_privileges(spec.user, spec.group)
+            if "post_fork" in hooks:
+                hooks["post_fork"](os.getpid())
             self.app = spec.load_app()
+            if "post_worker_init" in hooks:
+                hooks["post_worker_init"](os.getpid())
         except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
             self.log.error("worker %d failed to boot: %s", os.getpid(), error)
             return EXIT_BOOT_ERROR
@@ -386,14 +395,22 @@ class Worker:
         slot = self.slot
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
         environ = wsgi.build_environ(request, conn.base, conn.remote, body)
+        if self.pre_request is not None:
+            self._call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, environ, keep_alive,
                                spec.server_header, self._log_app_error)
+        if self.post_request is not None:
+            self._call_hook(self.post_request, environ, exchange.status_code)
         self.requests += 1
         slot.request_finished(exchange.status_code, exchange.bytes_sent,
                               State.KEEPALIVE if exchange.keep_alive else State.IDLE)
-        if spec.max_requests and self.requests >= spec.max_requests and not self.stopping:
-            self.log.info("worker %d served %d requests; recycling", os.getpid(), self.requests)
-            self._begin_stop(Reason.REQUESTS)
+        if spec.max_requests and self.requests == spec.max_requests and not self.stopping:
+            # Ask the master for a replacement; it sends TERM once that one is ready, so
+            # capacity never dips. Until then this worker keeps serving.
+            self.log.info("worker %d served %d requests; asking to be recycled",
+                          os.getpid(), self.requests)
+            self.slot.set_state(State.KEEPALIVE if exchange.keep_alive else State.IDLE,
+                                Reason.REQUESTS)
         if not exchange.keep_alive:
             if exchange.close_reason:
                 self._close(conn)  # the client is gone or stuck; nothing to drain politely
@@ -404,6 +421,13 @@ class Worker:
             return False
         conn.parser.start_next()
         return True
+
+    def _call_hook(self, hook: Callable, *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception as error:  # noqa: BLE001 - a request hook must not stop serving
+            self.log.error("hook %s failed: %r", getattr(hook, "__name__", hook), error,
+                           exc_info=True)
 
     def _log_app_error(self, message: str, with_traceback: bool) -> None:
         self.log.error(message, exc_info=with_traceback)
@@ -447,6 +471,13 @@ class Worker:
         code = self.boot()
         if code is not None:
             return code
+        code = self._loop()
+        hook = self.spec.hooks.get("worker_exit")
+        if hook is not None:
+            self._call_hook(hook, os.getpid())
+        return code
+
+    def _loop(self) -> int:
         epoll = self.epoll
         conns = self.conns
         listeners = self.listeners
@@ -480,6 +511,22 @@ class Worker:
                 return EXIT_OK
             if self.stopping and (not conns or now >= self.stop_deadline):
                 return EXIT_OK
+
+
+def _drop_privileges(user: str, group: str) -> None:
+    """Switch to the configured group and user (only possible when started as root)."""
+    if group:
+        import grp
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.setgroups([gid])
+        os.setgid(gid)
+    if user:
+        import pwd
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        if not group:
+            os.initgroups(entry.pw_name, entry.pw_gid)
+            os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
 
 
 def run(spec: WorkerSpec) -> None:

@@ -1,0 +1,733 @@
+"""Sans-IO HTTP/1.1 request parser: bytes in, events out (RFC 9112, strict).
+
+The parser never touches a socket and knows nothing of the server's configuration beyond a few
+integer limits, so it can be tested by feeding it bytes and can run anywhere (the worker, the
+metrics listener, tests).
+
+How it stays cheap on the hot path:
+
+* Incoming bytes are appended to one ``bytearray``; a read offset marks what has been consumed
+  and the consumed prefix is dropped at the next ``feed`` (CPython deletes a bytearray prefix
+  without moving the rest).
+* A request head that is complete in the buffer (the usual case: it arrives in one ``recv``) is
+  decoded once, checked by a single linear regular expression and split on CRLF. Only a head
+  that is incomplete, or that this check rejects, goes through the line-by-line path. That path
+  is the reference: it reads one line at a time, remembers how far it has searched for the end
+  of a line (so a head trickling in byte by byte is scanned once), and gives the precise error.
+  The fast path only ever returns a request that the line path would return too.
+
+Error reporting is a function of the byte stream alone, however it is split: lines are judged
+in order, and a line's length is measured to its first LF, so an over-long line is reported the
+same way whether its end has arrived or not. Every regular expression here is written so that
+the character classes of neighbouring parts do not overlap, which keeps matching linear.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from forkserver.http.errors import (
+    BadRequest,
+    ExpectationFailed,
+    HeaderFieldsTooLarge,
+    HTTPError,
+    NotImplementedCoding,
+    PayloadTooLarge,
+    URITooLong,
+    VersionNotSupported,
+)
+
+__all__ = [
+    "END_OF_MESSAGE",
+    "NEED_DATA",
+    "PAUSED",
+    "EndOfMessage",
+    "Request",
+    "RequestParser",
+]
+
+
+class _Sentinel:
+    """A named marker event; compared with ``is``."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+PAUSED = _Sentinel("PAUSED")
+
+
+class EndOfMessage:
+    """The current request's body (if any) is complete."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END_OF_MESSAGE"
+
+
+END_OF_MESSAGE = EndOfMessage()
+
+
+class Request:
+    """One parsed request head. Strings are latin-1 decodes of the received bytes."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "query",
+        "version",
+        "minor",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "host",
+    )
+
+    method: str
+    target: str
+    path: str
+    query: str
+    version: str
+    minor: int
+    headers: list[tuple[str, str]]
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+    expect_continue: bool
+    host: str | None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target} {self.version}>"
+
+
+Event = Request | bytes | EndOfMessage | _Sentinel
+
+# --- Grammar (RFC 9110 section 5.6.2, RFC 9112 sections 3, 5 and 7.1) ---------------------------
+# Patterns are str patterns applied to latin-1 decoded text, where code point == byte value.
+
+# tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" /
+#         "~" / DIGIT / ALPHA
+_TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"
+_TOKEN = f"[{_TCHAR}]+"
+# request-target as accepted here: visible ASCII without "#" (a fragment is never sent).
+_TARGET = r"[\x21\x22\x24-\x7e]+"
+# field-value = *field-content; allowed octets are HTAB, SP, VCHAR and obs-text. The OWS around
+# the value is trimmed afterwards with str.strip, which keeps the pattern free of backtracking.
+_VALUE = r"[\t\x20-\x7e\x80-\xff]*"
+_VERSION = r"HTTP/[0-9]\.[0-9]"
+
+# request-line = method SP request-target SP HTTP-version
+_REQUEST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})")
+# field-line = field-name ":" OWS field-value OWS
+_FIELD_LINE = re.compile(f"({_TOKEN}):({_VALUE})")
+# A whole head (request line and field lines, each with its CRLF): one pass validates all of it.
+_WHOLE_HEAD = re.compile(f"{_TOKEN} {_TARGET} {_VERSION}\r\n(?:{_TOKEN}:{_VALUE}\r\n)*")
+
+# chunk = chunk-size [ chunk-ext ] CRLF
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+# chunk-ext-val = token / quoted-string
+_QDTEXT = r"[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]"
+_QUOTED_PAIR = r"\\[\t \x21-\x7e\x80-\xff]"
+_QUOTED_STRING = f'"(?:{_QDTEXT}|{_QUOTED_PAIR})*"'
+_CHUNK_LINE = re.compile(
+    "([0-9A-Fa-f]{1,16})"
+    f"(?:[ \t]*;[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*(?:{_TOKEN}|{_QUOTED_STRING}))?)*"
+)
+
+# Host = uri-host [ ":" port ] (RFC 3986 host: IP-literal / IPv4address / reg-name).
+_REG_NAME_CHAR = r"0-9A-Za-z\-._~%!$&'()*+,;="
+_IP_LITERAL = r"\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]"
+_HOST = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]*)(?::[0-9]*)?")
+# absolute-form: an http(s) URI whose authority is a non-empty host without userinfo.
+_ABSOLUTE_FORM = re.compile(
+    f"(?i:https?)://(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+)(?::[0-9]*)?(/[^?]*)?(?:\\?(.*))?"
+)
+# authority-form (CONNECT only): host ":" port, the port required.
+_AUTHORITY_FORM = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+):[0-9]+")
+_DIGITS = re.compile("[0-9]{1,18}")
+_TOKEN_RE = re.compile(_TOKEN)
+_TARGET_RE = re.compile(_TARGET)
+
+# HTTP/1.2 .. HTTP/1.9 are served as HTTP/1.1 (RFC 9110 section 2.5: same major version).
+_VERSIONS = {f"HTTP/1.{d}": ("HTTP/1.1", 1) for d in range(1, 10)}
+_VERSIONS["HTTP/1.0"] = ("HTTP/1.0", 0)
+
+# Header names the head checks care about, mapped to a small code for one dict lookup per field.
+_HOST_FIELD, _LENGTH_FIELD, _CODING_FIELD, _CONNECTION_FIELD, _EXPECT_FIELD = range(5)
+_SPECIAL_FIELDS = {
+    "HOST": _HOST_FIELD,
+    "CONTENT-LENGTH": _LENGTH_FIELD,
+    "TRANSFER-ENCODING": _CODING_FIELD,
+    "CONNECTION": _CONNECTION_FIELD,
+    "EXPECT": _EXPECT_FIELD,
+}
+
+
+# --- States --------------------------------------------------------------------------------------
+
+
+class _State(enum.IntEnum):
+    HEAD = 0  # reading a request head
+    LENGTH = 1  # Content-Length body
+    CHUNK_SIZE = 2  # chunk-size line
+    CHUNK_DATA = 3  # chunk data
+    CHUNK_CRLF = 4  # the CRLF after chunk data
+    TRAILER = 5  # trailer section after the last chunk
+    END = 6  # message complete; END_OF_MESSAGE not yet returned
+    PAUSED = 7  # END_OF_MESSAGE returned; waiting for start_next()
+    ERROR = 8  # a protocol error was raised; it is raised again on every call
+
+
+_S_HEAD = _State.HEAD
+_S_LENGTH = _State.LENGTH
+_S_CHUNK_SIZE = _State.CHUNK_SIZE
+_S_CHUNK_DATA = _State.CHUNK_DATA
+_S_CHUNK_CRLF = _State.CHUNK_CRLF
+_S_TRAILER = _State.TRAILER
+_S_END = _State.END
+_S_PAUSED = _State.PAUSED
+_S_ERROR = _State.ERROR
+
+# Every legal transition, indexed by the current state. ERROR is reachable from anywhere and is
+# entered directly by the error handler, so it is not listed.
+_TRANSITIONS: tuple[tuple[_State, ...], ...] = (
+    (_S_LENGTH, _S_CHUNK_SIZE, _S_END),  # HEAD
+    (_S_END,),  # LENGTH
+    (_S_CHUNK_DATA, _S_TRAILER),  # CHUNK_SIZE
+    (_S_CHUNK_CRLF,),  # CHUNK_DATA
+    (_S_CHUNK_SIZE,),  # CHUNK_CRLF
+    (_S_END,),  # TRAILER
+    (_S_PAUSED,),  # END
+    (_S_HEAD,),  # PAUSED
+    (),  # ERROR
+)
+
+
+class RequestParser:
+    """Turns the bytes of one connection into a sequence of request events.
+
+    ``next_event()`` returns a ``Request``, then non-empty ``bytes`` pieces of its body, then
+    ``END_OF_MESSAGE``, then ``PAUSED`` until ``start_next()``; ``NEED_DATA`` whenever it needs
+    more input. Any protocol violation raises an ``HTTPError`` subclass carrying the status to
+    answer with; from then on the parser only raises that error again.
+    """
+
+    __slots__ = (
+        "_max_line",
+        "_max_fields",
+        "_max_field_size",
+        "_max_body",
+        "_buf",
+        "_pos",
+        "_scan",
+        "_state",
+        "_request",
+        "_fields",
+        "_lines",
+        "_skipped_empty",
+        "_remaining",
+        "_received",
+        "_eof",
+        "_drained",
+        "_error",
+        "trailers",
+    )
+
+    def __init__(
+        self,
+        max_line: int = 8190,
+        max_fields: int = 100,
+        max_field_size: int = 8190,
+        max_body: int = 0,
+    ) -> None:
+        self._max_line = max_line
+        self._max_fields = max_fields
+        self._max_field_size = max_field_size
+        self._max_body = max_body  # 0: unlimited
+        self._buf = bytearray()
+        self._pos = 0  # first byte not consumed yet
+        self._scan = 0  # no LF in [_pos, _scan): where the search for a line end resumes
+        self._state = _S_HEAD
+        self._request: Request | None = None  # set once the request line of a head is parsed
+        self._fields: list[tuple[str, str]] = []
+        self._lines = 0  # field lines seen in the current head or trailer section
+        self._skipped_empty = False  # the one tolerated empty line before a request line
+        self._remaining = 0  # body bytes left in the Content-Length body or the current chunk
+        self._received = 0  # chunked body bytes announced so far (for max_body)
+        self._eof = False
+        self._drained = False  # the last next_event() returned NEED_DATA and nothing came since
+        self._error: HTTPError | None = None
+        self.trailers: list[tuple[str, str]] = []
+
+    # --- Public interface ----------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes. The data is copied, so the caller may reuse its buffer."""
+        if self._error is not None:
+            return  # never parse past an error
+        pos = self._pos
+        if pos:
+            # Drop the consumed prefix. CPython moves the bytearray's start pointer rather than
+            # the remaining bytes, so this is cheap even while a large body is streaming.
+            del self._buf[:pos]
+            self._pos = 0
+            self._scan -= pos
+        if data:
+            self._buf += data
+            self._drained = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held but not yet parsed (a partial line, body not yet returned, pipelining)."""
+        return len(self._buf) - self._pos
+
+    @property
+    def in_message(self) -> bool:
+        """True from the first byte of a request until its END_OF_MESSAGE is returned.
+
+        The skipped empty line before a request line does not count: it is not part of any
+        request, and a client may send one after a body and then close.
+        """
+        state = self._state
+        if state is _S_HEAD:
+            return self._pos < len(self._buf) or self._request is not None
+        return state is not _S_PAUSED and state is not _S_ERROR
+
+    def start_next(self) -> None:
+        """Begin the next request; bytes already buffered (pipelined) are kept."""
+        self._go(_S_HEAD)
+        self._request = None
+        self._fields = []
+        self._lines = 0
+        self._skipped_empty = False
+        self._scan = self._pos
+        self.trailers = []
+
+    def eof(self) -> None:
+        """The peer shut down its sending side.
+
+        Raises BadRequest if a request is certainly truncated. When buffered bytes may still
+        complete it (the caller fed data and EOF together), the error, if any, comes from
+        ``next_event()`` once it runs out of bytes.
+        """
+        error = self._error
+        if error is not None:
+            raise error.with_traceback(None)
+        self._eof = True
+        if not self.in_message:
+            return
+        state = self._state
+        if state is _S_END:
+            return
+        truncated = self._drained
+        if not truncated:
+            buf = self._buf
+            pos = self._pos
+            if state is _S_HEAD:
+                truncated = not buf.startswith(b"\r\n", pos) and buf.find(b"\r\n\r\n", pos) < 0
+            elif state is _S_LENGTH:
+                truncated = len(buf) - pos < self._remaining
+            else:
+                truncated = pos == len(buf)
+        if truncated:
+            exc = BadRequest("connection closed in the middle of a request")
+            self._fail(exc)
+            raise exc
+
+    def next_event(self) -> Event:
+        """The next event, NEED_DATA, or PAUSED; raises HTTPError on a protocol error."""
+        error = self._error
+        if error is not None:
+            raise error.with_traceback(None)
+        try:
+            state = self._state
+            if state is _S_HEAD:
+                return self._parse_head()
+            if state is _S_LENGTH:
+                data = self._take_body()
+                if data is None:
+                    return self._need_data()
+                if not self._remaining:
+                    self._go(_S_END)
+                return data
+            if state is _S_END:
+                self._go(_S_PAUSED)
+                return END_OF_MESSAGE
+            if state is _S_PAUSED:
+                return PAUSED
+            return self._parse_chunked()
+        except HTTPError as exc:
+            self._fail(exc)
+            raise
+
+    # --- Internals -----------------------------------------------------------------------------
+
+    def _go(self, state: _State) -> None:
+        if state not in _TRANSITIONS[self._state]:
+            raise RuntimeError(f"parser cannot go from {self._state.name} to {state.name}")
+        self._state = state
+
+    def _fail(self, exc: HTTPError) -> None:
+        """Remember the error for good and drop the buffer: nothing after it is parsed."""
+        self._error = exc
+        self._state = _S_ERROR
+        self._buf = bytearray()
+        self._pos = self._scan = 0
+
+    def _need_data(self) -> _Sentinel:
+        if self._eof and self.in_message:
+            raise BadRequest("connection closed in the middle of a request")
+        self._drained = True
+        return NEED_DATA
+
+    def _take_body(self) -> bytes | None:
+        """Up to ``_remaining`` buffered body bytes, or None if none are buffered."""
+        buf = self._buf
+        pos = self._pos
+        size = len(buf) - pos
+        if not size:
+            return None
+        remaining = self._remaining
+        if size > remaining:
+            size = remaining
+        end = pos + size
+        self._pos = end
+        self._remaining = remaining - size
+        return bytes(buf[pos:end])
+
+    def _read_line(self, limit: int, too_long: type[HTTPError]) -> str | None:
+        """The next CRLF-terminated line without its CRLF, or None if it is incomplete.
+
+        A line is measured to its first LF. If that LF lies beyond ``limit`` + 1 (content plus
+        CR), or has not arrived within that many bytes, ``too_long`` is raised, whether or not
+        the rest of the line has arrived; an LF not preceded by CR is a 400.
+        """
+        buf = self._buf
+        pos = self._pos
+        scan = self._scan
+        lf = buf.find(b"\n", scan if scan > pos else pos)
+        if lf < 0:
+            if len(buf) - pos > limit + 1:
+                raise too_long("line too long")
+            self._scan = len(buf)
+            return None
+        if lf - pos > limit + 1:
+            raise too_long("line too long")
+        if lf == pos or buf[lf - 1] != 13:
+            raise BadRequest("bare LF (lines must end with CRLF)")
+        line = buf[pos : lf - 1].decode("latin-1")
+        self._pos = self._scan = lf + 1
+        return line
+
+    # --- Request head --------------------------------------------------------------------------
+
+    def _parse_head(self) -> Request | _Sentinel:
+        if self._request is None:
+            buf = self._buf
+            pos = self._pos
+            if not self._skipped_empty and buf.startswith(b"\r\n", pos):
+                # RFC 9112 section 2.2: ignore at least one empty line before a request line.
+                # Exactly one is tolerated; a second one fails as an empty request line.
+                pos = self._pos = pos + 2
+                self._skipped_empty = True
+            scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF starts before _scan - 1
+            end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)
+            if end >= 0:
+                request = self._parse_whole_head(pos, end + 2)
+                if request is not None:
+                    return request
+        return self._parse_head_lines()
+
+    def _parse_whole_head(self, start: int, end: int) -> Request | None:
+        """Fast path for a head complete in the buffer; None sends it to the line-by-line path.
+
+        ``end`` is just past the CRLF of the last head line; the empty line follows it.
+        """
+        text = self._buf[start:end].decode("latin-1")
+        if _WHOLE_HEAD.fullmatch(text) is None:
+            return None
+        lines = text.split("\r\n")
+        lines.pop()  # "" after the final CRLF
+        if len(lines[0]) > self._max_line or len(lines) > self._max_fields + 1:
+            return None
+        limit = self._max_field_size
+        fields = []
+        append = fields.append
+        for i in range(1, len(lines)):
+            line = lines[i]
+            if len(line) > limit:
+                return None
+            name, _, value = line.partition(":")
+            if "_" not in name:
+                append((name.upper(), value.strip(" \t")))
+        method, target, version = lines[0].split(" ")
+        request = self._new_request(method, target, version)
+        self._pos = end + 2
+        return self._finish_head(request, fields)
+
+    def _parse_head_lines(self) -> Request | _Sentinel:
+        """The reference head parser: one line at a time, resumable after any byte."""
+        while True:
+            if self._request is None:
+                line = self._read_line(self._max_line, URITooLong)
+                if line is None:
+                    return self._need_data()
+                match = _REQUEST_LINE.fullmatch(line)
+                if match is None:
+                    raise BadRequest(_request_line_problem(line))
+                self._request = self._new_request(*match.groups())
+                continue
+            line = self._read_line(self._max_field_size, HeaderFieldsTooLarge)
+            if line is None:
+                return self._need_data()
+            if not line:
+                return self._finish_head(self._request, self._fields)
+            self._add_field(line, self._fields)
+
+    def _add_field(self, line: str, fields: list[tuple[str, str]]) -> None:
+        """Validate one header or trailer line and append it (unless its name has a "_")."""
+        self._lines += 1
+        if self._lines > self._max_fields:
+            raise HeaderFieldsTooLarge(f"more than {self._max_fields} header fields")
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise BadRequest(_field_line_problem(line))
+        name, value = match.groups()
+        # Names with "_" are dropped: in a CGI-style environ "X_Y" and "X-Y" collide, and a
+        # proxy that vets one spelling would let the other through.
+        if "_" not in name:
+            fields.append((name.upper(), value.strip(" \t")))
+
+    def _new_request(self, method: str, target: str, version: str) -> Request:
+        """A Request from a syntactically valid request line (semantic checks happen here)."""
+        versions = _VERSIONS.get(version)
+        if versions is None:
+            raise VersionNotSupported(f"unsupported version {version}")
+        request = Request()
+        request.method = method
+        request.target = target
+        request.version, request.minor = versions
+        if target[0] == "/":  # origin-form, the common case
+            if method == "CONNECT":
+                raise BadRequest("CONNECT needs an authority-form target")
+            query_at = target.find("?")
+            if query_at < 0:
+                request.path = target
+                request.query = ""
+            else:
+                request.path = target[:query_at]
+                request.query = target[query_at + 1 :]
+        elif target == "*":  # asterisk-form
+            if method != "OPTIONS":
+                raise BadRequest("'*' target is only allowed with OPTIONS")
+            request.path = "*"
+            request.query = ""
+        elif method == "CONNECT":  # authority-form
+            if _AUTHORITY_FORM.fullmatch(target) is None:
+                raise BadRequest("invalid CONNECT target")
+            request.path = target
+            request.query = ""
+        else:  # absolute-form
+            match = _ABSOLUTE_FORM.fullmatch(target)
+            if match is None:
+                raise BadRequest("invalid request-target")
+            path, query = match.groups()
+            request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
+            request.query = query or ""
+        return request
+
+    def _finish_head(self, request: Request, fields: list[tuple[str, str]]) -> Request:
+        """Head-wide checks and framing (RFC 9112 section 6); moves to the body state."""
+        request.headers = fields
+        hosts = 0
+        host = length_value = codings = connection = expect = None
+        for name, value in fields:
+            kind = _SPECIAL_FIELDS.get(name)
+            if kind is None:
+                continue
+            if kind == _HOST_FIELD:
+                hosts += 1
+                host = value
+            elif kind == _LENGTH_FIELD:
+                if length_value is None:
+                    length_value = value
+                elif value != length_value:
+                    raise BadRequest("conflicting Content-Length fields")
+            elif kind == _CODING_FIELD:
+                codings = value if codings is None else f"{codings},{value}"
+            elif kind == _CONNECTION_FIELD:
+                connection = value if connection is None else f"{connection},{value}"
+            else:
+                expect = value if expect is None else f"{expect},{value}"
+        minor = request.minor
+
+        # RFC 9112 section 3.2: exactly one valid Host on HTTP/1.1; never more than one.
+        if hosts != 1:
+            if hosts:
+                raise BadRequest("more than one Host field")
+            if minor:
+                raise BadRequest("missing Host field")
+        elif _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
+            raise BadRequest("invalid Host field")
+        request.host = host
+
+        length = None
+        if length_value is not None:
+            if _DIGITS.fullmatch(length_value) is None:
+                raise BadRequest("invalid Content-Length")
+            length = int(length_value)
+        chunked = False
+        if codings is not None:
+            if not minor:
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            if length_value is not None:
+                raise BadRequest("both Transfer-Encoding and Content-Length")
+            chunked = _check_codings(codings)
+        if length and self._max_body and length > self._max_body:
+            raise PayloadTooLarge(f"Content-Length {length} exceeds {self._max_body}")
+
+        expect_continue = False
+        if expect is not None:
+            for item in expect.split(","):
+                item = item.strip(" \t").lower()
+                if item == "100-continue":
+                    # RFC 9110 section 10.1.1: ignored in an HTTP/1.0 request.
+                    expect_continue = minor == 1
+                elif item:
+                    raise ExpectationFailed("unsupported expectation")
+
+        if connection is None:
+            keep_alive = minor == 1
+        else:
+            tokens = connection.lower().split(",")
+            if len(tokens) > 1:
+                tokens = [token.strip(" \t") for token in tokens]
+            if "close" in tokens:
+                keep_alive = False
+            else:
+                keep_alive = minor == 1 or "keep-alive" in tokens
+
+        request.keep_alive = keep_alive
+        request.content_length = length
+        request.chunked = chunked
+        request.expect_continue = expect_continue
+        if chunked:
+            self._received = 0
+            self._go(_S_CHUNK_SIZE)
+        elif length:
+            self._remaining = length
+            self._go(_S_LENGTH)
+        else:
+            self._go(_S_END)
+        self._request = request
+        self._scan = self._pos
+        return request
+
+    # --- Chunked body (RFC 9112 section 7.1) ---------------------------------------------------
+
+    def _parse_chunked(self) -> bytes | EndOfMessage | _Sentinel:
+        while True:
+            state = self._state
+            if state is _S_CHUNK_DATA:
+                data = self._take_body()
+                if data is None:
+                    return self._need_data()
+                if not self._remaining:
+                    self._go(_S_CHUNK_CRLF)
+                return data
+            if state is _S_CHUNK_SIZE:
+                line = self._read_line(self._max_line, BadRequest)
+                if line is None:
+                    return self._need_data()
+                match = _CHUNK_LINE.fullmatch(line)
+                if match is None:
+                    raise BadRequest("invalid chunk-size line")
+                size = int(match.group(1), 16)
+                if not size:
+                    self._lines = 0
+                    self._go(_S_TRAILER)
+                    continue
+                received = self._received + size
+                if self._max_body and received > self._max_body:
+                    raise PayloadTooLarge(f"chunked body exceeds {self._max_body}")
+                self._received = received
+                self._remaining = size
+                self._go(_S_CHUNK_DATA)
+                continue
+            if state is _S_CHUNK_CRLF:
+                buf = self._buf
+                pos = self._pos
+                size = len(buf) - pos
+                if size >= 2 and buf[pos] == 13 and buf[pos + 1] == 10:
+                    self._pos = self._scan = pos + 2
+                    self._go(_S_CHUNK_SIZE)
+                    continue
+                if size == 0 or (size == 1 and buf[pos] == 13):
+                    return self._need_data()
+                raise BadRequest("chunk data not followed by CRLF")
+            # TRAILER: field lines under the header rules, then an empty line.
+            line = self._read_line(self._max_field_size, HeaderFieldsTooLarge)
+            if line is None:
+                return self._need_data()
+            if line:
+                self._add_field(line, self.trailers)
+                continue
+            self._go(_S_END)
+            self._go(_S_PAUSED)
+            return END_OF_MESSAGE
+
+
+def _check_codings(codings: str) -> bool:
+    """Validate a combined Transfer-Encoding list; True when the body is chunked."""
+    items = [item.strip(" \t").lower() for item in codings.split(",")]
+    if "" in items:
+        raise BadRequest("empty element in Transfer-Encoding")
+    if items.count("chunked") > 1:
+        raise BadRequest("chunked applied more than once")
+    # RFC 9112 section 6.3: if chunked is present but not final the length is unknowable: 400.
+    if "chunked" in items and items[-1] != "chunked":
+        raise BadRequest("chunked is not the final transfer-coding")
+    for item in items:
+        if item != "chunked":
+            raise NotImplementedCoding("unsupported transfer-coding")
+    return True
+
+
+def _request_line_problem(line: str) -> str:
+    """A log-friendly reason why a request line failed the grammar (always a 400)."""
+    if not line:
+        return "more than one empty line before the request line"
+    parts = line.split(" ")
+    if len(parts) != 3:
+        return "request line is not 'method SP target SP version'"
+    method, target, version = parts
+    if not method or _TOKEN_RE.fullmatch(method) is None:
+        return "invalid method"
+    if not target or _TARGET_RE.fullmatch(target) is None:
+        return "invalid character in request-target"
+    return "invalid HTTP version"
+
+
+def _field_line_problem(line: str) -> str:
+    """A log-friendly reason why a field line failed the grammar (always a 400)."""
+    if line[:1] in (" ", "\t"):
+        return "obsolete line folding"
+    name, colon, value = line.partition(":")
+    if not colon:
+        return "field line without ':'"
+    if name[-1:] in (" ", "\t"):
+        return "whitespace before ':'"
+    if _TOKEN_RE.fullmatch(name) is None:
+        return "invalid field name"
+    return "invalid character in field value"

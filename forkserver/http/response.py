@@ -1,0 +1,229 @@
+"""Response heads and body framing, sans-IO: validated input in, bytes out.
+
+Whatever a WSGI application returns is checked here before a byte of it is sent: a CR or LF
+smuggled into a header would let the application (or whoever controls the data it echoes)
+forge extra headers or a second response, so anything doubtful raises ``InvalidResponse`` and
+becomes a 500 instead. The connection-level headers (framing, keep-alive) belong to the server,
+so the application may not set them.
+"""
+
+from __future__ import annotations
+
+import re
+from time import gmtime as _gmtime
+from time import time as _now
+
+from forkserver.http.errors import InvalidResponse
+
+__all__ = ["Response", "http_date"]
+
+# --- Date ------------------------------------------------------------------------------------------
+
+# IMF-fixdate (RFC 9110 section 5.6.7) is always in English, so the names are spelled out here
+# rather than taken from a locale-dependent strftime.
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+_date_second = -1
+_date_value = b""
+_date_line = b""
+
+
+def _refresh_date(second: int) -> None:
+    global _date_second, _date_value, _date_line
+    t = _gmtime(second)
+    _date_value = (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    ).encode("ascii")
+    _date_line = b"Date: " + _date_value + b"\r\n"
+    _date_second = second
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP date; formatted at most once per second."""
+    second = int(_now())
+    if second != _date_second:
+        _refresh_date(second)
+    return _date_value
+
+
+def _http_date_line() -> bytes:
+    second = int(_now())
+    if second != _date_second:
+        _refresh_date(second)
+    return _date_line
+
+
+# --- Validation ------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# field-value octets: HTAB, SP, VCHAR, obs-text. Anything above U+00FF is not latin-1 encodable
+# and fails here too, so the later encode cannot raise.
+_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# status-code SP reason-phrase; valid codes are 100..599 (RFC 9110 section 15).
+_STATUS = re.compile(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile("[0-9]{1,18}")
+
+# Headers that describe the connection, not the resource: the server decides them.
+_HOP_BY_HOP = frozenset(
+    {"transfer-encoding", "keep-alive", "upgrade", "te", "trailer", "proxy-connection"}
+)
+_SPECIAL = frozenset({"content-length", "connection", "server", "date"}) | _HOP_BY_HOP
+
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+
+
+class Response:
+    """Validates and serializes one response head and frames its body. Sans-IO: returns bytes.
+
+    ``keep_alive`` is the final decision, which may be stricter than the one passed in (the
+    application said "Connection: close", or the body can only be delimited by closing).
+    ``remaining`` counts the bytes still owed under a Content-Length; it is None when no length
+    is enforced (chunked, close-delimited, or a response without a body).
+    """
+
+    __slots__ = ("head", "keep_alive", "chunked", "content_length", "remaining", "_has_body")
+
+    head: bytes
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    remaining: int | None
+
+    def __init__(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        *,
+        minor: int,
+        is_head: bool,
+        keep_alive: bool,
+        server: bytes = b"forkserver",
+        body_length: int | None = None,
+    ) -> None:
+        if not isinstance(status, str) or _STATUS.fullmatch(status) is None:
+            raise InvalidResponse(f"invalid status {status!r}")
+        code = int(status[:3])
+        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 1xx/204 no Content-Length.
+        bodiless_status = code < 200 or code == 204
+        has_body = not (is_head or bodiless_status or code == 304)
+
+        lines = [f"HTTP/1.1 {status}\r\n"]
+        declared: str | None = None
+        send_server = bool(server)
+        send_date = True
+        try:
+            for item in headers:
+                if type(item) is not tuple or len(item) != 2:
+                    raise InvalidResponse(f"header {item!r} is not a (name, value) tuple")
+                name, value = item
+                if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+                    raise InvalidResponse(f"invalid header name {name!r}")
+                if not isinstance(value, str) or _VALUE.fullmatch(value) is None:
+                    raise InvalidResponse(f"invalid value for header {name!r}")
+                lower = name.lower()
+                if lower in _SPECIAL:
+                    if lower == "content-length":
+                        if _DIGITS.fullmatch(value) is None:
+                            raise InvalidResponse(f"invalid Content-Length {value!r}")
+                        if declared is not None:
+                            if int(value) != int(declared):
+                                raise InvalidResponse("conflicting Content-Length headers")
+                            continue  # send one copy only
+                        declared = value
+                        if bodiless_status:
+                            continue  # must not be sent with 1xx or 204
+                    elif lower == "connection":
+                        # The server owns this header; only the app's wish to close is honoured.
+                        tokens = [token.strip(" \t") for token in value.lower().split(",")]
+                        if "close" in tokens:
+                            keep_alive = False
+                        continue
+                    elif lower == "server":
+                        send_server = False
+                    elif lower == "date":
+                        send_date = False
+                    else:
+                        raise InvalidResponse(f"hop-by-hop header {name!r} set by the app")
+                lines.append(f"{name}: {value}\r\n")
+        except TypeError:  # headers is not iterable
+            raise InvalidResponse("headers must be a list of (name, value) tuples") from None
+
+        chunked = False
+        framing = b""
+        if not has_body:
+            # HEAD and 304 may announce the length a GET would have had; nothing is enforced.
+            length = int(declared) if declared is not None and not bodiless_status else None
+            remaining = None
+        elif declared is not None:
+            length = remaining = int(declared)
+        elif body_length is not None:
+            length = remaining = body_length
+            framing = b"Content-Length: %d\r\n" % body_length
+        elif minor >= 1:
+            length = remaining = None
+            chunked = True
+            framing = _CHUNKED
+        else:
+            # An HTTP/1.0 client cannot read chunks: the end of the body is the end of the
+            # connection.
+            length = remaining = None
+            keep_alive = False
+
+        if not keep_alive:
+            connection = _CLOSE
+        elif minor == 0:
+            connection = _KEEP_ALIVE  # HTTP/1.0 closes unless told otherwise
+        else:
+            connection = b""
+
+        self.head = b"".join(
+            (
+                "".join(lines).encode("latin-1"),
+                b"Server: " + server + b"\r\n" if send_server else b"",
+                _http_date_line() if send_date else b"",
+                framing,
+                connection,
+                b"\r\n",
+            )
+        )
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.content_length = length
+        self.remaining = remaining
+        self._has_body = has_body
+
+    def body(self, data: bytes) -> bytes:
+        """The bytes to send for one piece of the body.
+
+        Raises InvalidResponse, consuming nothing, when the piece would overrun the declared
+        Content-Length; the caller may then send the first ``remaining`` bytes and close.
+        """
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidResponse(f"body pieces must be bytes, not {type(data).__name__}")
+        if not self._has_body:
+            return b""
+        size = len(data)
+        if not size:
+            return b""  # an empty chunk would end a chunked body
+        if self.chunked:
+            return b"%x\r\n%b\r\n" % (size, data)
+        remaining = self.remaining
+        if remaining is not None:
+            if size > remaining:
+                raise InvalidResponse(
+                    f"body exceeds Content-Length by {size - remaining} bytes"
+                )
+            self.remaining = remaining - size
+        return data
+
+    def end(self) -> bytes:
+        """The bytes that finish the body; raises InvalidResponse if it fell short."""
+        if self.chunked:
+            return b"0\r\n\r\n"
+        if self.remaining:
+            raise InvalidResponse(f"body is {self.remaining} bytes short of Content-Length")
+        return b""
