@@ -34,6 +34,7 @@ KILL_GRACE = 5.0          # after SIGABRT, SIGKILL follows this much later
 QUICK_STOP_GRACE = 2.0
 MAX_BOOT_BACKOFF = 30.0
 RECYCLE_SPACING = 1.0     # at most one worker recycled per second
+BOOT_POLL = 0.05          # how often to look for a booting worker's readiness
 TICK = 1.0                # the longest the master sleeps without looking at the scoreboard
 
 # Environment handed across a USR2 re-exec (the listeners keep their descriptor numbers).
@@ -268,6 +269,8 @@ class Master:
         for info in self.workers.values():
             if info.kill_at:
                 wake = min(wake, info.kill_at)
+            if not info.ready:
+                wake = min(wake, now + BOOT_POLL)  # notice readiness promptly
         if self.stopping:
             wake = min(wake, self.stop_deadline)
         elif self.next_spawn > now:
@@ -700,6 +703,9 @@ class Master:
         if self.scoreboard is not None:
             self.scoreboard.close()
         signal.set_wakeup_fd(-1)
+        # A second TERM while the interpreter winds down must not turn a clean exit into a
+        # death by signal: keep them pending until the process is gone.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
 
 
 def _own_memory(pid: int) -> int:

@@ -56,6 +56,7 @@ class EmptyInput:
 
     __slots__ = ()
     complete = True
+    owes_continue = False
 
     def read(self, size: int | None = -1) -> bytes:
         return b""
@@ -92,6 +93,11 @@ class Input:
         self._buf = b""
         self.complete = complete          # the parser has returned END_OF_MESSAGE
         self._continue = send_continue    # "100 Continue" still owed before the first read
+
+    @property
+    def owes_continue(self) -> bool:
+        """The client still waits for "100 Continue": it may never send the body."""
+        return self._continue
 
     def _pull(self) -> bytes:
         """The next piece of body, or b"" at the end of the body."""
@@ -251,7 +257,7 @@ def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
 
 
 # Header name -> environ key; bounded so hostile clients cannot grow it without end.
-_ENVIRON_KEYS: dict[str, str] = {"CONTENT_TYPE": "CONTENT_TYPE", "CONTENT_LENGTH": "CONTENT_LENGTH"}
+_ENVIRON_KEYS: dict[str, str] = {"CONTENT-TYPE": "CONTENT_TYPE", "CONTENT-LENGTH": "CONTENT_LENGTH"}
 _ENVIRON_KEYS_MAX = 1024
 
 
@@ -300,13 +306,14 @@ class Exchange:
     ``run`` is the only place forkserver calls an application.
     """
 
-    __slots__ = ("channel", "request", "keep_alive", "server", "status", "headers",
+    __slots__ = ("channel", "request", "body", "keep_alive", "server", "status", "headers",
                  "response", "head_sent", "bytes_sent", "status_code", "close_reason")
 
-    def __init__(self, channel: Channel, request: Request, keep_alive: bool,
+    def __init__(self, channel: Channel, request: Request, body: Any, keep_alive: bool,
                  server: bytes) -> None:
         self.channel = channel
         self.request = request
+        self.body = body
         self.keep_alive = keep_alive
         self.server = server
         self.status: str | None = None
@@ -349,6 +356,10 @@ class Exchange:
         if self.status is None:
             raise AppError("the application returned without calling start_response")
         request = self.request
+        if self.body.owes_continue:
+            # The app answers without reading the body the client holds back: the connection
+            # cannot carry another request, since those bytes may still come.
+            self.keep_alive = False
         response = Response(self.status, self.headers, minor=request.minor,
                             is_head=request.method == "HEAD", keep_alive=self.keep_alive,
                             server=self.server, body_length=body_length)
@@ -451,8 +462,8 @@ def handle(app: Callable, channel: Channel, request: Request, environ: dict[str,
            keep_alive: bool, server: bytes, log_error: Callable[[str, bool], None]) -> Exchange:
     """Run one request through the app. Never raises for app faults; the exchange says what
     happened (``keep_alive`` False means the connection must close after this)."""
-    exchange = Exchange(channel, request, keep_alive, server)
     wsgi_input = environ["wsgi.input"]
+    exchange = Exchange(channel, request, wsgi_input, keep_alive, server)
     try:
         exchange.run(app, environ)
     except HTTPError as error:

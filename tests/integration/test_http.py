@@ -18,7 +18,7 @@ from tests.conftest import ResponseReader, http_request
 def shared_server(tmp_path_factory):
     """One 2-worker server for the read-only tests of this module (starting one costs ~0.5 s)."""
     from tests.conftest import Server
-    server = Server(tmp_path_factory.mktemp("shared"), "tests.apps.basic:validated").start()
+    server = Server(tmp_path_factory.mktemp("shared"), "tests.apps.basic:app").start()
     yield server
     server.stop()
 
@@ -34,6 +34,25 @@ def test_hello_with_requests(shared_server):
     assert response.headers["Content-Length"] == "13"
     assert response.headers["Server"] == "forkserver"
     assert "GMT" in response.headers["Date"]
+
+
+def test_wsgiref_validator_passes_under_real_requests(server_factory, tmp_path):
+    """wsgiref's PEP 3333 checker wraps the app: any breach by the server raises in it."""
+    server = server_factory("tests.apps.basic:validated")
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"x" * 5000)
+    with requests.Session() as session:
+        base = server.url
+        assert session.get(f"{base}/").text == "Hello, world!"
+        assert session.post(f"{base}/echo", data=b"abc").content == b"abc"
+        assert session.post(f"{base}/echo", data=iter([b"a", b"b"])).content == b"ab"
+        assert session.get(f"{base}/stream").text.count("part") == 5
+        assert session.get(f"{base}/write").text == "written and returned"
+        assert session.head(f"{base}/").status_code == 200
+        assert session.get(f"{base}/file?name={path}").content == b"x" * 5000
+        assert session.get(f"{base}/environ?q=1").json()["QUERY_STRING"] == "q=1"
+    assert "AssertionError" not in server.log()
+    assert "Traceback" not in server.log()
 
 
 def test_http_client_keep_alive_reuses_one_connection(shared_server):

@@ -176,7 +176,7 @@ def test_readline_with_size_and_readlines_hint():
         return []
     run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n", [b"abcdef\nxyz\n!"[:12]])
     assert seen["short"] == b"abc"
-    assert seen["lines"] == [b"def\n", b"xyz\n"]
+    assert seen["lines"] == [b"def\n", b"xyz\n", b"!"]
 
 
 def test_chunked_input():

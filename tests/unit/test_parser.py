@@ -1,0 +1,867 @@
+"""The sans-IO request parser: every RFC 9112 rule the server enforces, valid and invalid.
+
+Most tests go through ``run()``, which feeds pieces, drains events after each piece the way the
+worker does, signals EOF at the end and returns a normalized event list. The split-invariance
+test at the bottom checks that ``run()`` gives the same answer however the input is cut.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from forkserver.http.errors import HTTPError
+from forkserver.http.parser import (
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Request,
+    RequestParser,
+)
+
+# --- Harness ---------------------------------------------------------------------------------------
+
+
+def snapshot(request: Request) -> dict:
+    return {name: getattr(request, name) for name in Request.__slots__}
+
+
+def drain(parser: RequestParser, out: list) -> None:
+    """Take events until NEED_DATA, starting the next request at each PAUSED."""
+    while True:
+        event = parser.next_event()
+        if event is NEED_DATA:
+            return
+        if event is PAUSED:
+            parser.start_next()
+            continue
+        if isinstance(event, Request):
+            out.append(("request", snapshot(event)))
+        elif event is END_OF_MESSAGE:
+            out.append(("end", list(parser.trailers)))
+        else:
+            assert type(event) is bytes and event, f"bad body event {event!r}"
+            if out and out[-1][0] == "data":  # piece boundaries depend on the split
+                out[-1] = ("data", out[-1][1] + event)
+            else:
+                out.append(("data", event))
+
+
+def run(pieces: list[bytes], **limits: int) -> list:
+    """Events for a connection that sends ``pieces`` and then closes, error status last."""
+    parser = RequestParser(**limits)
+    out: list = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            drain(parser, out)
+        parser.eof()
+        drain(parser, out)
+    except HTTPError as exc:
+        out.append(("error", exc.status))
+    return out
+
+
+def one(data: bytes, **limits: int) -> list:
+    return run([data], **limits)
+
+
+def status_of(data: bytes, **limits: int) -> int | None:
+    events = one(data, **limits)
+    return events[-1][1] if events and events[-1][0] == "error" else None
+
+
+def head(data: bytes, **limits: int) -> Request:
+    """The Request parsed from a complete head."""
+    parser = RequestParser(**limits)
+    parser.feed(data)
+    event = parser.next_event()
+    assert isinstance(event, Request), event
+    return event
+
+
+def get(target: str = "/", *fields: str, version: str = "HTTP/1.1", host: bool = True) -> bytes:
+    lines = [f"GET {target} {version}"]
+    if host:
+        lines.append("Host: example.com")
+    lines.extend(fields)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def post(*fields: str, body: bytes = b"", version: str = "HTTP/1.1") -> bytes:
+    lines = [f"POST /submit {version}", "Host: example.com", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def chunked(body: bytes, *fields: str) -> bytes:
+    return post("Transfer-Encoding: chunked", *fields, body=body)
+
+
+# --- Valid requests --------------------------------------------------------------------------------
+
+
+def test_simple_get_fields():
+    request = head(
+        b"GET /a%20b?x=1&y=2 HTTP/1.1\r\nHost: example.com:8080\r\n"
+        b"User-Agent: test\r\nAccept: */*\r\n\r\n"
+    )
+    assert snapshot(request) == {
+        "method": "GET",
+        "target": "/a%20b?x=1&y=2",
+        "path": "/a%20b",
+        "query": "x=1&y=2",
+        "version": "HTTP/1.1",
+        "minor": 1,
+        "headers": [("HOST", "example.com:8080"), ("USER-AGENT", "test"), ("ACCEPT", "*/*")],
+        "keep_alive": True,
+        "content_length": None,
+        "chunked": False,
+        "expect_continue": False,
+        "host": "example.com:8080",
+    }
+
+
+def test_bodiless_request_is_request_then_end_then_paused():
+    parser = RequestParser()
+    parser.feed(get())
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.next_event() is PAUSED
+    assert parser.next_event() is PAUSED
+    parser.start_next()
+    assert parser.next_event() is NEED_DATA
+
+
+def test_query_split_at_first_question_mark_and_empty_query():
+    request = head(get("/p?a=1?b=2"))
+    assert (request.path, request.query) == ("/p", "a=1?b=2")
+    request = head(get("/p?"))
+    assert (request.path, request.query) == ("/p", "")
+    assert head(get("/p")).query == ""
+
+
+def test_target_keeps_raw_bytes_as_latin1_free_ascii():
+    request = head(get("/%E2%82%AC/x;y=1"))
+    assert request.target == request.path == "/%E2%82%AC/x;y=1"
+
+
+def test_header_names_upper_cased_order_and_duplicates_kept():
+    request = head(get("/", "x-a: 1", "Set-Thing: 2", "X-A: 3"))
+    assert request.headers == [
+        ("HOST", "example.com"),
+        ("X-A", "1"),
+        ("SET-THING", "2"),
+        ("X-A", "3"),
+    ]
+
+
+def test_value_ows_trimmed_inner_whitespace_kept():
+    request = head(get("/", "X-Pad: \t  a \t b  \t", "X-Empty:", "X-Blank:   "))
+    assert request.headers[1:] == [("X-PAD", "a \t b"), ("X-EMPTY", ""), ("X-BLANK", "")]
+
+
+def test_obs_text_in_value_is_latin1_decoded():
+    request = head(b"GET / HTTP/1.1\r\nHost: a\r\nX-Name: caf\xe9 \x80\xff\r\n\r\n")
+    assert request.headers[1] == ("X-NAME", "caf\xe9 \x80\xff")
+
+
+def test_underscore_names_are_dropped():
+    request = head(get("/", "X_Forwarded_For: 1.2.3.4", "X-Real: 1", "_: x"))
+    assert request.headers == [("HOST", "example.com"), ("X-REAL", "1")]
+
+
+def test_underscore_names_still_count_toward_the_field_limit():
+    assert status_of(get("/", "A_1: x", "B_2: y"), max_fields=2) == 431
+
+
+def test_unusual_but_valid_token_methods_and_names():
+    request = head(b"M-SEARCH * HTTP/1.1\r\nHost: a\r\n\r\n".replace(b"*", b"/"))
+    assert request.method == "M-SEARCH"
+    request = head(b"get / HTTP/1.1\r\nHost: a\r\nX!#$%&'*+.^`|~9: v\r\n\r\n")
+    assert request.method == "get"  # methods are case-sensitive tokens, not upper-cased
+    assert request.headers[1] == ("X!#$%&'*+.^`|~9", "v")
+
+
+def test_one_leading_empty_line_is_ignored():
+    request = head(b"\r\n" + get())
+    assert request.method == "GET"
+
+
+def test_http10_without_host_is_fine_and_closes_by_default():
+    request = head(b"GET / HTTP/1.0\r\n\r\n")
+    assert (request.version, request.minor, request.keep_alive, request.host) == (
+        "HTTP/1.0",
+        0,
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize("minor_digit", "123456789")
+def test_http_1x_above_1_is_served_as_11(minor_digit):
+    request = head(get(version=f"HTTP/1.{minor_digit}"))
+    assert (request.version, request.minor) == ("HTTP/1.1", 1)
+
+
+@pytest.mark.parametrize(
+    ("version", "fields", "keep_alive"),
+    [
+        ("HTTP/1.1", [], True),
+        ("HTTP/1.1", ["Connection: close"], False),
+        ("HTTP/1.1", ["Connection: CLOSE"], False),
+        ("HTTP/1.1", ["Connection: keep-alive"], True),
+        ("HTTP/1.1", ["Connection: Upgrade"], True),
+        ("HTTP/1.1", ["Connection: keep-alive, close"], False),
+        ("HTTP/1.1", ["Connection: x-a ,\tClose "], False),
+        ("HTTP/1.1", ["Connection: x-a", "Connection: close"], False),
+        ("HTTP/1.1", ["Connection: closed"], True),
+        ("HTTP/1.0", [], False),
+        ("HTTP/1.0", ["Connection: keep-alive"], True),
+        ("HTTP/1.0", ["Connection: Keep-Alive"], True),
+        ("HTTP/1.0", ["Connection: foo, keep-alive"], True),
+        ("HTTP/1.0", ["Connection: keep-alive, close"], False),
+        ("HTTP/1.0", ["Connection: keep-alives"], False),
+    ],
+)
+def test_keep_alive(version, fields, keep_alive):
+    assert head(get("/", *fields, version=version)).keep_alive is keep_alive
+
+
+def test_absolute_form_target():
+    request = head(get("http://example.com:81/p/q?x=1"))
+    assert (request.target, request.path, request.query) == ("http://example.com:81/p/q?x=1",
+                                                             "/p/q", "x=1")
+    request = head(get("HTTPS://EXAMPLE.COM"))
+    assert (request.path, request.query) == ("/", "")
+    request = head(get("http://[::1]:8000?x"))
+    assert (request.path, request.query) == ("/", "x")
+
+
+def test_asterisk_form_with_options():
+    request = head(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (request.path, request.query) == ("*", "")
+
+
+def test_authority_form_with_connect():
+    request = head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    assert (request.path, request.query) == ("example.com:443", "")
+    request = head(b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert request.path == "[2001:db8::1]:443"
+
+
+@pytest.mark.parametrize(
+    "value", ["example.com", "example.com:80", "[::1]:8000", "127.0.0.1", "a_b.example", "x:", ""]
+)
+def test_valid_host_values(value):
+    assert head(get("/", host=False, *[f"Host: {value}"])).host == value
+
+
+def test_get_with_no_framing_headers_has_no_body():
+    # Methods get no special framing: a GET with Content-Length has a body, a POST without one
+    # has none.
+    assert one(post()) == [("request", snapshot(head(post()))), ("end", [])]
+    events = one(get("/", "Content-Length: 3") + b"abc")
+    assert events[1:] == [("data", b"abc"), ("end", [])]
+
+
+# --- Bodies ----------------------------------------------------------------------------------------
+
+
+def test_content_length_body():
+    events = one(post("Content-Length: 11", body=b"hello world"))
+    assert events[0][1]["content_length"] == 11
+    assert events[1:] == [("data", b"hello world"), ("end", [])]
+
+
+def test_content_length_zero_and_leading_zeros():
+    events = one(post("Content-Length: 0"))
+    assert [kind for kind, _ in events] == ["request", "end"]
+    assert events[0][1]["content_length"] == 0
+    assert head(post("Content-Length: 007")).content_length == 7
+
+
+def test_identical_repeated_content_length_is_accepted():
+    events = one(post("Content-Length: 3", "Content-Length: 3", body=b"abc"))
+    assert events[1:] == [("data", b"abc"), ("end", [])]
+
+
+def test_eighteen_digit_content_length_is_accepted():
+    request = head(post("Content-Length: 999999999999999999"))
+    assert request.content_length == 999_999_999_999_999_999
+
+
+def test_body_data_is_yielded_as_it_arrives_and_never_past_the_length():
+    parser = RequestParser()
+    parser.feed(post("Content-Length: 10", body=b"0123"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"0123"
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"456789GET / HTTP/1.1\r\n")
+    assert parser.next_event() == b"456789"
+    assert parser.buffered == len(b"GET / HTTP/1.1\r\n")
+    assert parser.next_event() is END_OF_MESSAGE
+
+
+def test_chunked_body_with_extensions_and_trailers():
+    body = (
+        b"5;name=value;flag\r\nhello\r\n"
+        b'6 ; q = "a \\"quoted\\" ;=\\\\ ext" ;x=y\r\n world\r\n'
+        b"A\t;\tk\t=\tv\r\n0123456789\r\n"
+        b"0;last=1\r\n"
+        b"X-Checksum: abc \r\nX_Dropped: 1\r\nX-Other:x\r\n\r\n"
+    )
+    events = one(chunked(body))
+    assert events[0][1]["chunked"] is True
+    assert events[0][1]["content_length"] is None
+    assert events[1:] == [
+        ("data", b"hello world0123456789"),
+        ("end", [("X-CHECKSUM", "abc"), ("X-OTHER", "x")]),
+    ]
+
+
+def test_chunk_sizes_are_hex_case_insensitive_up_to_16_digits():
+    body = b"a\r\n" + b"x" * 10 + b"\r\nF\r\n" + b"y" * 15 + b"\r\n000000000000000\r\n\r\n"
+    assert one(chunked(body))[1] == ("data", b"x" * 10 + b"y" * 15)
+    assert one(chunked(b"0000000000000001\r\nz\r\n0\r\n\r\n"))[1] == ("data", b"z")
+
+
+def test_chunked_data_is_yielded_before_the_chunk_is_complete():
+    parser = RequestParser()
+    parser.feed(chunked(b"a\r\n0123"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"0123"
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"456789\r\n0\r\n\r\n")
+    assert parser.next_event() == b"456789"
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.trailers == []
+
+
+def test_transfer_coding_names_compare_case_insensitively():
+    events = one(post("Transfer-Encoding: CHUNKED", body=b"1\r\na\r\n0\r\n\r\n"))
+    assert events[1:] == [("data", b"a"), ("end", [])]
+
+
+def test_trailers_reset_for_the_next_request():
+    parser = RequestParser()
+    parser.feed(chunked(b"0\r\nX-T: 1\r\n\r\n") + get())
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.trailers == [("X-T", "1")]
+    parser.start_next()
+    assert parser.trailers == []
+
+
+# --- Expect ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "value", "expected"),
+    [
+        ("HTTP/1.1", "100-continue", True),
+        ("HTTP/1.1", "100-Continue", True),
+        ("HTTP/1.1", " 100-CONTINUE ", True),
+        ("HTTP/1.0", "100-continue", False),
+        ("HTTP/1.1", "", False),
+    ],
+)
+def test_expect_continue(version, value, expected):
+    request = head(post("Content-Length: 1", f"Expect: {value}", version=version))
+    assert request.expect_continue is expected
+
+
+def test_expect_without_it_is_false():
+    assert head(post("Content-Length: 1")).expect_continue is False
+
+
+@pytest.mark.parametrize("value", ["200-ok", "100-continue, foo", "100-continuex", "continue"])
+def test_unknown_expectation_is_417(value):
+    assert status_of(post(f"Expect: {value}")) == 417
+
+
+# --- Pipelining and the message cycle --------------------------------------------------------------
+
+
+def test_pipelined_requests_in_one_feed():
+    data = post("Content-Length: 3", body=b"abc") + get("/second") + get("/third")
+    parser = RequestParser()
+    parser.feed(data)
+    first = parser.next_event()
+    assert first.target == "/submit"
+    assert parser.next_event() == b"abc"
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.next_event() is PAUSED  # nothing more until start_next()
+    assert parser.buffered == len(get("/second") + get("/third"))
+    assert not parser.in_message
+    parser.start_next()
+    assert parser.in_message  # pipelined bytes of the next request are waiting
+    assert parser.next_event().target == "/second"
+    assert parser.next_event() is END_OF_MESSAGE
+    parser.start_next()
+    assert parser.next_event().target == "/third"
+    assert parser.next_event() is END_OF_MESSAGE
+    parser.start_next()
+    assert parser.next_event() is NEED_DATA
+    assert parser.buffered == 0
+
+
+def test_pipelined_chunked_then_get():
+    data = chunked(b"3\r\nabc\r\n0\r\n\r\n") + get("/next")
+    events = one(data)
+    assert [kind for kind, _ in events] == ["request", "data", "end", "request", "end"]
+    assert events[3][1]["target"] == "/next"
+
+
+def test_empty_line_tolerated_between_pipelined_requests():
+    events = one(post("Content-Length: 1", body=b"x") + b"\r\n" + get("/after"))
+    assert [kind for kind, _ in events] == ["request", "data", "end", "request", "end"]
+
+
+def test_start_next_before_end_of_message_is_a_programming_error():
+    parser = RequestParser()
+    parser.feed(post("Content-Length: 5", body=b"ab"))
+    parser.next_event()
+    with pytest.raises(RuntimeError):
+        parser.start_next()
+
+
+def test_in_message_tracks_the_request():
+    parser = RequestParser()
+    assert not parser.in_message
+    parser.feed(b"G")
+    assert parser.in_message
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"ET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
+    assert isinstance(parser.next_event(), Request)
+    assert parser.in_message
+    parser.feed(b"ok")
+    assert parser.next_event() == b"ok"
+    assert parser.in_message  # END_OF_MESSAGE not returned yet
+    assert parser.next_event() is END_OF_MESSAGE
+    assert not parser.in_message
+    parser.start_next()
+    assert not parser.in_message
+
+
+def test_skipped_empty_line_alone_is_not_a_message():
+    parser = RequestParser()
+    parser.feed(b"\r\n")
+    assert parser.next_event() is NEED_DATA
+    assert not parser.in_message
+    parser.eof()  # a client may send CRLF after a body and close: not an error
+    assert parser.next_event() is NEED_DATA
+
+
+def test_feed_accepts_memoryview_and_bytearray_and_copies():
+    source = bytearray(get())
+    parser = RequestParser()
+    parser.feed(memoryview(source)[:10])
+    source[:10] = b"XXXXXXXXXX"  # the caller reuses its receive buffer
+    parser.feed(bytearray(get())[10:])
+    assert parser.next_event().target == "/"
+
+
+def test_head_arriving_byte_by_byte():
+    data = get("/slow", "X-A: 1", "X-B: 2")
+    parser = RequestParser()
+    for i in range(len(data) - 1):
+        parser.feed(data[i : i + 1])
+        assert parser.next_event() is NEED_DATA
+    parser.feed(data[-1:])
+    request = parser.next_event()
+    assert request.headers == [("HOST", "example.com"), ("X-A", "1"), ("X-B", "2")]
+
+
+# --- EOF -------------------------------------------------------------------------------------------
+
+
+def test_eof_between_messages_is_a_no_op():
+    parser = RequestParser()
+    parser.eof()
+    assert parser.next_event() is NEED_DATA
+    parser = RequestParser()
+    parser.feed(get())
+    parser.next_event()
+    parser.next_event()
+    parser.eof()
+    assert parser.next_event() is PAUSED
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"G",
+        b"GET / HTTP/1.1\r\nHost: a\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+        b"\r",
+        post("Content-Length: 5", body=b"abcd"),
+        chunked(b""),
+        chunked(b"5\r\nab"),
+        chunked(b"5\r\nabcde"),
+        chunked(b"5\r\nabcde\r"),
+        chunked(b"5\r\nabcde\r\n0\r\n"),
+        chunked(b"5\r\nabcde\r\n0\r\nX-T: 1\r\n"),
+    ],
+)
+def test_eof_mid_message_is_400(data):
+    assert status_of(data) == 400
+    parser = RequestParser()
+    parser.feed(data)
+    while parser.next_event() is not NEED_DATA:
+        pass
+    with pytest.raises(HTTPError) as info:
+        parser.eof()
+    assert info.value.status == 400
+
+
+def test_eof_right_after_a_complete_request_half_close():
+    # A client may send its request and shut down writing before the server has parsed it.
+    parser = RequestParser()
+    parser.feed(post("Content-Length: 2", body=b"hi"))
+    parser.eof()
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"hi"
+    assert parser.next_event() is END_OF_MESSAGE
+
+
+def test_eof_with_partial_pipelined_request_fails_after_start_next():
+    parser = RequestParser()
+    parser.feed(get() + b"GET /partial")
+    parser.next_event()
+    parser.next_event()
+    parser.eof()  # the first request is complete: nothing to complain about yet
+    parser.start_next()
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 400
+
+
+# --- Invalid requests ------------------------------------------------------------------------------
+
+INVALID = [
+    # line endings
+    ("bare LF ends request line", b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),
+    ("bare LF ends header", b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
+    ("bare LF as empty line", b"GET / HTTP/1.1\r\nHost: a\r\n\n", 400),
+    ("all bare LF", b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    ("bare LF first", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("bare CR in request line", b"GET /\r HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("bare CR in value", b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", 400),
+    ("CR CR LF", b"GET / HTTP/1.1\r\r\nHost: a\r\n\r\n", 400),
+    ("bare CR as terminator", b"GET / HTTP/1.1\rHost: a\r\n\r\n", 400),
+    ("two empty lines first", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("empty line only twice", b"\r\n\r\n", 400),
+    # request line
+    ("double space", b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("space before version twice", b"GET /  HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("trailing space", b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+    ("leading space", b" GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("tab separator", b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("missing target", b"GET HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("missing version", b"GET /\r\nHost: a\r\n\r\n", 400),
+    ("method not a token", b"GE(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("method with obs-text", b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("target with fragment", b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("target with DEL", b"GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("target with obs-text", b"GET /caf\xe9 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("target with NUL", b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("target relative", b"GET index.html HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("asterisk with GET", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("authority with GET", b"GET a.com:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("CONNECT origin-form", b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("CONNECT without port", b"CONNECT a.com HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("CONNECT absolute", b"CONNECT http://a.com:80/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("CONNECT asterisk", b"CONNECT * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("other scheme", b"GET ftp://a.com/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("empty host in URI", b"GET http:///p HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("userinfo in URI", b"GET http://u@a.com/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("garbage after authority", b"GET http://a.com\"x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    # version
+    ("version lower case", b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+    ("version without minor", b"GET / HTTP/1\r\nHost: a\r\n\r\n", 400),
+    ("version two digit major", b"GET / HTTP/11.1\r\nHost: a\r\n\r\n", 400),
+    ("version two digit minor", b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400),
+    ("version extra", b"GET / HTTP/1.1.1\r\nHost: a\r\n\r\n", 400),
+    ("version letters", b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", 400),
+    ("version 2.0", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    ("version 0.9", b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+    ("version 3.1", b"GET / HTTP/3.1\r\nHost: a\r\n\r\n", 505),
+    # header lines
+    ("space before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    ("tab before colon", b"GET / HTTP/1.1\r\nHost\t: a\r\n\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+    ("obs-fold tab", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tc\r\n\r\n", 400),
+    ("fold first line", b"GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400),
+    ("no colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A\r\n\r\n", 400),
+    ("empty name", b"GET / HTTP/1.1\r\nHost: a\r\n: x\r\n\r\n", 400),
+    ("name not a token", b"GET / HTTP/1.1\r\nHost: a\r\nX(A): b\r\n\r\n", 400),
+    ("name with obs-text", b"GET / HTTP/1.1\r\nHost: a\r\nX\xe9: b\r\n\r\n", 400),
+    ("NUL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n", 400),
+    ("CTL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x01\r\n\r\n", 400),
+    ("VT in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x0bc\r\n\r\n", 400),
+    ("ESC in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: \x1b[1m\r\n\r\n", 400),
+    ("DEL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x7f\r\n\r\n", 400),
+    # Host
+    ("missing Host", b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400),
+    ("repeated Host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+    ("repeated Host 1.0", b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("Host with space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    ("Host with slash", b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+    ("Host with userinfo", b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", 400),
+    ("Host bad port", b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400),
+    # Content-Length
+    ("CL sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx", 400),
+    ("CL negative", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    ("CL inner space", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 1\r\n\r\n", 400),
+    ("CL list", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1,1\r\n\r\nx", 400),
+    ("CL hex", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x1\r\n\r\nx", 400),
+    ("CL empty", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\r\n\r\n", 400),
+    ("CL decimal", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1.0\r\n\r\nx", 400),
+    ("CL superscript", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xb2\r\n\r\nxx", 400),
+    ("CL 19 digits", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000000000000\r\n\r\n",
+     400),
+    ("CL differing", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+     b"\r\nxx", 400),
+    ("CL differing spelling", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+     b"Content-Length: 01\r\n\r\nx", 400),
+    # Transfer-Encoding
+    ("TE and CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("TE on 1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("TE gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ("TE identity", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+    ("TE gzip then chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n"
+     b"\r\n0\r\n\r\n", 501),
+    ("TE two fields", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+    ("TE chunked with parameter", b"POST / HTTP/1.1\r\nHost: a\r\n"
+     b"Transfer-Encoding: chunked;x=1\r\n\r\n0\r\n\r\n", 501),
+    ("TE chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n"
+     b"\r\n0\r\n\r\n", 400),
+    ("TE chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n"
+     b"\r\n0\r\n\r\n", 400),
+    ("TE chunked twice in fields", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("TE empty element", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n"
+     b"\r\n0\r\n\r\n", 400),
+    ("TE empty element after", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n"
+     b"\r\n0\r\n\r\n", 400),
+    ("TE empty", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n", 400),
+    # chunked framing
+    ("chunk size 0x", chunked(b"0x5\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size sign", chunked(b"+5\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size negative", chunked(b"-5\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size leading space", chunked(b" 5\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size trailing space", chunked(b"5 \r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size empty", chunked(b"\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size not hex", chunked(b"g\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size 17 digits", chunked(b"00000000000000005\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk size bare LF", chunked(b"5\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext bare semicolon", chunked(b"5;\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext no value", chunked(b"5;a=\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext bad name", chunked(b"5;a(b)\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext unterminated quote", chunked(b'5;a="b\r\nhello\r\n0\r\n\r\n'), 400),
+    ("chunk ext CTL", chunked(b"5;a=\x01\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext trailing BWS", chunked(b"5;a=b \r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk ext bare CR", chunked(b"5;a=b\r\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk data too long", chunked(b"5\r\nhelloX\r\n0\r\n\r\n"), 400),
+    ("chunk data bare LF", chunked(b"5\r\nhello\n0\r\n\r\n"), 400),
+    ("chunk data CR only", chunked(b"5\r\nhello\rX0\r\n\r\n"), 400),
+    ("last chunk bare LF", chunked(b"5\r\nhello\r\n0\n\r\n"), 400),
+    ("final CRLF bare LF", chunked(b"5\r\nhello\r\n0\r\n\n"), 400),
+    ("trailer fold", chunked(b"0\r\nX-A: b\r\n c\r\n\r\n"), 400),
+    ("trailer no colon", chunked(b"0\r\nX-A\r\n\r\n"), 400),
+    ("trailer NUL", chunked(b"0\r\nX-A: \x00\r\n\r\n"), 400),
+    ("trailer space before colon", chunked(b"0\r\nX-A : b\r\n\r\n"), 400),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "status"), INVALID, ids=[case[0] for case in INVALID])
+def test_invalid_requests(name, data, status):
+    assert status_of(data) == status
+
+
+def test_errors_come_with_their_own_response_bytes():
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/2.0\r\n\r\n")
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.response().startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+
+
+def test_a_failed_parser_keeps_raising_the_same_error():
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n" + get())
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    first = info.value
+    assert first.status == 400
+    parser.feed(get())  # ignored: nothing after an error is parsed
+    for _ in range(3):
+        with pytest.raises(HTTPError) as again:
+            parser.next_event()
+        assert again.value is first
+    with pytest.raises(HTTPError) as again:
+        parser.eof()
+    assert again.value is first
+    assert parser.buffered == 0
+
+
+def test_error_mid_body_keeps_raising():
+    parser = RequestParser()
+    parser.feed(chunked(b"3\r\nabc\r\nzz\r\n"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() == b"abc"
+    with pytest.raises(HTTPError):
+        parser.next_event()
+    with pytest.raises(HTTPError):
+        parser.next_event()
+
+
+# --- Limits ----------------------------------------------------------------------------------------
+
+
+def test_request_line_limit_414():
+    target = "/" + "a" * 40
+    line_length = len(f"GET {target} HTTP/1.1")
+    assert status_of(get(target), max_line=line_length) is None
+    assert status_of(get(target), max_line=line_length - 1) == 414
+
+
+def test_request_line_limit_applies_before_the_line_ends():
+    parser = RequestParser(max_line=20)
+    parser.feed(b"GET /" + b"a" * 16)  # 21 bytes, no LF yet: could still end with CR LF
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"a")
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 414
+
+
+def test_request_line_with_bare_lf_inside_the_limit_is_400_not_414():
+    assert status_of(b"GET /\n" + b"a" * 100 + b"\r\n\r\n", max_line=20) == 400
+
+
+def test_field_line_limit_431():
+    field = "X-Long: " + "v" * 30
+    assert status_of(get("/", field), max_field_size=len(field)) is None
+    assert status_of(get("/", field), max_field_size=len(field) - 1) == 431
+
+
+def test_field_line_limit_applies_before_the_line_ends():
+    parser = RequestParser(max_field_size=10)
+    parser.feed(b"GET / HTTP/1.1\r\nX-Long: " + b"v" * 100)
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 431
+
+
+def test_field_count_limit_431():
+    fields = [f"X-{i}: v" for i in range(4)]  # plus Host: 5 fields
+    assert status_of(get("/", *fields), max_fields=5) is None
+    assert status_of(get("/", *fields), max_fields=4) == 431
+
+
+def test_trailer_limits_431():
+    # The head has two fields (Host, Transfer-Encoding); trailers are counted on their own.
+    assert status_of(chunked(b"0\r\nX-A: 1\r\nX-B: 2\r\n\r\n"), max_fields=2) is None
+    assert status_of(chunked(b"0\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n\r\n"), max_fields=2) == 431
+    long_trailer = b"0\r\nX-A: " + b"v" * 50 + b"\r\n\r\n"
+    assert status_of(chunked(long_trailer), max_field_size=40) == 431
+
+
+def test_whole_head_is_bounded_by_the_line_and_count_limits():
+    # Endless header lines within the per-line limit stop at the field count.
+    parser = RequestParser(max_fields=10, max_field_size=100)
+    parser.feed(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(HTTPError) as info:
+        for _ in range(100):
+            parser.feed(b"X-A: " + b"v" * 90 + b"\r\n")
+            assert parser.next_event() is NEED_DATA
+    assert info.value.status == 431
+
+
+def test_content_length_over_max_body_is_413_at_the_head():
+    assert head(post("Content-Length: 100"), max_body=100).content_length == 100
+    parser = RequestParser(max_body=100)
+    parser.feed(post("Content-Length: 101"))  # no body sent: rejected from the head alone
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 413
+
+
+def test_max_body_zero_means_unlimited():
+    assert status_of(post("Content-Length: 5", body=b"12345"), max_body=0) is None
+
+
+def test_chunked_body_over_max_body_is_413_when_exceeded():
+    body = b"5\r\nhello\r\n5\r\nworld\r\n1\r\n!\r\n0\r\n\r\n"
+    assert status_of(chunked(body), max_body=11) is None
+    events = one(chunked(body), max_body=10)
+    assert events[1:] == [("data", b"helloworld"), ("error", 413)]
+    # The announced size is enough; the data need not arrive.
+    parser = RequestParser(max_body=10)
+    parser.feed(chunked(b"b\r\n"))
+    assert isinstance(parser.next_event(), Request)
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 413
+
+
+def test_chunk_size_line_is_bounded():
+    assert status_of(chunked(b"5;x=" + b"a" * 200 + b"\r\nhello\r\n0\r\n\r\n"), max_line=50) == 400
+    parser = RequestParser(max_line=50)
+    parser.feed(chunked(b"5;x=" + b"a" * 200))
+    parser.next_event()
+    with pytest.raises(HTTPError):
+        parser.next_event()
+
+
+# --- Split invariance (style.md rule 4) ------------------------------------------------------------
+
+SPLIT_CASES = [
+    get(),
+    get("/p?q=1", "X-A: 1", "X-B: \t two words \t", "Connection: close"),
+    b"\r\n" + get(),
+    b"GET / HTTP/1.0\r\n\r\n",
+    post("Content-Length: 11", body=b"hello world"),
+    post("Content-Length: 4", body=b"abcd") + get("/next") + b"GET /partial",
+    chunked(b"5;a=b\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n") + get("/after"),
+    chunked(b'3 ; q="x\\"y"\r\nabc\r\n0\r\n\r\n'),
+    post("Expect: 100-continue", "Content-Length: 2", body=b"ok"),
+    b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    get("http://example.com/abs?x"),
+    get("/", "Content-Length: 3") + b"abc",
+] + [case[1] for case in INVALID[::3]] + [
+    get("/" + "a" * 60),  # with the small max_line: 414 before and after the line ends
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 40 + b"\r\n\r\n",
+    post("Content-Length: 50"),
+    post("Content-Length: 5", body=b"abc"),
+    chunked(b"5\r\nhello\r\n9\r\n123456789\r\n0\r\n\r\n"),
+    chunked(b"5\r\nhel"),
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 6 + b"\r\n",
+    b"GET /\n" + b"a" * 60,
+    b"GET /a\rb" + b"c" * 60 + b"\r\n",
+    b"GET /a\rb" + b"c" * 20 + b"\r\n",
+]
+SPLIT_LIMITS = {"max_line": 40, "max_field_size": 30, "max_fields": 5, "max_body": 12}
+
+
+@pytest.mark.parametrize("data", SPLIT_CASES, ids=range(len(SPLIT_CASES)))
+@pytest.mark.parametrize("limits", [{}, SPLIT_LIMITS], ids=["default", "small-limits"])
+def test_every_split_gives_identical_events(data, limits):
+    expected = one(data, **limits)
+    for cut in range(len(data) + 1):
+        assert run([data[:cut], data[cut:]], **limits) == expected, f"cut at {cut}"
+    assert run([data[i : i + 1] for i in range(len(data))], **limits) == expected
+
+
+def test_split_cases_cover_successes_and_every_error_status():
+    outcomes = {one(data, **limits)[-1][0] for data in SPLIT_CASES for limits in ({}, SPLIT_LIMITS)}
+    assert {"end", "error"} <= outcomes
+    statuses = {
+        events[-1][1]
+        for data in SPLIT_CASES
+        for limits in ({}, SPLIT_LIMITS)
+        if (events := one(data, **limits))[-1][0] == "error"
+    }
+    assert {400, 413, 414, 431, 501, 505} <= statuses
