@@ -81,6 +81,7 @@ class Master:
         self.helpers: dict[int, Callable[[int], None]] = {}   # subprocesses: pid -> on_exit
         self.pending_signals: deque[int] = deque()
         self.generation = 1
+        self.last_generation = 1           # generation numbers never repeat, even after rollback
         self.target = settings.workers
         self.listeners: list[socket.socket] = []
         self.bind_specs: list[sockets.BindSpec] = []
@@ -321,9 +322,10 @@ class Master:
                            "timeout" if info.aborted else reason)
 
     def _boot_failed(self, info: WorkerInfo) -> None:
-        self.boot_failures += 1
-        if self.stopping:
+        if self.stopping or info.generation != self.generation:
+            self.log.info("worker %d of abandoned generation %d exited", info.pid, info.generation)
             return
+        self.boot_failures += 1
         transition = self.transition
         if transition is not None and info.generation == self.generation \
                 and transition.kind == "reload":
@@ -539,7 +541,8 @@ class Master:
             self.settings, self.hooks = new_settings, new_hooks
         self.transition = Transition("reload", self.generation, old_settings, self.target,
                                      old_hooks)
-        self.generation += 1
+        self.last_generation += 1
+        self.generation = self.last_generation
         self.target = self.settings.workers
         self.boot_failures = 0
         self.next_spawn = 0.0
@@ -676,6 +679,11 @@ class Master:
         self.stopping = how
         now = time.monotonic()
         systemd.notify("STOPPING=1")
+        # Stop listening now: new clients are refused at once instead of waiting in a backlog
+        # that nobody will accept from. Workers take what is already queued before they close
+        # their own copies (systemd's copy, if any, keeps the socket for the next start).
+        sockets.cleanup(self.listeners, self.bind_specs)
+        self.listeners = []
         if how == "graceful":
             self.log.info("graceful shutdown: draining workers (up to %gs)",
                           self.settings.graceful_timeout)

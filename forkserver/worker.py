@@ -227,10 +227,10 @@ class Worker:
                 self.epoll.unregister(fd)
             self.accepting = False
 
-    def _accept(self, fd: int) -> None:
+    def _accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
         listener, base = self.listeners[fd]
         limit = self.spec.worker_connections
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(batch):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -439,8 +439,13 @@ class Worker:
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.spec.graceful_timeout
         self.slot.set_state(State.EXITING, reason)
+        was_accepting = self.accepting
         self._accept_off()
-        for sock, _ in self.listeners.values():
+        for fd, (sock, _) in self.listeners.items():
+            if was_accepting:
+                # Take what already waits in the backlog: those clients were accepted by the
+                # kernel and must get an answer, not a reset when the socket closes.
+                self._accept(fd, self.spec.worker_connections)
             sock.close()
         for conn in list(self.conns.values()):
             if conn.phase == IDLE and not conn.parser.buffered:

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: forkserver against gunicorn (sync, gthread) and meinheld (``make bench``).
+"""Side-by-side benchmark: forkserver against gunicorn and meinheld (``make bench``).
 
     .venv/bin/python load/bench.py            # full matrix, about 8 minutes
     .venv/bin/python load/bench.py --quick    # same matrix, shorter runs, about 4 minutes
@@ -37,10 +37,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make ``load`` importable
+try:
+    from load.servers import ROOT, ManagedServer, ServerError
+except ModuleNotFoundError:  # run as a script from elsewhere: make ``load`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from load.servers import ROOT, ManagedServer, ServerError  # noqa: E402
+    from load.servers import ROOT, ManagedServer, ServerError
 
 BENCH_VENV = ROOT / "load" / ".bench-venv"
 RESULTS = ROOT / "load" / "results"
@@ -71,7 +72,7 @@ class SetupError(Exception):
 def _pip(python: Path | str, *args: str, timeout: float = 900) -> bool:
     result = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
                              "--disable-pip-version-check", *args],
-                            cwd=ROOT, timeout=timeout)
+                            cwd=ROOT, check=False, timeout=timeout)
     return result.returncode == 0
 
 
@@ -84,10 +85,11 @@ def ensure_wrk(install: bool) -> str:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         print("wrk missing: apt-get install -y wrk", flush=True)
         ok = subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env,
-                            timeout=600).returncode == 0
+                            check=False, timeout=600).returncode == 0
         if not ok:  # a fresh machine may not have read the package lists yet
-            subprocess.run(["apt-get", "update", "-q"], env=env, timeout=600)
-            subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env, timeout=600)
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=False, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env, check=False,
+                           timeout=600)
         found = shutil.which("wrk")
     if not found:
         raise SetupError("wrk is not installed; install it with `apt-get install -y wrk` "
@@ -114,6 +116,8 @@ def ensure_bench_venv(install: bool, reinstall: bool) -> tuple[Path, bool]:
     if not python.exists():
         print(f"creating {BENCH_VENV}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True, timeout=300)
+        # Keeps git from listing the venv whatever the repository's .gitignore says.
+        (BENCH_VENV / ".gitignore").write_text("*\n")
     print("installing gunicorn and forkserver into the bench venv", flush=True)
     if not _pip(python, "gunicorn") or not _pip(python, "-e", str(ROOT)):
         raise SetupError("pip could not install gunicorn and forkserver into the bench venv")
@@ -122,7 +126,7 @@ def ensure_bench_venv(install: bool, reinstall: bool) -> tuple[Path, bool]:
     meinheld = _pip(python, "--no-deps", "meinheld", "greenlet", timeout=600)
     if meinheld:
         meinheld = subprocess.run([str(python), "-c", "import meinheld.gmeinheld"],
-                                  capture_output=True, timeout=60).returncode == 0
+                                  capture_output=True, check=False, timeout=60).returncode == 0
     if not meinheld:
         print("meinheld could not be installed: it is left out of the comparison", flush=True)
     stamp.write_text(json.dumps({**want, "meinheld": meinheld}))
@@ -149,7 +153,7 @@ def ensure_matplotlib(install: bool) -> bool:
 
 def _gunicorn_has(python: Path, flag: str) -> bool:
     result = subprocess.run([str(python), "-m", "gunicorn", "--help"], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, check=False, timeout=60)
     return flag in result.stdout
 
 
@@ -207,7 +211,8 @@ def run_wrk(wrk: str, url: str, concurrency: int, duration: int, mode: str) -> d
     if mode == "close":
         argv += ["-H", "Connection: close"]
     argv.append(url + "/")
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False,
+                            timeout=duration + 60)
     if result.returncode != 0:
         raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr.strip()}")
     return parse_wrk(result.stdout)
@@ -309,6 +314,19 @@ def check_targets(cells: list[Cell], rss: dict[str, dict]) -> list[tuple[str, st
     return rows
 
 
+# Run by the bench venv's python: the versions that were actually measured.
+_VERSIONS_SCRIPT = """
+import importlib.metadata as m, json, platform
+out = {"python": platform.python_version()}
+for name in ("forkserver", "gunicorn", "meinheld", "greenlet"):
+    try:
+        out[name] = m.version(name)
+    except m.PackageNotFoundError:
+        pass
+print(json.dumps(out))
+"""
+
+
 def machine_info(python: Path, wrk: str) -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -318,14 +336,9 @@ def machine_info(python: Path, wrk: str) -> dict[str, str]:
                 break
     except OSError:
         pass
-    versions = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m, json, platform\n"
-         "out = {'python': platform.python_version()}\n"
-         "for p in ('forkserver', 'gunicorn', 'meinheld', 'greenlet'):\n"
-         "    try: out[p] = m.version(p)\n"
-         "    except m.PackageNotFoundError: pass\n"
-         "print(json.dumps(out))"], capture_output=True, text=True, timeout=60)
-    info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    versions = subprocess.run([str(python), "-c", _VERSIONS_SCRIPT], check=False,
+                              capture_output=True, text=True, timeout=60)
+    info = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs "
                        f"({len(os.sched_getaffinity(0))} usable), {platform.platform()}"}
     try:
@@ -333,14 +346,19 @@ def machine_info(python: Path, wrk: str) -> dict[str, str]:
     except ValueError:
         pass
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, check=False, timeout=30)
     if head.returncode == 0:
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+        # --no-optional-locks: a status must not rewrite the index of a tree others work in.
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), "status",
+                                "--porcelain",
                                 "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=30).stdout.strip()
+                               check=False, timeout=30).stdout.strip()
         info["commit"] = head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=30)
-    info["wrk"] = (wrk_version.stdout or wrk_version.stderr).split(" [")[0].strip()
+    wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True,
+                                 check=False, timeout=30)
+    # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..." -> "debian/4.1.0-3+b2"
+    words = (wrk_version.stdout or wrk_version.stderr).split()
+    info["wrk"] = words[1] if len(words) > 1 else "unknown"
     return info
 
 
@@ -353,8 +371,8 @@ def render_markdown(cells: list[Cell], rss: dict[str, dict], info: dict[str, str
                     incomplete: str = "") -> str:
     lines = ["# forkserver benchmark", ""]
     if incomplete:
-        lines += [f"**Incomplete run ({incomplete}): the figures below cover part of the "
-                  "matrix only.**", ""]
+        lines += [(f"**Incomplete run ({incomplete}): the figures below cover part of the "
+                   "matrix only.**"), ""]
     lines += [
         f"{info['date']} on {info['machine']}.",
         "",
@@ -363,15 +381,14 @@ def render_markdown(cells: list[Cell], rss: dict[str, dict], info: dict[str, str
                                   "wrk") if k in info)
         + (f"; forkserver commit {info['commit']}" if "commit" in info else "") + ".",
         "",
-        f"App `{APP}` (13-byte body with Content-Length), {settings['workers']} workers per "
-        f"server (gthread: {settings['threads']} threads each), `wrk -t1 -d{settings['duration']}s`"
-        f", median of {settings['rounds']} rounds with the server order rotated every round. "
-        "Errors: wrk's socket errors (connect, read, write, timeout) plus non-2xx/3xx "
-        "responses, summed over the rounds. Ratio: requests/s over gunicorn sync's in the "
-        "same mode and concurrency.",
+        (f"App `{APP}` (13-byte body with Content-Length), {settings['workers']} workers per "
+         f"server (gthread: {settings['threads']} threads each), "
+         f"`wrk -t1 -d{settings['duration']}s`, median of {settings['rounds']} rounds with the "
+         "server order rotated every round. Errors: wrk's socket errors (connect, read, write, "
+         "timeout) plus non-2xx/3xx responses, summed over the rounds. Ratio: requests/s over "
+         "gunicorn sync's in the same mode and concurrency."),
         "",
-        "| server | mode | concurrency | req/s | p50 (ms) | p99 (ms) | errors "
-        "| x gunicorn sync |",
+        "| server | mode | concurrency | req/s | p50 (ms) | p99 (ms) | errors | x gunicorn sync |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
@@ -403,7 +420,9 @@ def render_png(cells: list[Cell], path: Path, title: str) -> None:
         for server in servers:
             points = sorted((c.concurrency, c.rps) for c in cells
                             if c.mode == mode and c.server == server)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+            # One colour per server in every panel, whichever servers took part.
+            color = f"C{SERVERS.index(server)}" if server in SERVERS else None
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color,
                     linewidth=2.5 if server == "forkserver" else 1.5, label=server)
         concs = sorted({c.concurrency for c in cells})
         ax.set_xscale("log")

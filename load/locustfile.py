@@ -25,7 +25,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from locust import FastHttpUser, constant, events, tag, task
 from locust.runners import WorkerRunner
@@ -84,8 +84,11 @@ class HelloUser(_Checked):
 class JsonEchoUser(_Checked):
     """POST a small JSON document and expect the same document back."""
 
-    document = {"user": 12345, "items": [{"sku": f"item-{i}", "qty": i} for i in range(10)],
-                "note": "caf\u00e9 \u2615"}
+    document: ClassVar[dict[str, Any]] = {
+        "user": 12345,
+        "items": [{"sku": f"item-{i}", "qty": i} for i in range(10)],
+        "note": "caf\u00e9 \u2615",  # non-ASCII, so both directions must keep UTF-8 intact
+    }
 
     @tag("json")
     @task

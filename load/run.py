@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make ``load`` importable
+try:
+    from load.servers import ROOT, ManagedServer, ServerError
+except ModuleNotFoundError:  # run as a script from elsewhere: make ``load`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from load.servers import ROOT, ManagedServer, ServerError  # noqa: E402
+    from load.servers import ROOT, ManagedServer, ServerError
 
 LOCUSTFILE = ROOT / "load" / "locustfile.py"
 RESULTS = ROOT / "load" / "results"
@@ -93,7 +94,7 @@ def ensure_locust(install: bool = True) -> None:
                        "with the project's .venv/bin/python (make load) to install it there")
     print(f"locust missing: installing the 'load' extra into {sys.prefix}", flush=True)
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e",
-                             f"{ROOT}[load]"], cwd=ROOT, timeout=600)
+                             f"{ROOT}[load]"], cwd=ROOT, check=False, timeout=600)
     importlib.invalidate_caches()
     if result.returncode != 0 or importlib.util.find_spec("locust") is None:
         raise NoLocust(f"installing locust failed (pip exit status {result.returncode})")
@@ -153,8 +154,9 @@ def gate(rows: list[StatsRow], max_p95_ms: float | None) -> list[str]:
 def format_stats(rows: list[StatsRow]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
-    lines = [f"{'request':<28} {'count':>8} {'fail':>6} {'req/s':>8} {'p50':>6} {'p95':>6} "
-             f"{'p99':>6}  (ms)"]
+    header = (f"{'request':<28} {'count':>8} {'fail':>6} {'req/s':>8} {'p50':>6} {'p95':>6} "
+              f"{'p99':>6}  (ms)")
+    lines = [header]
     for row in rows:
         label = f"{row.method} {row.name}".strip()
         lines.append(f"{label[:28]:<28} {row.requests:>8} {row.failures:>6} {row.rps:>8.1f} "

@@ -68,7 +68,7 @@ class ManagedServer:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def start(self, timeout: float = 30.0) -> "ManagedServer":
+    def start(self, timeout: float = 30.0) -> ManagedServer:
         env = {**os.environ, **(self.env or {})}
         # A user's WEB_CONCURRENCY would silently change the worker count being measured.
         env.pop("WEB_CONCURRENCY", None)

@@ -1,50 +1,8 @@
-"""The sans-IO HTTP/1.1 layer: request parsing, response framing and protocol errors.
+"""The sans-IO HTTP/1.1 layer: request parsing (``parser``), response framing (``response``)
+and protocol errors that carry their status (``errors``).
 
 Nothing here performs I/O or imports the rest of forkserver, so the worker, the metrics
 listener and the tests all drive it the same way: feed bytes, take events or bytes back.
+The package initialiser stays empty on purpose (the module table gives it no imports): import
+from the submodules, e.g. ``from forkserver.http.parser import RequestParser``.
 """
-
-from forkserver.http.errors import (
-    BadRequest,
-    ExpectationFailed,
-    HeaderFieldsTooLarge,
-    HTTPError,
-    InternalServerError,
-    InvalidResponse,
-    NotImplementedCoding,
-    PayloadTooLarge,
-    RequestTimeout,
-    URITooLong,
-    VersionNotSupported,
-)
-from forkserver.http.parser import (
-    END_OF_MESSAGE,
-    NEED_DATA,
-    PAUSED,
-    EndOfMessage,
-    Request,
-    RequestParser,
-)
-from forkserver.http.response import Response, http_date
-
-__all__ = [
-    "END_OF_MESSAGE",
-    "NEED_DATA",
-    "PAUSED",
-    "BadRequest",
-    "EndOfMessage",
-    "ExpectationFailed",
-    "HTTPError",
-    "HeaderFieldsTooLarge",
-    "InternalServerError",
-    "InvalidResponse",
-    "NotImplementedCoding",
-    "PayloadTooLarge",
-    "Request",
-    "RequestParser",
-    "RequestTimeout",
-    "Response",
-    "URITooLong",
-    "VersionNotSupported",
-    "http_date",
-]

@@ -11,17 +11,17 @@ once, when the class is created, and each send is a plain attribute read.
 from __future__ import annotations
 
 __all__ = [
-    "HTTPError",
     "BadRequest",
-    "RequestTimeout",
-    "PayloadTooLarge",
-    "URITooLong",
     "ExpectationFailed",
+    "HTTPError",
     "HeaderFieldsTooLarge",
     "InternalServerError",
-    "NotImplementedCoding",
-    "VersionNotSupported",
     "InvalidResponse",
+    "NotImplementedCoding",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "URITooLong",
+    "VersionNotSupported",
 ]
 
 

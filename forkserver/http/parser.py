@@ -80,18 +80,18 @@ class Request:
     """One parsed request head. Strings are latin-1 decodes of the received bytes."""
 
     __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
         "method",
-        "target",
+        "minor",
         "path",
         "query",
+        "target",
         "version",
-        "minor",
-        "headers",
-        "keep_alive",
-        "content_length",
-        "chunked",
-        "expect_continue",
-        "host",
     )
 
     method: str
@@ -113,7 +113,7 @@ class Request:
 
 Event = Request | bytes | EndOfMessage | _Sentinel
 
-# --- Grammar (RFC 9110 section 5.6.2, RFC 9112 sections 3, 5 and 7.1) ---------------------------
+# --- Grammar (RFC 9110 section 5.6.2, RFC 9112 sections 3, 5 and 7.1) ----------------------------
 # Patterns are str patterns applied to latin-1 decoded text, where code point == byte value.
 
 # tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" /
@@ -174,7 +174,7 @@ _SPECIAL_FIELDS = {
 }
 
 
-# --- States --------------------------------------------------------------------------------------
+# --- States -------------------------------------------------------------------------------------
 
 
 class _State(enum.IntEnum):
@@ -224,23 +224,23 @@ class RequestParser:
     """
 
     __slots__ = (
-        "_max_line",
-        "_max_fields",
-        "_max_field_size",
-        "_max_body",
         "_buf",
-        "_pos",
-        "_scan",
-        "_state",
-        "_request",
+        "_drained",
+        "_eof",
+        "_error",
         "_fields",
         "_lines",
-        "_skipped_empty",
-        "_remaining",
+        "_max_body",
+        "_max_field_size",
+        "_max_fields",
+        "_max_line",
+        "_pos",
         "_received",
-        "_eof",
-        "_drained",
-        "_error",
+        "_remaining",
+        "_request",
+        "_scan",
+        "_skipped_empty",
+        "_state",
         "trailers",
     )
 
@@ -270,7 +270,7 @@ class RequestParser:
         self._error: HTTPError | None = None
         self.trailers: list[tuple[str, str]] = []
 
-    # --- Public interface ----------------------------------------------------------------------
+    # --- Public interface ------------------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes. The data is copied, so the caller may reuse its buffer."""
@@ -371,7 +371,7 @@ class RequestParser:
             self._fail(exc)
             raise
 
-    # --- Internals -----------------------------------------------------------------------------
+    # --- Internals -------------------------------------------------------------------------------
 
     def _go(self, state: _State) -> None:
         if state not in _TRANSITIONS[self._state]:
@@ -399,8 +399,7 @@ class RequestParser:
         if not size:
             return None
         remaining = self._remaining
-        if size > remaining:
-            size = remaining
+        size = min(size, remaining)
         end = pos + size
         self._pos = end
         self._remaining = remaining - size
@@ -416,7 +415,7 @@ class RequestParser:
         buf = self._buf
         pos = self._pos
         scan = self._scan
-        lf = buf.find(b"\n", scan if scan > pos else pos)
+        lf = buf.find(b"\n", max(pos, scan))
         if lf < 0:
             if len(buf) - pos > limit + 1:
                 raise too_long("line too long")
@@ -430,7 +429,7 @@ class RequestParser:
         self._pos = self._scan = lf + 1
         return line
 
-    # --- Request head --------------------------------------------------------------------------
+    # --- Request head ----------------------------------------------------------------------------
 
     def _parse_head(self) -> Request | _Sentinel:
         if self._request is None:
@@ -442,7 +441,7 @@ class RequestParser:
                 pos = self._pos = pos + 2
                 self._skipped_empty = True
             scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF starts before _scan - 1
-            end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)
+            end = buf.find(b"\r\n\r\n", max(pos, scan))
             if end >= 0:
                 request = self._parse_whole_head(pos, end + 2)
                 if request is not None:
@@ -634,7 +633,7 @@ class RequestParser:
         self._scan = self._pos
         return request
 
-    # --- Chunked body (RFC 9112 section 7.1) ---------------------------------------------------
+    # --- Chunked body (RFC 9112 section 7.1) -----------------------------------------------------
 
     def _parse_chunked(self) -> bytes | EndOfMessage | _Sentinel:
         while True:
@@ -711,7 +710,7 @@ def _request_line_problem(line: str) -> str:
     parts = line.split(" ")
     if len(parts) != 3:
         return "request line is not 'method SP target SP version'"
-    method, target, version = parts
+    method, target, _ = parts
     if not method or _TOKEN_RE.fullmatch(method) is None:
         return "invalid method"
     if not target or _TARGET_RE.fullmatch(target) is None:
@@ -723,7 +722,7 @@ def _field_line_problem(line: str) -> str:
     """A log-friendly reason why a field line failed the grammar (always a 400)."""
     if line[:1] in (" ", "\t"):
         return "obsolete line folding"
-    name, colon, value = line.partition(":")
+    name, colon, _ = line.partition(":")
     if not colon:
         return "field line without ':'"
     if name[-1:] in (" ", "\t"):

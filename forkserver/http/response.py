@@ -17,7 +17,7 @@ from forkserver.http.errors import InvalidResponse
 
 __all__ = ["Response", "http_date"]
 
-# --- Date ------------------------------------------------------------------------------------------
+# --- Date ----------------------------------------------------------------------------------------
 
 # IMF-fixdate (RFC 9110 section 5.6.7) is always in English, so the names are spelled out here
 # rather than taken from a locale-dependent strftime.
@@ -55,7 +55,7 @@ def _http_date_line() -> bytes:
     return _date_line
 
 
-# --- Validation ------------------------------------------------------------------------------------
+# --- Validation ---------------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # field-value octets: HTAB, SP, VCHAR, obs-text. Anything above U+00FF is not latin-1 encodable
@@ -85,7 +85,7 @@ class Response:
     is enforced (chunked, close-delimited, or a response without a body).
     """
 
-    __slots__ = ("head", "keep_alive", "chunked", "content_length", "remaining", "_has_body")
+    __slots__ = ("_has_body", "chunked", "content_length", "head", "keep_alive", "remaining")
 
     head: bytes
     keep_alive: bool

@@ -18,7 +18,7 @@ from forkserver.http.parser import (
     RequestParser,
 )
 
-# --- Harness ---------------------------------------------------------------------------------------
+# --- Harness -------------------------------------------------------------------------------------
 
 
 def snapshot(request: Request) -> dict:
@@ -96,7 +96,7 @@ def chunked(body: bytes, *fields: str) -> bytes:
     return post("Transfer-Encoding: chunked", *fields, body=body)
 
 
-# --- Valid requests --------------------------------------------------------------------------------
+# --- Valid requests -----------------------------------------------------------------------------
 
 
 def test_simple_get_fields():
@@ -252,7 +252,7 @@ def test_authority_form_with_connect():
     "value", ["example.com", "example.com:80", "[::1]:8000", "127.0.0.1", "a_b.example", "x:", ""]
 )
 def test_valid_host_values(value):
-    assert head(get("/", host=False, *[f"Host: {value}"])).host == value
+    assert head(get("/", f"Host: {value}", host=False)).host == value
 
 
 def test_get_with_no_framing_headers_has_no_body():
@@ -263,7 +263,7 @@ def test_get_with_no_framing_headers_has_no_body():
     assert events[1:] == [("data", b"abc"), ("end", [])]
 
 
-# --- Bodies ----------------------------------------------------------------------------------------
+# --- Bodies -------------------------------------------------------------------------------------
 
 
 def test_content_length_body():
@@ -351,7 +351,7 @@ def test_trailers_reset_for_the_next_request():
     assert parser.trailers == []
 
 
-# --- Expect ----------------------------------------------------------------------------------------
+# --- Expect -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -378,7 +378,7 @@ def test_unknown_expectation_is_417(value):
     assert status_of(post(f"Expect: {value}")) == 417
 
 
-# --- Pipelining and the message cycle --------------------------------------------------------------
+# --- Pipelining and the message cycle -----------------------------------------------------------
 
 
 def test_pipelined_requests_in_one_feed():
@@ -471,7 +471,7 @@ def test_head_arriving_byte_by_byte():
     assert request.headers == [("HOST", "example.com"), ("X-A", "1"), ("X-B", "2")]
 
 
-# --- EOF -------------------------------------------------------------------------------------------
+# --- EOF ----------------------------------------------------------------------------------------
 
 
 def test_eof_between_messages_is_a_no_op():
@@ -535,7 +535,7 @@ def test_eof_with_partial_pipelined_request_fails_after_start_next():
     assert info.value.status == 400
 
 
-# --- Invalid requests ------------------------------------------------------------------------------
+# --- Invalid requests ---------------------------------------------------------------------------
 
 INVALID = [
     # line endings
@@ -619,32 +619,32 @@ INVALID = [
     ("CL superscript", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xb2\r\n\r\nxx", 400),
     ("CL 19 digits", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000000000000\r\n\r\n",
      400),
-    ("CL differing", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
-     b"\r\nxx", 400),
-    ("CL differing spelling", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
-     b"Content-Length: 01\r\n\r\nx", 400),
+    ("CL differing", (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+     b"\r\nxx"), 400),
+    ("CL differing spelling", (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+     b"Content-Length: 01\r\n\r\nx"), 400),
     # Transfer-Encoding
-    ("TE and CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("TE and CL", (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 400),
     ("TE on 1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     ("TE gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     ("TE identity", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501),
-    ("TE gzip then chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n"
-     b"\r\n0\r\n\r\n", 501),
-    ("TE two fields", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-    ("TE chunked with parameter", b"POST / HTTP/1.1\r\nHost: a\r\n"
-     b"Transfer-Encoding: chunked;x=1\r\n\r\n0\r\n\r\n", 501),
-    ("TE chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n"
-     b"\r\n0\r\n\r\n", 400),
-    ("TE chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n"
-     b"\r\n0\r\n\r\n", 400),
-    ("TE chunked twice in fields", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    ("TE empty element", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n"
-     b"\r\n0\r\n\r\n", 400),
-    ("TE empty element after", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n"
-     b"\r\n0\r\n\r\n", 400),
+    ("TE gzip then chunked", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n"
+     b"\r\n0\r\n\r\n"), 501),
+    ("TE two fields", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 501),
+    ("TE chunked with parameter", (b"POST / HTTP/1.1\r\nHost: a\r\n"
+     b"Transfer-Encoding: chunked;x=1\r\n\r\n0\r\n\r\n"), 501),
+    ("TE chunked not last", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n"
+     b"\r\n0\r\n\r\n"), 400),
+    ("TE chunked twice", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n"
+     b"\r\n0\r\n\r\n"), 400),
+    ("TE chunked twice in fields", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 400),
+    ("TE empty element", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n"
+     b"\r\n0\r\n\r\n"), 400),
+    ("TE empty element after", (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n"
+     b"\r\n0\r\n\r\n"), 400),
     ("TE empty", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n", 400),
     # chunked framing
     ("chunk size 0x", chunked(b"0x5\r\nhello\r\n0\r\n\r\n"), 400),
@@ -717,7 +717,7 @@ def test_error_mid_body_keeps_raising():
         parser.next_event()
 
 
-# --- Limits ----------------------------------------------------------------------------------------
+# --- Limits -------------------------------------------------------------------------------------
 
 
 def test_request_line_limit_414():
@@ -816,7 +816,7 @@ def test_chunk_size_line_is_bounded():
         parser.next_event()
 
 
-# --- Split invariance (style.md rule 4) ------------------------------------------------------------
+# --- Split invariance (style.md rule 4) ---------------------------------------------------------
 
 SPLIT_CASES = [
     get(),

@@ -1,0 +1,352 @@
+"""Response heads, framing, validation of what the app returns, and the prebuilt error responses."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from forkserver.http import errors, response
+from forkserver.http.errors import HTTPError, InvalidResponse
+from forkserver.http.response import Response, http_date
+
+DATE = b"Date: " + b"Thu, 01 Jan 1970 00:00:00 GMT" + b"\r\n"
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch):
+    """Time stands at the epoch unless a test moves it; the date cache starts empty."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(response, "_now", lambda: clock["now"])
+    monkeypatch.setattr(response, "_date_second", -1)
+    return clock
+
+
+def make(status="200 OK", headers=(), *, minor=1, is_head=False, keep_alive=True, **kwargs):
+    return Response(status, list(headers), minor=minor, is_head=is_head, keep_alive=keep_alive,
+                    **kwargs)
+
+
+def header_lines(resp: Response) -> list[bytes]:
+    head = resp.head
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
+
+
+# --- Head layout and framing --------------------------------------------------------------------
+
+
+def test_head_layout_with_app_content_length():
+    resp = make("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    assert resp.head == (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/plain\r\n"
+        b"Content-Length: 5\r\n"
+        b"Server: forkserver\r\n" + DATE + b"\r\n"
+    )
+    assert (resp.keep_alive, resp.chunked, resp.content_length, resp.remaining) == (
+        True, False, 5, 5)
+    assert resp.body(b"hello") == b"hello"
+    assert resp.remaining == 0
+    assert resp.end() == b""
+
+
+def test_body_length_adds_content_length():
+    resp = make("200 OK", [("Content-Type", "text/plain")], body_length=12)
+    assert header_lines(resp)[-1] == b"Content-Length: 12"
+    assert (resp.chunked, resp.content_length, resp.remaining) == (False, 12, 12)
+
+
+def test_app_content_length_wins_over_body_length():
+    resp = make("200 OK", [("content-length", "3")], body_length=12)
+    assert b"Content-Length: 12" not in resp.head
+    assert b"content-length: 3\r\n" in resp.head  # the app's header, spelled as given
+    assert resp.content_length == 3
+
+
+def test_http11_without_length_is_chunked():
+    resp = make("200 OK", [("Content-Type", "text/plain")])
+    assert resp.chunked
+    assert header_lines(resp)[-1] == b"Transfer-Encoding: chunked"
+    assert resp.body(b"hello") == b"5\r\nhello\r\n"
+    assert resp.body(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert resp.body(b"") == b""  # an empty chunk would end the body early
+    assert resp.end() == b"0\r\n\r\n"
+    assert resp.remaining is None
+
+
+def test_http10_without_length_is_close_delimited():
+    resp = make("200 OK", [], minor=0, keep_alive=True)
+    assert not resp.chunked
+    assert resp.keep_alive is False
+    assert b"Transfer-Encoding" not in resp.head
+    assert header_lines(resp)[-1] == b"Connection: close"
+    assert resp.body(b"raw") == b"raw"
+    assert resp.end() == b""
+
+
+def test_http10_keep_alive_with_length_says_so():
+    resp = make("200 OK", [], minor=0, keep_alive=True, body_length=2)
+    assert resp.keep_alive is True
+    assert header_lines(resp)[-2:] == [b"Content-Length: 2", b"Connection: keep-alive"]
+
+
+def test_no_keep_alive_adds_connection_close():
+    resp = make("200 OK", [], keep_alive=False, body_length=0)
+    assert header_lines(resp)[-1] == b"Connection: close"
+    assert resp.keep_alive is False
+
+
+def test_http11_keep_alive_sends_no_connection_header():
+    resp = make("200 OK", [], body_length=0)
+    assert b"Connection" not in resp.head
+
+
+def test_always_answers_as_http11():
+    assert make(minor=0, body_length=0).head.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("status", ["204 No Content", "304 Not Modified", "100 Continue",
+                                    "101 Switching Protocols", "103 Early Hints"])
+def test_bodiless_statuses_are_never_chunked(status):
+    resp = make(status, [])
+    assert not resp.chunked
+    assert b"Transfer-Encoding" not in resp.head and b"Content-Length" not in resp.head
+    assert resp.keep_alive is True  # no body: nothing forces a close
+    assert resp.body(b"ignored") == b""
+    assert resp.end() == b""
+
+
+def test_head_request_gets_no_body_and_keeps_the_apps_length():
+    resp = make("200 OK", [("Content-Length", "1234")], is_head=True)
+    assert b"Content-Length: 1234\r\n" in resp.head
+    assert resp.content_length == 1234
+    assert not resp.chunked
+    assert resp.body(b"x" * 5000) == b""  # discarded, not enforced
+    assert resp.end() == b""  # nothing owed
+
+
+def test_head_request_without_length_adds_no_framing():
+    resp = make("200 OK", [], is_head=True, body_length=10)
+    assert b"Content-Length" not in resp.head and b"Transfer-Encoding" not in resp.head
+    assert resp.keep_alive is True
+
+
+def test_304_keeps_content_length_204_drops_it():
+    assert b"Content-Length: 10\r\n" in make("304 Not Modified", [("Content-Length", "10")]).head
+    resp = make("204 No Content", [("Content-Length", "0")])
+    assert b"Content-Length" not in resp.head
+    assert resp.content_length is None
+
+
+def test_reason_phrase_may_be_empty_or_unusual():
+    assert make("200 ", [], body_length=0).head.startswith(b"HTTP/1.1 200 \r\n")
+    assert make("299 \tcaf\xe9", [], body_length=0).head.startswith(b"HTTP/1.1 299 \tcaf\xe9\r\n")
+
+
+# --- Connection, Server, Date -------------------------------------------------------------------
+
+
+def test_app_connection_close_ends_keep_alive_and_is_sent_once():
+    resp = make("200 OK", [("Connection", "Close")], body_length=0)
+    assert resp.keep_alive is False
+    assert resp.head.count(b"onnection") == 1
+    assert header_lines(resp)[-1] == b"Connection: close"
+
+
+def test_app_connection_other_values_are_dropped():
+    resp = make("200 OK", [("Connection", "keep-alive, x-foo")], body_length=0)
+    assert resp.keep_alive is True
+    assert b"onnection" not in resp.head
+    resp = make("200 OK", [("connection", "upgrade, close")], minor=0, body_length=0)
+    assert resp.keep_alive is False
+
+
+def test_app_server_and_date_replace_ours():
+    resp = make("200 OK", [("server", "app/1.0"), ("DATE", "yesterday")], body_length=0)
+    lines = header_lines(resp)
+    assert lines[1:3] == [b"server: app/1.0", b"DATE: yesterday"]
+    assert resp.head.count(b"erver") == 1
+    assert resp.head.count(b"ATE:") + resp.head.count(b"ate:") == 1
+
+
+def test_custom_and_empty_server():
+    assert b"Server: custom\r\n" in make(body_length=0, server=b"custom").head
+    assert b"Server" not in make(body_length=0, server=b"").head
+
+
+def test_duplicate_identical_content_length_is_sent_once():
+    resp = make("200 OK", [("Content-Length", "3"), ("content-length", "3")])
+    assert resp.head.lower().count(b"content-length") == 1
+    assert resp.content_length == 3
+
+
+def test_tab_and_obs_text_allowed_in_values():
+    resp = make("200 OK", [("X-A", "a\tb"), ("X-B", "caf\xe9")], body_length=0)
+    assert b"X-A: a\tb\r\nX-B: caf\xe9\r\n" in resp.head
+
+
+# --- Validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status",
+    ["200", "200OK", "20 OK", "2000 OK", "600 Too High", "099 Low", "abc OK", " 200 OK",
+     "200 OK\r\nX-Injected: 1", "200 OK\n", "200 O\x00K", "200 O\x7fK", "200 \u20ac", b"200 OK",
+     None, 200],
+)
+def test_invalid_status(status):
+    with pytest.raises(InvalidResponse):
+        make(status, [])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Bad Name", "v"), ("X:Y", "v"), ("", "v"), ("X\u00e9", "v"), ("X-A\r\n", "v"),
+        ("X-A", "a\r\nX-Injected: 1"), ("X-A", "a\nb"), ("X-A", "a\rb"), ("X-A", "a\x00"),
+        ("X-A", "\x1b[31m"), ("X-A", "a\x7f"), ("X-A", "\u20ac"), ("X-A", b"bytes"),
+        (b"X-A", "v"), ("X-A", 1), (None, "v"),
+    ],
+)
+def test_invalid_header(header):
+    with pytest.raises(InvalidResponse):
+        make("200 OK", [header])
+
+
+@pytest.mark.parametrize("item", [["X-A", "v"], ("X-A",), ("X-A", "v", "w"), "ab", None])
+def test_header_items_must_be_pairs(item):
+    with pytest.raises(InvalidResponse):
+        make("200 OK", [item])
+
+
+def test_headers_must_be_iterable():
+    with pytest.raises(InvalidResponse):
+        Response("200 OK", None, minor=1, is_head=False, keep_alive=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name", ["Transfer-Encoding", "transfer-encoding", "Keep-Alive", "Upgrade", "TE", "Trailer",
+             "Proxy-Connection"]
+)
+def test_hop_by_hop_headers_are_refused(name):
+    with pytest.raises(InvalidResponse):
+        make("200 OK", [(name, "x")])
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "+1", "1.5", "1,1", "", " 1", "0x10",
+                                   "1" * 19, "\u0661"])
+def test_invalid_content_length(value):
+    with pytest.raises(InvalidResponse):
+        make("200 OK", [("Content-Length", value)])
+
+
+def test_conflicting_content_lengths():
+    with pytest.raises(InvalidResponse):
+        make("200 OK", [("Content-Length", "3"), ("Content-Length", "4")])
+
+
+# --- Length enforcement -------------------------------------------------------------------------
+
+
+def test_body_over_content_length_raises_and_consumes_nothing():
+    resp = make("200 OK", [("Content-Length", "5")])
+    assert resp.body(b"abc") == b"abc"
+    with pytest.raises(InvalidResponse):
+        resp.body(b"def")
+    assert resp.remaining == 2  # the caller may send what still fits, then close
+    assert resp.body(b"de") == b"de"
+    assert resp.end() == b""
+
+
+def test_body_short_of_content_length_fails_at_end():
+    resp = make("200 OK", [], body_length=4)
+    resp.body(b"abc")
+    with pytest.raises(InvalidResponse):
+        resp.end()
+
+
+def test_zero_length_body():
+    resp = make("200 OK", [], body_length=0)
+    assert resp.body(b"") == b""
+    with pytest.raises(InvalidResponse):
+        resp.body(b"x")
+    assert resp.end() == b""
+
+
+def test_bytearray_body_and_non_bytes_refused():
+    resp = make("200 OK", [])
+    assert resp.body(bytearray(b"ab")) == b"2\r\nab\r\n"
+    with pytest.raises(InvalidResponse):
+        resp.body("text")  # type: ignore[arg-type]
+
+
+# --- Date ---------------------------------------------------------------------------------------
+
+
+def test_http_date_format():
+    assert http_date() == b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+@pytest.mark.parametrize("when", [951782400, 1_700_000_000, 1_794_927_599, 4_102_444_800])
+def test_http_date_matches_the_rfc_format(frozen_clock, when):
+    frozen_clock["now"] = when + 0.75
+    assert http_date() == email.utils.formatdate(when, usegmt=True).encode()
+
+
+def test_http_date_is_recomputed_only_when_the_second_changes(frozen_clock, monkeypatch):
+    calls = []
+    real_gmtime = response._gmtime
+    monkeypatch.setattr(response, "_gmtime", lambda s: calls.append(s) or real_gmtime(s))
+    frozen_clock["now"] = 1000.1
+    first = http_date()
+    frozen_clock["now"] = 1000.9
+    assert http_date() is first
+    assert make(body_length=0).head.count(first) == 1
+    assert calls == [1000]
+    frozen_clock["now"] = 1001.0
+    assert http_date() != first
+    assert calls == [1000, 1001]
+
+
+# --- Prebuilt error responses -------------------------------------------------------------------
+
+ERRORS = [
+    (errors.BadRequest, 400, "Bad Request"),
+    (errors.RequestTimeout, 408, "Request Timeout"),
+    (errors.PayloadTooLarge, 413, "Content Too Large"),
+    (errors.URITooLong, 414, "URI Too Long"),
+    (errors.ExpectationFailed, 417, "Expectation Failed"),
+    (errors.HeaderFieldsTooLarge, 431, "Request Header Fields Too Large"),
+    (errors.InternalServerError, 500, "Internal Server Error"),
+    (errors.NotImplementedCoding, 501, "Not Implemented"),
+    (errors.VersionNotSupported, 505, "HTTP Version Not Supported"),
+    (errors.InvalidResponse, 500, "Internal Server Error"),
+    (errors.HTTPError, 400, "Bad Request"),
+]
+
+
+@pytest.mark.parametrize(("cls", "status", "reason"), ERRORS)
+def test_error_response_bytes(cls, status, reason):
+    exc = cls("client sent \r\n<script>")
+    body = f"{status} {reason}\n".encode()
+    assert exc.status == status and exc.reason == reason
+    assert exc.response() == (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+    assert b"script" not in exc.response()  # the detail is for logs only
+    assert exc.detail == "client sent \r\n<script>"
+    assert isinstance(exc, HTTPError)
+
+
+def test_error_response_is_built_once_per_class():
+    assert errors.BadRequest("a").response() is errors.BadRequest("b").response()
+    assert errors.URITooLong().response() is not errors.BadRequest().response()
+
+
+def test_error_str_names_status_and_detail():
+    assert str(errors.URITooLong("line too long")) == "414 URI Too Long: line too long"
+    assert str(errors.RequestTimeout()) == "408 Request Timeout"
