@@ -1,0 +1,198 @@
+"""deploy/nginx.conf in front of two forkserver instances: losing one whole instance (master
+and workers at once) must not fail requests, including one that instance was serving."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import READY_RE, LISTEN_RE, ROOT, Server
+
+DEPLOY_NGINX = ROOT / "deploy" / "nginx.conf"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    if found is None:
+        pytest.skip("nginx not found (install the Debian package 'nginx-light')")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def site_config(backends: list[str], port: int) -> str:
+    """deploy/nginx.conf with the test's backends and a loopback listener, nothing else changed."""
+    text = DEPLOY_NGINX.read_text()
+    servers = "".join(f"    server {b} max_fails=3 fail_timeout=10s;\n" for b in backends)
+    text, upstreams = re.subn(r"(?m)^\s*server (?:127\.0\.0\.1|unix:)\S* [^\n]*\n", "", text)
+    text, blocks = re.subn(r"(upstream forkserver \{\n)", lambda m: m.group(1) + servers, text)
+    text, listens = re.subn(r"(?m)^\s*listen 80;\n", f"    listen 127.0.0.1:{port};\n", text)
+    text, v6 = re.subn(r"(?m)^\s*listen \[::\]:80;\n", "", text)
+    assert (blocks, listens, v6) == (1, 1, 1) and upstreams >= 2, \
+        "deploy/nginx.conf changed shape: update site_config()"
+    return text
+
+
+def main_config(prefix: Path, site: Path) -> str:
+    """A throwaway nginx.conf: everything nginx writes stays under `prefix`."""
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach tmp_path
+    temp = "".join(f"    {kind}_temp_path {prefix}/{kind};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"{user}worker_processes 1;\npid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/error.log info;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{\n    access_log {prefix}/access.log;\n{temp}    include {site};\n}}\n")
+
+
+class Nginx:
+    def __init__(self, prefix: Path, conf: Path) -> None:
+        self.prefix = prefix
+        self.argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf),
+                     "-e", str(prefix / "error.log")]
+        self.proc: subprocess.Popen | None = None
+
+    def test_config(self) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.argv, "-t"], capture_output=True, text=True, timeout=30)
+
+    def start(self, port: int) -> "Nginx":
+        self.proc = subprocess.Popen([*self.argv, "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited ({self.proc.returncode}):\n{self.errors()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"nginx did not listen on {port}:\n{self.errors()}")
+
+    def errors(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGTERM)  # fast shutdown
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            child.kill()
+        assert not alive, f"nginx workers left behind: {[c.pid for c in alive]}"
+
+
+class GroupServer(Server):
+    """A forkserver in its own session, so one os.killpg() takes master and workers at once."""
+
+    def start(self, timeout: float = 20.0) -> "GroupServer":
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.known_pids.add(self.proc.pid)
+        self.wait_for_log(READY_RE, timeout)
+        self.addresses = LISTEN_RE.findall(self.log())
+        self.known_pids.update(self.worker_pids())
+        return self
+
+
+@pytest.fixture
+def backends(tmp_path):
+    servers = [GroupServer(tmp_path, "tests.apps.basic:app", workers=2) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            if server.proc is not None and server.proc.poll() is None:
+                server.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def nginx(tmp_path, backends):
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    site = prefix / "forkserver.conf"
+    site.write_text(site_config([f"127.0.0.1:{s.port}" for s in backends], port))
+    conf = prefix / "nginx.conf"
+    conf.write_text(main_config(prefix, site))
+    server = Nginx(prefix, conf)
+    checked = server.test_config()
+    assert checked.returncode == 0, checked.stderr
+    server.start(port)
+    server.port = port
+    yield server
+    server.stop()
+
+
+def test_shipped_config_passes_nginx_t(tmp_path):
+    """The file exactly as shipped (port 80, a unix backend) is valid nginx syntax."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(main_config(prefix, DEPLOY_NGINX))
+    result = Nginx(prefix, conf).test_config()
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
+
+
+def test_requests_keep_succeeding_when_one_instance_dies(nginx, backends):
+    url = f"http://127.0.0.1:{nginx.port}"
+    pids = [set(server.worker_pids()) for server in backends]
+    seen = {int(requests.get(f"{url}/pid", timeout=10).text) for _ in range(10)}
+    assert seen & pids[0] and seen & pids[1], "nginx should spread requests over both"
+
+    # Two slow requests at once: least_conn puts one on each instance, so the instance that
+    # dies is in the middle of one. nginx must retry that GET on the survivor.
+    results: list[requests.Response | Exception] = []
+
+    def slow() -> None:
+        try:
+            results.append(requests.get(f"{url}/slow?s=1", timeout=30))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            results.append(error)
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.4)  # both are now inside the app's sleep
+    victim, survivor = backends
+    os.killpg(victim.pid, signal.SIGKILL)  # master and workers, no chance to drain
+    victim.proc.wait(10)
+    for thread in threads:
+        thread.join(30)
+    assert [getattr(r, "status_code", r) for r in results] == [200, 200]
+    assert all(r.text == "slept" for r in results)
+
+    for _ in range(20):
+        response = requests.get(f"{url}/pid", timeout=10)
+        assert response.status_code == 200
+        assert int(response.text) in pids[1]
+    for pid in victim.known_pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "connect() failed" in nginx.errors() or "upstream prematurely" in nginx.errors()
