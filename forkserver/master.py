@@ -35,6 +35,7 @@ QUICK_STOP_GRACE = 2.0
 MAX_BOOT_BACKOFF = 30.0
 RECYCLE_SPACING = 1.0     # at most one worker recycled per second
 BOOT_POLL = 0.05          # how often to look for a booting worker's readiness
+STATUS_INTERVAL = 5.0     # how often systemd's STATUS= line is refreshed
 TICK = 1.0                # the longest the master sleeps without looking at the scoreboard
 
 # Environment handed across a USR2 re-exec (the listeners keep their descriptor numbers).
@@ -100,6 +101,10 @@ class Master:
         self.next_memory_check = 0.0
         self.wake_r = self.wake_w = -1
         self.announced_generation = 0      # the last generation logged as fully ready
+        self.watchdog = systemd.watchdog_interval(os.environ, self.pid)
+        self.next_watchdog = 0.0
+        self.next_status = 0.0
+        self.requests_folded = 0           # requests served by workers that have exited
 
     # -- startup ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -249,7 +254,22 @@ class Master:
                 self._advance_transition()
                 self._recycle(now)
                 self._maintain(now)
+            self._tell_systemd(now)
             self._sleep(self._next_wakeup(now))
+
+    def _tell_systemd(self, now: float) -> None:
+        """Watchdog pings at half of WATCHDOG_USEC, and a STATUS line every few seconds."""
+        if self.watchdog and now >= self.next_watchdog:
+            systemd.notify("WATCHDOG=1")
+            self.next_watchdog = now + self.watchdog
+        if now >= self.next_status and self.ever_ready and not self.stopping:
+            self.next_status = now + STATUS_INTERVAL
+            views = [self.scoreboard.read(info.index) for info in self.workers.values()
+                     if info.index >= 0]
+            busy = sum(1 for view in views if view.state == State.BUSY)
+            served = self.requests_folded + sum(view.requests for view in views)
+            systemd.notify(f"STATUS={len(self.workers)} workers ({busy} busy), "
+                           f"{served} requests served")
 
     def _sleep(self, seconds: float) -> None:
         if self.pending_signals:
@@ -276,6 +296,8 @@ class Master:
             wake = min(wake, self.stop_deadline)
         elif self.next_spawn > now:
             wake = min(wake, self.next_spawn)
+        if self.watchdog:
+            wake = min(wake, self.next_watchdog)
         return max(0.0, wake - now)
 
     # -- children ---------------------------------------------------------------------------
@@ -299,6 +321,7 @@ class Master:
         requests = 0
         if info.index >= 0:
             requests = self.scoreboard.read(info.index).requests
+            self.requests_folded += requests
             self.scoreboard.release(info.index)
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)

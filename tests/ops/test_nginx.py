@@ -195,4 +195,21 @@ def test_requests_keep_succeeding_when_one_instance_dies(nginx, backends):
         assert int(response.text) in pids[1]
     for pid in victim.known_pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert "connect() failed" in nginx.errors() or "upstream prematurely" in nginx.errors()
+    errors = nginx.errors()
+    # Proof that the retries above happened: one for the request cut off mid-flight, and
+    # refused connects until nginx took the dead instance out of rotation.
+    assert re.search(r"upstream prematurely closed|recv\(\) failed", errors), errors
+    assert "connect() failed (111" in errors, errors
+
+
+def test_client_cannot_smuggle_forwarding_headers_through_nginx(nginx):
+    headers = {"Forwarded": "for=6.6.6.6;proto=https", "X-Forwarded-For": "6.6.6.6",
+               "X-Forwarded-Proto": "https"}
+    response = requests.get(f"http://127.0.0.1:{nginx.port}/environ", headers=headers,
+                            timeout=10)
+    environ = response.json()
+    assert "HTTP_FORWARDED" not in environ
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"  # what nginx saw, nothing appended
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "http"
+    assert environ["HTTP_CONNECTION"] == "close"  # no upstream keep-alive pool
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.0"
