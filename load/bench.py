@@ -433,9 +433,17 @@ def render_png(cells: list[Cell], path: Path, title: str) -> None:
         ax.set_ylabel("requests/s (median of rounds)")
         ax.set_title(MODE_LABEL[mode])
         ax.grid(True, alpha=0.3)
-        ax.legend()
+    # One legend for both panels, below them, where it cannot hide a line.
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    fig.legend([handles[label] for label in labels], labels, loc="lower center",
+               ncol=len(labels), frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

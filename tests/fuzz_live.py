@@ -30,10 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.conftest import Server, http_request  # noqa: E402
 
 # Statuses the server may answer a fuzzed request with; anything else (a 500 above all) means a
 # request got past the parser into a state nobody planned for.
@@ -44,22 +40,22 @@ BODY_LIMIT = 65536
 
 SEEDS: list[bytes] = [
     b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
-    b"GET /a/b?x=1&y=%20z HTTP/1.1\r\nHost: example.com\r\nUser-Agent: fuzz\r\n"
-    b"Accept: */*\r\nCookie: a=1\r\n\r\n",
+    (b"GET /a/b?x=1&y=%20z HTTP/1.1\r\nHost: example.com\r\nUser-Agent: fuzz\r\n"
+     b"Accept: */*\r\nCookie: a=1\r\n\r\n"),
     b"HEAD /h HTTP/1.1\r\nHost: example.com\r\n\r\n",
     b"GET / HTTP/1.0\r\n\r\n",
     b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n",
     b"GET http://example.com/abs?q HTTP/1.1\r\nHost: example.com\r\n\r\n",
     b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello",
-    b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 11\r\nExpect: 100-continue\r\n\r\nhello world",
-    b"POST /c HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    (b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Type: text/plain\r\n"
+     b"Content-Length: 11\r\nExpect: 100-continue\r\n\r\nhello world"),
+    (b"POST /c HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"),
     b"POST /c HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"GET /1 HTTP/1.1\r\nHost: example.com\r\n\r\nGET /2 HTTP/1.1\r\nHost: example.com\r\n\r\n",
-    b"POST /1 HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc"
-    b"GET /2 HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    (b"POST /1 HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc"
+     b"GET /2 HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"),
 ]
 
 # Bytes and fragments that parsers have historically got wrong.
@@ -166,8 +162,9 @@ class Mutator:
         if not numbers:
             return data
         match = self.rng.choice(numbers)
-        value = self.rng.choice((b"0", b"1", b"65536", b"4294967296", b"-1", b"18446744073709551616",
-                                 b"7fffffffffffffff", b"00000000000000000001", b"1e3", b"1_0"))
+        value = self.rng.choice((b"0", b"1", b"65536", b"4294967296", b"-1",
+                                 b"18446744073709551616", b"7fffffffffffffff",
+                                 b"00000000000000000001", b"1e3", b"1_0"))
         return data[:match.start()] + value + data[match.end():]
 
     def random_bytes(self, data: bytes) -> bytes:
@@ -203,7 +200,7 @@ def exchange(port: int, data: bytes, rng: random.Random, stats: Stats) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if style == "pieces" and len(data) > 1:
                 cuts = sorted(rng.sample(range(1, len(data)), min(3, len(data) - 1)))
-                for start, end in zip([0, *cuts], [*cuts, len(data)]):
+                for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
                     sock.sendall(data[start:end])
                     time.sleep(0.002)
             else:
@@ -223,13 +220,13 @@ def exchange(port: int, data: bytes, rng: random.Random, stats: Stats) -> None:
             while time.monotonic() < deadline:
                 try:
                     piece = sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 if not piece:
                     break
                 received += piece
                 sock.settimeout(0.05)
-    except (ConnectionError, socket.timeout, OSError) as error:
+    except OSError as error:  # timeouts and resets included
         if isinstance(error, ConnectionRefusedError):
             stats.problem("connection refused: is the server down?")
         # Resets are an answer too (the server may close on a request it rejected).
@@ -288,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=500_000, help="request budget")
     parser.add_argument("--seed", type=int, default=None, help="repeat a run")
     args = parser.parse_args(argv)
+    # Run as a script, the repository root is not on sys.path; the server helpers live there.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.conftest import Server, http_request
+
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"fuzzing for {args.seconds:g}s with {args.threads} threads, seed {seed}")
 

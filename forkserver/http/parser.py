@@ -229,6 +229,8 @@ class RequestParser:
         "_eof",
         "_error",
         "_fields",
+        "_head_cap",
+        "_head_used",
         "_lines",
         "_max_body",
         "_max_field_size",
@@ -255,6 +257,10 @@ class RequestParser:
         self._max_fields = max_fields
         self._max_field_size = max_field_size
         self._max_body = max_body  # 0: unlimited
+        # A whole head may not exceed this; with the per-line limits and the field count it
+        # bounds the memory a slow or hostile client can make a head take.
+        self._head_cap = max_line + max_fields * (max_field_size + 2)
+        self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
         self._buf = bytearray()
         self._pos = 0  # first byte not consumed yet
         self._scan = 0  # no LF in [_pos, _scan): where the search for a line end resumes
@@ -310,6 +316,7 @@ class RequestParser:
         self._request = None
         self._fields = []
         self._lines = 0
+        self._head_used = 0
         self._skipped_empty = False
         self._scan = self._pos
         self.trailers = []
@@ -458,7 +465,11 @@ class RequestParser:
             return None
         lines = text.split("\r\n")
         lines.pop()  # "" after the final CRLF
-        if len(lines[0]) > self._max_line or len(lines) > self._max_fields + 1:
+        if (
+            len(lines[0]) > self._max_line
+            or len(lines) > self._max_fields + 1
+            or end + 2 - start > self._head_cap
+        ):
             return None
         limit = self._max_field_size
         fields = []
@@ -479,20 +490,34 @@ class RequestParser:
         """The reference head parser: one line at a time, resumable after any byte."""
         while True:
             if self._request is None:
-                line = self._read_line(self._max_line, URITooLong)
+                line = self._read_line(*self._head_limit(self._max_line, URITooLong))
                 if line is None:
                     return self._need_data()
+                self._head_used = len(line) + 2
                 match = _REQUEST_LINE.fullmatch(line)
                 if match is None:
                     raise BadRequest(_request_line_problem(line))
                 self._request = self._new_request(*match.groups())
                 continue
-            line = self._read_line(self._max_field_size, HeaderFieldsTooLarge)
+            line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
                 return self._need_data()
             if not line:
                 return self._finish_head(self._request, self._fields)
+            self._head_used += len(line) + 2
             self._add_field(line, self._fields)
+
+    def _head_limit(self, limit: int, too_long: type[HTTPError]) -> tuple[int, type[HTTPError]]:
+        """The length limit for the next head line, and the error for exceeding it.
+
+        The line's own limit applies unless the head-size cap leaves less room: then the cap
+        decides, with a 431. The line's LF must lie within the first ``_head_cap`` bytes of
+        the head, so the head (which ends with the CRLF after it) can still fit.
+        """
+        room = self._head_cap - 1 - self._head_used  # furthest allowed LF offset in the line
+        if room <= limit + 1:
+            return room - 1, HeaderFieldsTooLarge
+        return limit, too_long
 
     def _add_field(self, line: str, fields: list[tuple[str, str]]) -> None:
         """Validate one header or trailer line and append it (unless its name has a "_")."""

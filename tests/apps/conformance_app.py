@@ -17,7 +17,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 RECORD_ENV = "CONFORMANCE_DIR"
 RECORDS = "records.jsonl"

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import READY_RE, LISTEN_RE, ROOT, Server
+from tests.conftest import LISTEN_RE, READY_RE, ROOT, Server
 
 DEPLOY_NGINX = ROOT / "deploy" / "nginx.conf"
 
@@ -66,11 +66,13 @@ class Nginx:
         self.argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf),
                      "-e", str(prefix / "error.log")]
         self.proc: subprocess.Popen | None = None
+        self.port = 0
 
     def test_config(self) -> subprocess.CompletedProcess:
         return subprocess.run([*self.argv, "-t"], capture_output=True, text=True, timeout=30)
 
     def start(self, port: int) -> "Nginx":
+        self.port = port
         self.proc = subprocess.Popen([*self.argv, "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -118,9 +120,31 @@ class GroupServer(Server):
         return self
 
 
+# The test app plus a route that tells the instances apart and lets instance "a" answer 503.
+BACKEND_APP = """
+import os
+from tests.apps.basic import app as basic
+
+INSTANCE = os.environ["TEST_INSTANCE"].encode()
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] != "/instance":
+        return basic(environ, start_response)
+    if INSTANCE == b"a" and environ["QUERY_STRING"] == "unavailable":
+        start_response("503 Service Unavailable", [("Content-Length", "0")])
+        return [b""]
+    start_response("200 OK", [("Content-Length", str(len(INSTANCE)))])
+    return [INSTANCE]
+"""
+
+
 @pytest.fixture
 def backends(tmp_path):
-    servers = [GroupServer(tmp_path, "tests.apps.basic:app", workers=2) for _ in range(2)]
+    (tmp_path / "nginx_backend.py").write_text(BACKEND_APP)
+    servers = [GroupServer(tmp_path, "nginx_backend:app", workers=2,
+                           env={"PYTHONPATH": f"{ROOT}:{tmp_path}", "TEST_INSTANCE": name})
+               for name in ("a", "b")]
     try:
         for server in servers:
             server.start()
@@ -144,7 +168,6 @@ def nginx(tmp_path, backends):
     checked = server.test_config()
     assert checked.returncode == 0, checked.stderr
     server.start(port)
-    server.port = port
     yield server
     server.stop()
 
@@ -213,3 +236,11 @@ def test_client_cannot_smuggle_forwarding_headers_through_nginx(nginx):
     assert environ["HTTP_X_FORWARDED_PROTO"] == "http"
     assert environ["HTTP_CONNECTION"] == "close"  # no upstream keep-alive pool
     assert environ["SERVER_PROTOCOL"] == "HTTP/1.0"
+
+
+def test_a_503_is_retried_on_the_other_instance(nginx):
+    url = f"http://127.0.0.1:{nginx.port}/instance"
+    assert {requests.get(url, timeout=10).text for _ in range(6)} == {"a", "b"}
+    for _ in range(10):
+        response = requests.get(f"{url}?unavailable", timeout=10)
+        assert (response.status_code, response.text) == (200, "b")

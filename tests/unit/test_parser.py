@@ -842,12 +842,17 @@ SPLIT_CASES = [
     b"GET /\n" + b"a" * 60,
     b"GET /a\rb" + b"c" * 60 + b"\r\n",
     b"GET /a\rb" + b"c" * 20 + b"\r\n",
+    b"GET /aaaa HTTP/1.1\r\nHost: abcd\r\nX-1: vvvvv\r\nX-2: vvv\r\n\r\n",
+    b"GET /aaaa HTTP/1.1\r\nHost: abcd\r\nX-1: vvvvv\r\nX-2: vvvv\r\n\r\n",
+    b"GET /aaaa HTTP/1.1\r\nHost: abcd\r\nX-1: vvvvv\r\nX-2: vvvvv\r\nX-3: v\r\n\r\n",
 ]
 SPLIT_LIMITS = {"max_line": 40, "max_field_size": 30, "max_fields": 5, "max_body": 12}
+CAP_LIMITS = {"max_line": 20, "max_fields": 3, "max_field_size": 10}  # head cap: 56 bytes
 
 
 @pytest.mark.parametrize("data", SPLIT_CASES, ids=range(len(SPLIT_CASES)))
-@pytest.mark.parametrize("limits", [{}, SPLIT_LIMITS], ids=["default", "small-limits"])
+@pytest.mark.parametrize("limits", [{}, SPLIT_LIMITS, CAP_LIMITS],
+                         ids=["default", "small-limits", "head-cap"])
 def test_every_split_gives_identical_events(data, limits):
     expected = one(data, **limits)
     for cut in range(len(data) + 1):
@@ -865,3 +870,23 @@ def test_split_cases_cover_successes_and_every_error_status():
         if (events := one(data, **limits))[-1][0] == "error"
     }
     assert {400, 413, 414, 431, 501, 505} <= statuses
+
+
+def test_whole_head_size_cap_431():
+    # max_line + max_fields * (max_field_size + 2) = 20 + 3 * 12 = 56 bytes for the whole head,
+    # final CRLF included, even though every line is within its own limit.
+    limits = {"max_line": 20, "max_fields": 3, "max_field_size": 10}
+    fitting = b"GET /aaaa HTTP/1.1\r\nHost: abcd\r\nX-1: vvvvv\r\nX-2: vvv\r\n\r\n"
+    assert len(fitting) == 56
+    assert status_of(fitting, **limits) is None
+    over = fitting.replace(b"vvv\r\n\r\n", b"vvvv\r\n\r\n")
+    assert status_of(over, **limits) == 431
+    # Incomplete heads are held to the same cap before they end.
+    parser = RequestParser(**limits)
+    parser.feed(over[:56])
+    with pytest.raises(HTTPError) as info:
+        parser.next_event()
+    assert info.value.status == 431
+    parser = RequestParser(**limits)
+    parser.feed(over[:55])
+    assert parser.next_event() is NEED_DATA
