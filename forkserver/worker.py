@@ -68,6 +68,7 @@ class WorkerSpec:
     server_header: bytes = b"forkserver"
     user: str = ""
     group: str = ""
+    forwarded_allow_ips: tuple[str, ...] = ()
     hooks: dict[str, Callable] = field(default_factory=dict)
 
 
@@ -159,6 +160,7 @@ class Worker:
         self.slot = spec.scoreboard.writer(spec.index)
         self.app: Callable | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.proxies = wsgi.trusted_proxies(spec.forwarded_allow_ips)
         self.pre_request = spec.hooks.get("pre_request")
         self.post_request = spec.hooks.get("post_request")
 
@@ -394,7 +396,7 @@ class Worker:
                       and (not self.stopping or conn.parser.buffered > 0))
         slot = self.slot
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
-        environ = wsgi.build_environ(request, conn.base, conn.remote, body)
+        environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
         if self.pre_request is not None:
             self._call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, environ, keep_alive,

@@ -18,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
 from forkserver.http.response import Response
+from forkserver.proxy import TrustedProxies
 
 # Bodies up to this size travel as one send together with the head.
 SMALL_BODY = 64 * 1024
@@ -256,6 +257,12 @@ def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
     }
 
 
+def trusted_proxies(allow: Iterable[str]) -> TrustedProxies | None:
+    """The rules deciding whose X-Forwarded-*/Forwarded headers are believed; None = nobody."""
+    allow = list(allow)
+    return TrustedProxies(allow) if allow else None
+
+
 # Header name -> environ key; bounded so hostile clients cannot grow it without end.
 _ENVIRON_KEYS: dict[str, str] = {"CONTENT-TYPE": "CONTENT_TYPE", "CONTENT-LENGTH": "CONTENT_LENGTH"}
 _ENVIRON_KEYS_MAX = 1024
@@ -271,7 +278,7 @@ def _environ_key(name: str) -> str:
 
 
 def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str],
-                  wsgi_input: Any) -> dict[str, Any]:
+                  wsgi_input: Any, proxies: TrustedProxies | None = None) -> dict[str, Any]:
     environ = base.copy()
     path = request.path
     if "%" in path:
@@ -293,6 +300,16 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
             environ[key] = value
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
+    if proxies is not None:
+        address, scheme, host = proxies.resolve(remote[0], request.headers)
+        if address != remote[0]:
+            # The client is the one the trusted proxy names; its port is unknown.
+            environ["REMOTE_ADDR"] = address
+            environ["REMOTE_PORT"] = ""
+        if scheme is not None:
+            environ["wsgi.url_scheme"] = scheme
+        if host is not None:
+            environ["HTTP_HOST"] = host
     return environ
 
 

@@ -18,8 +18,10 @@ How it stays cheap on the hot path:
 
 Error reporting is a function of the byte stream alone, however it is split: lines are judged
 in order, and a line's length is measured to its first LF, so an over-long line is reported the
-same way whether its end has arrived or not. Every regular expression here is written so that
-the character classes of neighbouring parts do not overlap, which keeps matching linear.
+same way whether its end has arrived or not. The cap on a whole head works the same way (each
+head line's LF must fall within the first ``max_line + max_fields * (max_field_size + 2)``
+bytes of the head). Every regular expression here is written so that the character classes of
+neighbouring parts do not overlap, which keeps matching linear.
 """
 
 from __future__ import annotations
