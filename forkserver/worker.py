@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from forkserver import logs, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
+from forkserver.http.response import http_date
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, PAUSED, Request, RequestParser
 from forkserver.scoreboard import Scoreboard, State, Reason
 
@@ -35,6 +36,7 @@ EXIT_BOOT_ERROR = 3      # the app (or a boot hook) failed to load
 
 RECV_SIZE = 64 * 1024
 PREREAD_LIMIT = 64 * 1024  # bodies up to this size are read before the app is called
+MIN_BODY_RATE = 8 * 1024  # bytes/s a streamed body must keep up once its grace is spent
 LINGER_SECONDS = 2.0       # how long an error close drains the client before closing
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
 HOUSEKEEPING_INTERVAL = 1.0
@@ -76,7 +78,7 @@ class Connection:
     """One client connection; also the ``wsgi.Channel`` the app's I/O goes through."""
 
     __slots__ = ("sock", "fd", "parser", "remote", "base", "phase", "deadline", "requests",
-                 "request", "parts", "body_size", "worker")
+                 "request", "parts", "body_size", "worker", "body_deadline")
 
     def __init__(self, worker: "Worker", sock: socket.socket, remote: tuple[str, str],
                  base: dict[str, Any]) -> None:
@@ -94,18 +96,28 @@ class Connection:
         self.request: Request | None = None
         self.parts: deque | None = None
         self.body_size = 0
+        self.body_deadline = 0.0
 
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
     def receive(self) -> bool:
+        """More request body for the app. The worker is held while it waits, so a body that
+        trickles in is cut off (408) long before the master's timeout would abort the worker:
+        after ``header_timeout`` of grace it must keep arriving at ``MIN_BODY_RATE``."""
         worker = self.worker
+        if not self.body_deadline:
+            self.body_deadline = time.monotonic() + worker.spec.header_timeout
         while True:
             try:
                 n = self.sock.recv_into(worker.buffer)
             except BlockingIOError:
-                self._wait(select.POLLIN, "read")
+                left = self.body_deadline - time.monotonic()
+                if left <= 0:
+                    raise RequestTimeout("request body arrives too slowly") from None
+                self._wait(select.POLLIN, "send the request body", left)
                 continue
             if n == 0:
                 return False
+            self.body_deadline += n / MIN_BODY_RATE
             self.parser.feed(worker.view[:n])
             return True
 
@@ -133,11 +145,14 @@ class Connection:
             except BlockingIOError:
                 self._wait(select.POLLOUT, "write")
 
-    def _wait(self, events: int, what: str) -> None:
+    def _wait(self, events: int, what: str, limit: float | None = None) -> None:
+        seconds = self.worker.spec.send_timeout
+        if limit is not None and limit < seconds:
+            seconds = limit
         poller = select.poll()
         poller.register(self.fd, events | select.POLLERR | select.POLLHUP)
-        if not poller.poll(self.worker.spec.send_timeout * 1000):
-            raise TimeoutError(f"client did not {what} for {self.worker.spec.send_timeout:g}s")
+        if not poller.poll(seconds * 1000):
+            raise TimeoutError(f"client did not {what} for {seconds:g}s")
 
 
 class Worker:
@@ -299,7 +314,7 @@ class Worker:
         """Answer a protocol error, then close without losing the answer to a reset."""
         self.log.debug("closing %s: %s %s", conn.remote[0], error.status, error)
         try:
-            conn.sock.send(error.response())
+            conn.sock.send(error.response(http_date()))
         except OSError:
             self._close(conn)
             return
@@ -389,6 +404,7 @@ class Worker:
         conn.request = None
         conn.parts = None
         conn.phase = BUSY  # so the next NEED_DATA sets a fresh idle or head deadline
+        conn.body_deadline = 0.0
         conn.requests += 1
         # While stopping, answer what is already buffered (pipelined), then close.
         keep_alive = (request.keep_alive and spec.keepalive > 0
@@ -415,7 +431,10 @@ class Worker:
                                 Reason.REQUESTS)
         if not exchange.keep_alive:
             if exchange.close_reason:
-                self._close(conn)  # the client is gone or stuck; nothing to drain politely
+                # The client is gone or stuck; nothing to drain politely.
+                self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
+                               request.target, exchange.close_reason)
+                self._close(conn)
             elif exchange.status_code >= 400 or conn.parser.buffered:
                 self._linger(conn)
             else:

@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 
 from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
-from forkserver.http.response import Response
+from forkserver.http.response import Response, http_date
 from forkserver.proxy import TrustedProxies
 
 # Bodies up to this size travel as one send together with the head.
@@ -471,7 +471,7 @@ class Exchange:
         """Answer with a prebuilt error response, if nothing has been sent yet."""
         if not self.head_sent:
             self.status_code = error.status
-            self._send(error.response())
+            self._send(error.response(http_date()))
         self.keep_alive = False
 
 
@@ -480,6 +480,10 @@ def handle(app: Callable, channel: Channel, request: Request, environ: dict[str,
     """Run one request through the app. Never raises for app faults; the exchange says what
     happened (``keep_alive`` False means the connection must close after this)."""
     wsgi_input = environ["wsgi.input"]
+    if request.method == "CONNECT":
+        # A 2xx would turn the connection into a tunnel (RFC 9110 section 9.3.6), which this
+        # server does not provide: never let it carry another HTTP request.
+        keep_alive = False
     exchange = Exchange(channel, request, wsgi_input, keep_alive, server)
     try:
         exchange.run(app, environ)
@@ -487,7 +491,8 @@ def handle(app: Callable, channel: Channel, request: Request, environ: dict[str,
         # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
         # response from the app (500): both answerable if nothing was sent yet.
         if isinstance(error, InvalidResponse):
-            log_error(f"invalid response from app: {error}", False)
+            log_error(f"invalid response from app to {request.method} {request.target}: "
+                      f"{error}", False)
         exchange.send_error(error)
         return exchange
     except OSError as error:

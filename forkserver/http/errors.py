@@ -45,6 +45,7 @@ class HTTPError(Exception):
     status: int = 400
     reason: str = "Bad Request"
     _response: bytes = b""
+    _before_end: int = 0   # offset of the blank line that ends the head, where Date goes
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)
@@ -54,10 +55,15 @@ class HTTPError(Exception):
         super().__init_subclass__(**kwargs)
         # Each subclass gets its own bytes, even when it inherits status and reason.
         cls._response = _build_response(cls.status, cls.reason)
+        cls._before_end = cls._response.index(b"\r\n\r\n") + 2
 
-    def response(self) -> bytes:
-        """The complete HTTP/1.1 response for this status (same bytes for every instance)."""
-        return self._response
+    def response(self, date: bytes = b"") -> bytes:
+        """The complete HTTP/1.1 response for this status (same bytes for every instance);
+        with ``date`` (an IMF-fixdate), a Date header is added as RFC 9110 section 6.6.1 asks."""
+        if not date:
+            return self._response
+        cut = self._before_end
+        return b"".join((self._response[:cut], b"Date: ", date, b"\r\n", self._response[cut:]))
 
     def __str__(self) -> str:
         if self.detail:
@@ -66,6 +72,7 @@ class HTTPError(Exception):
 
 
 HTTPError._response = _build_response(HTTPError.status, HTTPError.reason)
+HTTPError._before_end = HTTPError._response.index(b"\r\n\r\n") + 2
 
 
 class BadRequest(HTTPError):

@@ -183,11 +183,6 @@ def test_client_that_stops_reading_is_cut_off_by_send_timeout(server):
     assert_same_worker_serves(server)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker bug: a body larger than the pre-read size is streamed to the app, and each read "
-    "only waits send_timeout for progress, so a client trickling one byte per interval holds "
-    "the worker until the master's --timeout aborts it (SIGABRT). Remove this marker once the "
-    "worker bounds a streamed body like a head."))
 def test_slow_body_is_cut_off_without_aborting_the_worker(server):
     limit = HEADER_TIMEOUT + SEND_TIMEOUT + 2.0
     with server.connect() as sock:
