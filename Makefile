@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test load bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,load]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -17,6 +17,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Locust scenarios against a real server (LOAD_ARGS="-t 60s -u 50 --max-p95-ms 200").
+load: $(STAMP)
+	$(BIN)/python load/run.py $(LOAD_ARGS)
+
+# forkserver vs gunicorn (sync, gthread) and meinheld under wrk; writes load/results/bench.md.
+bench: $(STAMP)
+	$(BIN)/python load/bench.py $(BENCH_ARGS)
+
+# Mutated and random requests thrown at a live server for a bounded time.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_live.py --seconds 120
 
 clean:
 	rm -rf $(VENV) build *.egg-info
