@@ -102,6 +102,9 @@ def _listen(sock: socket.socket, backlog: int) -> socket.socket:
     return sock
 
 
+DEFER_ACCEPT_SECONDS = 1
+
+
 def _bind_tcp(spec: BindSpec, backlog: int, reuse_port: bool) -> socket.socket:
     try:
         infos = socket.getaddrinfo(spec.host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -121,6 +124,10 @@ def _bind_tcp(spec: BindSpec, backlog: int, reuse_port: bool) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Hand a connection to accept() only once its first bytes are in: the worker can
+            # then read and answer at once, without a round through epoll, and a client that
+            # connects and says nothing never takes a worker's attention.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
             sock.bind(sockaddr)
             return _listen(sock, backlog)
         except OSError as exc:

@@ -78,7 +78,7 @@ class Connection:
     """One client connection; also the ``wsgi.Channel`` the app's I/O goes through."""
 
     __slots__ = ("sock", "fd", "parser", "remote", "base", "phase", "deadline", "requests",
-                 "request", "parts", "body_size", "worker", "body_deadline")
+                 "request", "parts", "body_size", "worker", "body_deadline", "registered")
 
     def __init__(self, worker: "Worker", sock: socket.socket, remote: tuple[str, str],
                  base: dict[str, Any]) -> None:
@@ -97,6 +97,7 @@ class Connection:
         self.parts: deque | None = None
         self.body_size = 0
         self.body_deadline = 0.0
+        self.registered = False          # known to epoll (only once it outlives its first read)
 
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
     def receive(self) -> bool:
@@ -269,7 +270,12 @@ class Worker:
             conn = Connection(self, sock, remote, base)
             self._set_deadline(conn, HEAD, self.spec.header_timeout)
             self.conns[conn.fd] = conn
-            self.epoll.register(conn.fd, select.EPOLLIN)
+            # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
+            # and involve epoll only if the connection stays open.
+            self._readable(conn)
+            if conn.fd in self.conns:
+                self.epoll.register(conn.fd, select.EPOLLIN)
+                conn.registered = True
             if len(self.conns) >= limit:
                 self._accept_off()
                 return
@@ -297,7 +303,7 @@ class Worker:
 
     # -- connection handling ----------------------------------------------------------------
     def _close(self, conn: Connection) -> None:
-        if self.conns.pop(conn.fd, None) is not None:
+        if self.conns.pop(conn.fd, None) is not None and conn.registered:
             try:
                 self.epoll.unregister(conn.fd)
             except (OSError, ValueError):

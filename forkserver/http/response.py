@@ -76,6 +76,56 @@ _CLOSE = b"Connection: close\r\n"
 _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 
 
+# Kinds of validated header lines.
+_PLAIN, _LENGTH, _CONNECTION, _SERVER, _DATE = range(5)
+_KINDS = {"content-length": _LENGTH, "connection": _CONNECTION, "server": _SERVER, "date": _DATE}
+_CACHE_LIMIT = 1024        # entries per cache; hostile or varied values just miss it
+_CACHE_VALUE_LIMIT = 200   # longer values are not worth remembering
+
+_STATUS_LINES: dict[str, tuple[bytes, int]] = {}
+_HEADER_LINES: dict[tuple[str, str], tuple[bytes, int, int]] = {}
+
+
+def _status_line(status: object) -> tuple[bytes, int]:
+    """Validate a status; return the encoded status line and the code."""
+    if not isinstance(status, str) or _STATUS.fullmatch(status) is None:
+        raise InvalidResponse(f"invalid status {status!r}")
+    result = (f"HTTP/1.1 {status}\r\n".encode("latin-1"), int(status[:3]))
+    if type(status) is str and len(_STATUS_LINES) < _CACHE_LIMIT:
+        _STATUS_LINES[status] = result
+    return result
+
+
+def _header_line(item: object) -> tuple[bytes, int, int]:
+    """Validate one (name, value) header from the app: (encoded line, kind, number).
+
+    ``number`` is the length for Content-Length and 1 for a Connection header asking to close.
+    """
+    if type(item) is not tuple or len(item) != 2:
+        raise InvalidResponse(f"header {item!r} is not a (name, value) tuple")
+    name, value = item
+    if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+        raise InvalidResponse(f"invalid header name {name!r}")
+    if not isinstance(value, str) or _VALUE.fullmatch(value) is None:
+        raise InvalidResponse(f"invalid value for header {name!r}")
+    lower = name.lower()
+    kind = _KINDS.get(lower, _PLAIN)
+    number = 0
+    if kind == _PLAIN and lower in _HOP_BY_HOP:
+        raise InvalidResponse(f"hop-by-hop header {name!r} set by the app")
+    if kind == _LENGTH:
+        if _DIGITS.fullmatch(value) is None:
+            raise InvalidResponse(f"invalid Content-Length {value!r}")
+        number = int(value)
+    elif kind == _CONNECTION:
+        number = int("close" in [token.strip(" \t") for token in value.lower().split(",")])
+    result = (f"{name}: {value}\r\n".encode("latin-1"), kind, number)
+    if (type(name) is str and type(value) is str and len(value) <= _CACHE_VALUE_LIMIT
+            and len(_HEADER_LINES) < _CACHE_LIMIT):
+        _HEADER_LINES[item] = result
+    return result
+
+
 class Response:
     """Validates and serializes one response head and frames its body. Sans-IO: returns bytes.
 
@@ -104,51 +154,49 @@ class Response:
         server: bytes = b"forkserver",
         body_length: int | None = None,
     ) -> None:
-        if not isinstance(status, str) or _STATUS.fullmatch(status) is None:
-            raise InvalidResponse(f"invalid status {status!r}")
-        code = int(status[:3])
+        status_line = _STATUS_LINES.get(status) if type(status) is str else None
+        if status_line is None:
+            status_line = _status_line(status)
+        line, code = status_line
         # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 1xx/204 no Content-Length.
         bodiless_status = code < 200 or code == 204
         has_body = not (is_head or bodiless_status or code == 304)
 
-        lines = [f"HTTP/1.1 {status}\r\n"]
-        declared: str | None = None
+        lines = [line]
+        declared: int | None = None
         send_server = bool(server)
         send_date = True
         try:
             for item in headers:
-                if type(item) is not tuple or len(item) != 2:
-                    raise InvalidResponse(f"header {item!r} is not a (name, value) tuple")
-                name, value = item
-                if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
-                    raise InvalidResponse(f"invalid header name {name!r}")
-                if not isinstance(value, str) or _VALUE.fullmatch(value) is None:
-                    raise InvalidResponse(f"invalid value for header {name!r}")
-                lower = name.lower()
-                if lower in _SPECIAL:
-                    if lower == "content-length":
-                        if _DIGITS.fullmatch(value) is None:
-                            raise InvalidResponse(f"invalid Content-Length {value!r}")
-                        if declared is not None:
-                            if int(value) != int(declared):
-                                raise InvalidResponse("conflicting Content-Length headers")
-                            continue  # send one copy only
-                        declared = value
-                        if bodiless_status:
-                            continue  # must not be sent with 1xx or 204
-                    elif lower == "connection":
-                        # The server owns this header; only the app's wish to close is honoured.
-                        tokens = [token.strip(" \t") for token in value.lower().split(",")]
-                        if "close" in tokens:
-                            keep_alive = False
-                        continue
-                    elif lower == "server":
-                        send_server = False
-                    elif lower == "date":
-                        send_date = False
-                    else:
-                        raise InvalidResponse(f"hop-by-hop header {name!r} set by the app")
-                lines.append(f"{name}: {value}\r\n")
+                # Apps send the same few headers over and over: a validated, encoded line is
+                # remembered, so the common case costs one dict lookup per header.
+                try:
+                    cached = _HEADER_LINES.get(item)
+                except TypeError:  # an unhashable item; _header_line says what is wrong
+                    cached = None
+                if cached is None:
+                    cached = _header_line(item)
+                line, kind, number = cached
+                if kind == _PLAIN:
+                    lines.append(line)
+                elif kind == _LENGTH:
+                    if declared is not None:
+                        if number != declared:
+                            raise InvalidResponse("conflicting Content-Length headers")
+                        continue  # send one copy only
+                    declared = number
+                    if not bodiless_status:  # must not be sent with 1xx or 204
+                        lines.append(line)
+                elif kind == _CONNECTION:
+                    # The server owns this header; only the app's wish to close is honoured.
+                    if number:
+                        keep_alive = False
+                elif kind == _SERVER:
+                    send_server = False
+                    lines.append(line)
+                elif kind == _DATE:
+                    send_date = False
+                    lines.append(line)
         except TypeError:  # headers is not iterable
             raise InvalidResponse("headers must be a list of (name, value) tuples") from None
 
@@ -156,10 +204,10 @@ class Response:
         framing = b""
         if not has_body:
             # HEAD and 304 may announce the length a GET would have had; nothing is enforced.
-            length = int(declared) if declared is not None and not bodiless_status else None
+            length = declared if declared is not None and not bodiless_status else None
             remaining = None
         elif declared is not None:
-            length = remaining = int(declared)
+            length = remaining = declared
         elif body_length is not None:
             length = remaining = body_length
             framing = b"Content-Length: %d\r\n" % body_length
@@ -182,7 +230,7 @@ class Response:
 
         self.head = b"".join(
             (
-                "".join(lines).encode("latin-1"),
+                b"".join(lines),
                 b"Server: " + server + b"\r\n" if send_server else b"",
                 _http_date_line() if send_date else b"",
                 framing,
