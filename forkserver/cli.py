@@ -4,17 +4,23 @@ User errors (bad settings, an app that does not import) end here as one line on 
 non-zero exit status: 2 for configuration and usage errors, 1 when --check-config finds that the
 app does not load. A traceback is added only with ``--log-level debug``, because for these errors
 the line names the culprit and the traceback would mostly show forkserver's own frames.
+
+``forkserver status`` is the one subcommand: it asks a running server's metrics listener for
+/status and prints the workers as a table, like Apache's server-status page.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 from forkserver import config, loader
 
@@ -25,6 +31,10 @@ EXIT_LOAD = 1
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["status"]:
+        # A subcommand word, not an app: an app module named "status" is "status:app" or
+        # "status:application" on the command line.
+        return status_main(args[1:])
     cwd = os.getcwd()
     namespace: argparse.Namespace | None = None
     try:
@@ -110,3 +120,221 @@ def _fail(exc: Exception, status: int, debug: bool) -> int:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"forkserver: error: {exc}", file=sys.stderr)
     return status
+
+
+# --------------------------------------------------------------------------------------------
+# forkserver status
+
+EXIT_UNREACHABLE = 1
+STATUS_TIMEOUT = 5.0
+STATUS_MAX_BYTES = 16 * 1024 * 1024  # far above any real page; stops an endless answer
+WATCH_INTERVAL = 1.0
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+# One character per worker, as in Apache's scoreboard line.
+_STATE_KEYS = {"idle": "_", "busy": "W", "keepalive": "K", "booting": "S", "exiting": "G"}
+
+
+class StatusTarget(NamedTuple):
+    """Where ``forkserver status`` connects: an AF_UNIX path, or a (host, port) to resolve."""
+
+    family: int
+    where: str | tuple[str, int]
+    shown: str  # the address as the user wrote it, for messages
+
+
+class StatusError(Exception):
+    """The server could not be asked (down, wrong address, not a forkserver metrics port)."""
+
+
+class _StatusParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise config.ConfigError(message)
+
+
+def _status_parser() -> argparse.ArgumentParser:
+    parser = _StatusParser(
+        prog="forkserver status",
+        description="Show the workers of a running forkserver, read from its metrics listener "
+        "(/status).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--metrics-bind", metavar="ADDRESS", default=None,
+                        help="the server's metrics address, HOST:PORT or unix:/path (default: "
+                        "metrics_bind from the configuration)")
+    parser.add_argument("-c", "--config", metavar="FILE", default=None,
+                        help="config file to read metrics_bind from (found as the server finds it)")
+    parser.add_argument("--watch", action="store_true",
+                        help="refresh every second until Ctrl-C")
+    parser.add_argument("--count", type=int, metavar="N", default=None,
+                        help="refresh N times, then stop (implies --watch)")
+    return parser
+
+
+def status_main(argv: list[str]) -> int:
+    """``forkserver status``: 0 when shown, 1 when the server cannot be asked, 2 on usage."""
+    try:
+        namespace = _status_parser().parse_args(argv)
+        address = namespace.metrics_bind
+        if address is None:
+            settings = config.resolve({}, namespace.config, os.environ, os.getcwd())
+            address = settings.metrics_bind
+            if not address:
+                raise config.ConfigError("no metrics address: pass --metrics-bind or set "
+                                         "metrics_bind in the configuration")
+        target = _status_target(address)
+        if namespace.count is not None and namespace.count < 1:
+            raise config.ConfigError("--count must be at least 1")
+    except config.ConfigError as exc:
+        return _fail(exc, EXIT_USAGE, False)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    watch = namespace.watch or namespace.count is not None
+    rounds = namespace.count if watch else 1
+    shown = 0
+    try:
+        while True:
+            try:
+                data = fetch_status(target)
+                try:
+                    text = format_status(data)
+                except (TypeError, ValueError, AttributeError):
+                    raise StatusError(f"{target.shown} answered a /status page that this "
+                                      "version cannot read") from None
+            except StatusError as exc:
+                return _fail(exc, EXIT_UNREACHABLE, False)
+            sys.stdout.write((_CLEAR if watch else "") + text)
+            sys.stdout.flush()
+            shown += 1
+            if rounds is not None and shown >= rounds:
+                return 0
+            time.sleep(WATCH_INTERVAL)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_target(address: str) -> StatusTarget:
+    """Where to connect for a metrics address written in the bind forms."""
+    address = address.strip()
+    try:
+        config.check_bind(address)
+    except ValueError as exc:
+        raise config.ConfigError(f"metrics address {address!r}: {exc}") from None
+    if address.startswith("unix:"):
+        return StatusTarget(socket.AF_UNIX, address[len("unix:"):], address)
+    if address.startswith("fd://"):
+        raise config.ConfigError(f"metrics address {address!r}: an inherited descriptor has no "
+                                 "address to connect to; pass --metrics-bind HOST:PORT")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    # A wildcard bind listens on loopback too, and the wildcard itself is no destination.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return StatusTarget(socket.AF_UNSPEC, (host, int(port)), address)
+
+
+def _connect(target: StatusTarget, timeout: float) -> socket.socket:
+    if isinstance(target.where, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target.where)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection(target.where, timeout=timeout)
+
+
+def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT) -> dict:
+    """GET /status from the metrics listener and decode its JSON."""
+    shown = target.shown
+    try:
+        with _connect(target, timeout) as sock:
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: forkserver\r\nAccept: application/json"
+                         b"\r\nConnection: close\r\n\r\n")
+            chunks = []
+            received = 0
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                received += len(chunk)
+                if received > STATUS_MAX_BYTES:
+                    raise StatusError(f"{shown} answered more than "
+                                      f"{STATUS_MAX_BYTES // 1048576} MiB; not a /status page")
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StatusError(f"cannot reach the metrics listener at {shown}: {reason}") from None
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if not status_line.startswith("HTTP/1.1 200 "):
+        raise StatusError(f"{shown} answered {status_line or 'nothing'!r}, not a /status page")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise StatusError(f"{shown} answered with something that is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("workers"), list):
+        raise StatusError(f"{shown} answered JSON that is not a forkserver /status page")
+    return data
+
+
+def _printable(value: object, width: int = 0) -> str:
+    # What a server sends ends up on a terminal: no escape sequences get through.
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(value))
+    if width and len(text) > width:
+        text = text[: width - 1] + "~"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _mib(size: object) -> str:
+    return f"{int(size or 0) / 1048576:.1f}"
+
+
+def format_status(data: dict) -> str:
+    """The table ``forkserver status`` prints: a header, one row per worker, a summary line."""
+    master = data.get("master", {})
+    totals = data.get("totals", {})
+    workers = data.get("workers", [])
+    restarts = master.get("restarts", {})
+    keys = "".join(_STATE_KEYS.get(w.get("state"), "?") for w in workers)
+    lines = [
+        (f"forkserver master {_printable(master.get('pid', '?'))}, "
+         f"up {_duration(master.get('uptime', 0))}, "
+         f"{int(master.get('reloads', 0))} reloads, "
+         f"{sum(int(n) for n in restarts.values())} worker restarts"),
+        f"scoreboard: {keys}   (_ idle, W busy, K keep-alive, S starting, G exiting)",
+        "",
+        (f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'REQUESTS':>9} {'FOR':>7} {'RSS MiB':>8} "
+         f"{'CONN':>5}  REQUEST"),
+    ]
+    for w in workers:
+        busy = w.get("state") == "busy" and w.get("current_request")
+        lines.append(
+            f"{_printable(w.get('pid', '?')):>7} {_printable(w.get('generation', '?')):>4} "
+            f"{_printable(w.get('state', '?'), 9):<9} {int(w.get('requests', 0)):>9} "
+            f"{_duration(w.get('busy_seconds', 0)) if busy else '-':>7} "
+            f"{_mib(w.get('rss')):>8} {int(w.get('connections', 0)):>5}  "
+            f"{_printable(w.get('current_request', ''), 60) if busy else ''}".rstrip()
+        )
+    states = totals.get("workers", {})
+    by_state = ", ".join(f"{n} {_printable(state)}" for state, n in states.items() if n)
+    responses = ", ".join(f"{_printable(k)} {n}" for k, n in totals.get("responses", {}).items()
+                          if n)
+    lines.append("")
+    lines.append(
+        f"{len(workers)} workers ({by_state or 'none'}); "
+        f"{int(totals.get('in_flight', 0))} in flight; "
+        f"{int(totals.get('requests', 0))} requests ({responses or 'none'}); "
+        f"{int(totals.get('connections', 0))} connections open; "
+        f"{_mib(totals.get('sent_bytes'))} MiB sent"
+    )
+    return "\n".join(lines) + "\n"

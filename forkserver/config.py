@@ -21,6 +21,7 @@ import ipaddress
 import math
 import os
 import re
+import string
 import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -272,6 +273,7 @@ class TextList(Kind):
 
     item: Callable[[str], str] = _check_text
     metavar: str = "ITEM"
+    allow_empty: bool = False   # an empty list is meaningful (e.g. "trust no proxy")
 
     @property
     def label(self) -> str:  # type: ignore[override]
@@ -288,6 +290,8 @@ class TextList(Kind):
         checked: list[str] = []
         for entry in items:
             text = _check_text(entry)
+            if self.allow_empty and not text.strip():
+                continue
             try:
                 text = self.item(text)
             except _Invalid as exc:
@@ -295,7 +299,7 @@ class TextList(Kind):
             if text in checked:
                 raise _Invalid(f"{_toml_value(text)} is listed twice")
             checked.append(text)
-        if not checked:
+        if not checked and not self.allow_empty:
             raise _Invalid("must list at least one entry")
         return tuple(checked)
 
@@ -312,6 +316,18 @@ class TextList(Kind):
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _UNIX_PATH_MAX = 107
+
+
+def check_proxy(entry: str) -> str:
+    """One forwarded_allow_ips entry: an IP address, a CIDR network, "unix" or "*"."""
+    entry = entry.strip()
+    if entry in ("unix", "*"):
+        return entry
+    try:
+        ipaddress.ip_network(entry, strict=True)
+    except ValueError as exc:
+        raise _Invalid(f"not an IP address, CIDR network, 'unix' or '*' ({exc})") from None
+    return entry
 
 
 def check_bind(spec: str) -> str:
@@ -347,6 +363,61 @@ def check_bind(spec: str) -> str:
     elif not _HOSTNAME.fullmatch(host):
         raise _Invalid(f"{host!r} is not a host name or IPv4 address")
     return spec
+
+
+@dataclass(frozen=True)
+class Address(Kind):
+    """One listen address in the bind forms, or empty for "off" (the metrics listener)."""
+
+    label = "address or empty"
+    metavar = "ADDRESS"
+
+    def from_value(self, value: object) -> str:
+        text = _check_text(value).strip()
+        return check_bind(text) if text else ""
+
+
+ACCESS_LOG_FORMATS = ("combined", "common", "json")
+# The fields a custom access-log template may name, each with a value of its type. A copy of
+# logs.ACCESS_LOG_FIELDS (config imports nothing of forkserver); a unit test keeps them equal.
+ACCESS_LOG_FIELDS: dict[str, object] = {
+    "time": "", "remote": "", "method": "", "path": "", "query": "", "status": 0, "bytes": 0,
+    "duration_ms": 0.0, "user_agent": "", "referer": "", "request_id": "",
+    "target": "", "version": "", "time_local": "",
+}
+
+
+@dataclass(frozen=True)
+class AccessLogFormat(Kind):
+    """A preset name, or a template of {field}s checked here so a typo fails --check-config."""
+
+    label = "combined, common, json or a template"
+    metavar = "FORMAT"
+
+    def from_value(self, value: object) -> str:
+        text = _check_text(value)
+        if text.strip().lower() in ACCESS_LOG_FORMATS:
+            return text.strip().lower()
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as error:
+            raise _Invalid(f"not a valid template: {error}") from None
+        names = [name for _, name, _, _ in parsed if name is not None]
+        if not names:
+            raise _Invalid(f"expected one of {', '.join(ACCESS_LOG_FORMATS)} or a template "
+                           "with {field}s")
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if name not in ACCESS_LOG_FIELDS:
+                raise _Invalid(f"unknown field {{{name}}}; known: {', '.join(ACCESS_LOG_FIELDS)}")
+            if conversion or (spec and "{" in spec):
+                raise _Invalid(f"{{{name}}}: conversions and nested fields are not supported")
+        try:
+            text.format_map(ACCESS_LOG_FIELDS)
+        except (ValueError, TypeError) as error:
+            raise _Invalid(f"not a valid template: {error}") from None
+        return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,6 +660,32 @@ SETTINGS: tuple[Setting, ...] = (
         "File for the error log; - is stderr. Reopened on USR1.",
     ),
     Setting(
+        "access_log", Text(metavar="FILE"), "", ("--access-log",),
+        "File for the access log, one line per request; - is stdout, empty turns it off. "
+        "Reopened on USR1.",
+    ),
+    Setting(
+        "access_log_format", AccessLogFormat(), "combined", ("--access-log-format",),
+        "Access log lines: combined or common (as Apache), json (one object per line: time, "
+        "remote, method, path, query, status, bytes, duration_ms, user_agent, referer, "
+        "request_id), or a template such as \"{remote} {method} {path} {status} "
+        "{duration_ms}\" (also target, version, time_local).",
+    ),
+    Setting(
+        "forwarded_allow_ips",
+        TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True),
+        ("127.0.0.1", "::1", "unix"), ("--forwarded-allow-ips",),
+        "Peers (IPs, CIDR networks, 'unix' for unix-socket peers, '*' for all) whose "
+        "X-Forwarded-For, X-Forwarded-Proto and Forwarded headers are believed for REMOTE_ADDR "
+        "and wsgi.url_scheme. Headers from anyone else are passed on untouched but never "
+        "trusted. An empty list trusts nobody.",
+    ),
+    Setting(
+        "metrics_bind", Address(), "", ("--metrics-bind",),
+        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus) and "
+        "/status (JSON); empty turns it off. Keep it private: it shows pids and requests.",
+    ),
+    Setting(
         "on_starting", _HOOK_KIND, "", ("--on-starting",),
         "Hook f(settings) in the master before the first workers start.",
     ),
@@ -821,7 +918,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A preforking WSGI HTTP/1.1 server.",
         epilog="Every setting can also come from the config file (its name as the key) or the "
         "environment (FORKSERVER_<NAME>). Precedence: default < file < environment < command "
-        "line. See docs/settings.md.",
+        "line. See docs/settings.md. `forkserver status --help` shows the command that lists a "
+        "running server's workers.",
         argument_default=argparse.SUPPRESS,
         # Abbreviations would make every new flag a possible break for existing scripts.
         allow_abbrev=False,

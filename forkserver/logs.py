@@ -1,18 +1,37 @@
-"""The error log: the standard `logging` module under the logger name "forkserver".
+"""The error log (standard `logging`, logger "forkserver") and the access log (`AccessLog`).
 
 One line per event: "[2026-11-24 15:00:00 +0000] [<pid>] [INFO] message". The pid comes from
 logging's %(process)d, which is evaluated when a record is made, so workers that inherit the
 master's handler across fork still write their own pid. Each process that inherits a file
 handler holds its own descriptor on the same file (opened in append mode, so lines from
 different processes do not overwrite each other), and on USR1 each process reopens its own.
+
+The access log does not go through `logging`: it is written once per request, so it is one
+formatted line and one os.write (see AccessLog).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import string
 import sys
+import time
+import weakref
+from collections.abc import Callable
 
-__all__ = ["LOGGER_NAME", "get_logger", "reopen", "setup"]
+__all__ = [
+    "ACCESS_LOG_FIELDS",
+    "ACCESS_LOG_FORMATS",
+    "LOGGER_NAME",
+    "AccessLog",
+    "check_template",
+    "get_logger",
+    "reopen",
+    "setup",
+]
 
 LOGGER_NAME = "forkserver"
 _FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -78,11 +97,12 @@ def setup(level: str = "info", error_log: str = "-", *, proc: str = "master") ->
 
 
 def reopen() -> None:
-    """Reopen every file handler by its path: USR1, after logrotate has moved the file away.
+    """Reopen every log file by its path: USR1, after logrotate has moved the file away.
 
-    The new file is opened before the old stream is swapped out and closed, so a record logged
-    concurrently goes to one or the other, never to a closed stream. If the path cannot be
-    opened the old file stays in use and the error is logged there.
+    That is the error log's file handlers and every AccessLog of this process. The new file is
+    opened before the old one is swapped out and closed, so a line written concurrently goes to
+    one or the other, never to a closed file. If the path cannot be opened the old file stays in
+    use and the error is logged.
     """
     logger = get_logger()
     for handler in logger.handlers:
@@ -98,6 +118,8 @@ def reopen() -> None:
         old = handler.setStream(stream)
         if old is not None:
             old.close()
+    for access_log in list(_access_logs):
+        access_log.reopen()
 
 
 def error_stream():
@@ -108,3 +130,217 @@ def error_stream():
         if stream is not None:
             return stream
     return sys.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The access log.
+
+ACCESS_LOG_FORMATS = ("combined", "common", "json")
+# The names a custom template may use, with a value of each one's type. The "json" format writes
+# the first eleven; "target", "version" and "time_local" (Apache's timestamp, without brackets)
+# are for templates. config.py keeps a copy to check templates without importing this module;
+# tests/unit/test_access_log.py keeps the two equal.
+ACCESS_LOG_FIELDS: dict[str, object] = {
+    "time": "", "remote": "", "method": "", "path": "", "query": "", "status": 0, "bytes": 0,
+    "duration_ms": 0.0, "user_agent": "", "referer": "", "request_id": "",
+    "target": "", "version": "", "time_local": "",
+}
+_JSON_FIELDS = tuple(ACCESS_LOG_FIELDS)[:11]
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+# Apache's escaping of logged values: a quote or backslash gets a backslash, and every byte that
+# is not printable ASCII becomes \xNN, so no value can end a quoted field or the line early and
+# forge another entry. Values are latin-1 decodes of the wire bytes, so code point == byte.
+_ESCAPES = {i: f"\\x{i:02x}" for i in range(256) if not 0x20 <= i < 0x7F}
+_ESCAPES[ord('"')] = '\\"'
+_ESCAPES[ord("\\")] = "\\\\"
+_PLAIN = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*").fullmatch
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+# Every AccessLog of this process, so that reopen() (USR1) finds them without being told.
+_access_logs: weakref.WeakSet[AccessLog] = weakref.WeakSet()
+
+
+def _escape(text: str) -> str:
+    if _PLAIN(text):  # the usual case: nothing to do
+        return text
+    escaped = text.translate(_ESCAPES)
+    # Code points above 255 cannot come off the wire; if a caller passes one, keep the line ASCII.
+    return escaped if escaped.isascii() else escaped.encode("ascii", "backslashreplace").decode()
+
+
+def _dash(text: str) -> str:
+    return _escape(text) if text else "-"
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError naming the problem if `template` is not a usable custom format."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"access log format {template!r}: {error}") from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in ACCESS_LOG_FIELDS:
+            raise ValueError(f"unknown access log field {name!r} in {template!r}; known fields: "
+                             f"{', '.join(ACCESS_LOG_FIELDS)}")
+        if conversion or (spec and "{" in spec):
+            raise ValueError(f"access log field {name!r}: conversions and nested fields are not "
+                             "supported")
+    if not names:
+        raise ValueError(f"access log format {template!r} is none of "
+                         f"{', '.join(ACCESS_LOG_FORMATS)} and has no {{field}}")
+    try:
+        template.format_map(ACCESS_LOG_FIELDS)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"access log format {template!r}: {error}") from None
+
+
+class AccessLog:
+    """One line per request, to stdout ("-") or appended to a file.
+
+    Each line is written with one os.write: with O_APPEND the kernel places it whole at the end
+    of the file even when every worker writes at once, and a pipe keeps writes of up to 4 KiB in
+    one piece. Formats: "combined" and "common" as Apache writes them, "json" (one object per
+    line, every value escaped by the JSON encoder with ensure_ascii), or a template such as
+    "{remote} {method} {path} {status} {duration_ms}" using the names in ACCESS_LOG_FIELDS,
+    whose string values are escaped as Apache does.
+    """
+
+    def __init__(self, target: str, fmt: str = "combined") -> None:
+        self.target = target
+        self.format = fmt
+        render: Callable[..., str]
+        if fmt == "combined":
+            render = self._combined
+        elif fmt == "common":
+            render = self._common
+        elif fmt == "json":
+            render = self._json
+        else:
+            check_template(fmt)
+            render = self._template
+        self._render = render
+        self._second = -1
+        self._time_local = self._time_iso = ""
+        self._failing = False
+        if target == "-":
+            self._fd = sys.stdout.fileno()
+            self._owns_fd = False
+        else:
+            self._fd = os.open(target, _OPEN_FLAGS, 0o644)
+            self._owns_fd = True
+        _access_logs.add(self)
+
+    def write(self, remote: str, method: str, target: str, version: str, status: int,
+              size: int, duration: float, user_agent: str, referer: str, request_id: str,
+              now: float | None = None) -> None:
+        """Log one finished request. `duration` is in seconds; `now` (time.time()) defaults to
+        the current time. Failures (disk full, closed stdout) are reported once in the error
+        log and never raised: a request must not fail because its log line could not be kept."""
+        if now is None:
+            now = time.time()
+        line = self._render(remote, method, target, version, status, size, duration, user_agent,
+                            referer, request_id, now)
+        data = line.encode("utf-8")
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # only a pipe or a signal can cut a write short
+                data = data[written:]
+                written = os.write(self._fd, data)
+        except OSError as error:
+            if not self._failing:
+                self._failing = True
+                get_logger().error("cannot write the access log %s: %s", self.target, error)
+            return
+        self._failing = False
+
+    def render(self, remote: str, method: str, target: str, version: str, status: int,
+               size: int, duration: float, user_agent: str, referer: str, request_id: str,
+               now: float) -> str:
+        """The line write() would write, newline included."""
+        return self._render(remote, method, target, version, status, size, duration, user_agent,
+                            referer, request_id, now)
+
+    def reopen(self) -> None:
+        """Open the path again (USR1 after a rotation) under the same descriptor number.
+
+        dup2 swaps the new file in atomically, so there is no moment without a valid descriptor,
+        and a descriptor inherited by forked workers stays theirs to reopen.
+        """
+        if not self._owns_fd or self._fd < 0:
+            return
+        try:
+            fd = os.open(self.target, _OPEN_FLAGS, 0o644)
+        except OSError as error:
+            get_logger().error("cannot reopen access log %s: %s", self.target, error.strerror)
+            return
+        try:
+            os.dup2(fd, self._fd, inheritable=False)
+        finally:
+            os.close(fd)
+        self._failing = False
+
+    def close(self) -> None:
+        _access_logs.discard(self)
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    # -- formats ----------------------------------------------------------------------------
+    def _times(self, now: float) -> tuple[str, str]:
+        """(Apache's "24/Nov/2026:15:00:00 +0000", ISO 8601), local time, computed once a second."""
+        second = int(now)
+        if second != self._second:
+            t = time.localtime(second)
+            offset = t.tm_gmtoff
+            sign = "-" if offset < 0 else "+"
+            hours, minutes = divmod(abs(offset) // 60, 60)
+            clock = f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            self._time_local = (f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{clock} "
+                                f"{sign}{hours:02d}{minutes:02d}")
+            self._time_iso = (f"{t.tm_year}-{t.tm_mon:02d}-{t.tm_mday:02d}T{clock}"
+                              f"{sign}{hours:02d}:{minutes:02d}")
+            self._second = second
+        return self._time_local, self._time_iso
+
+    def _common(self, remote: str, method: str, target: str, version: str, status: int,
+                size: int, duration: float, user_agent: str, referer: str, request_id: str,
+                now: float) -> str:
+        local = self._times(now)[0]
+        return (f'{_dash(remote)} - - [{local}] "{_escape(method)} {_escape(target)} '
+                f'{_escape(version)}" {status} {size or "-"}\n')
+
+    def _combined(self, remote: str, method: str, target: str, version: str, status: int,
+                  size: int, duration: float, user_agent: str, referer: str, request_id: str,
+                  now: float) -> str:
+        local = self._times(now)[0]
+        return (f'{_dash(remote)} - - [{local}] "{_escape(method)} {_escape(target)} '
+                f'{_escape(version)}" {status} {size or "-"} "{_dash(referer)}" '
+                f'"{_dash(user_agent)}"\n')
+
+    def _fields(self, remote: str, method: str, target: str, version: str, status: int,
+                size: int, duration: float, user_agent: str, referer: str, request_id: str,
+                now: float) -> dict[str, object]:
+        local, iso = self._times(now)
+        path, _, query = target.partition("?")
+        return {
+            "time": iso, "remote": remote, "method": method, "path": path, "query": query,
+            "status": status, "bytes": size, "duration_ms": round(duration * 1000.0, 3),
+            "user_agent": user_agent, "referer": referer, "request_id": request_id,
+            "target": target, "version": version, "time_local": local,
+        }
+
+    def _json(self, *args: object) -> str:
+        fields = self._fields(*args)  # type: ignore[arg-type]
+        data = {name: fields[name] for name in _JSON_FIELDS}
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+    def _template(self, *args: object) -> str:
+        fields = self._fields(*args)  # type: ignore[arg-type]
+        for name, value in fields.items():
+            if isinstance(value, str):
+                fields[name] = _escape(value)
+        return self.format.format_map(fields) + "\n"

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import psutil
 
-from forkserver import loader, logs, sockets, systemd, worker
+from forkserver import loader, logs, metrics, sockets, systemd, worker
 from forkserver.scoreboard import Reason, Scoreboard, State
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -105,6 +105,13 @@ class Master:
         self.next_watchdog = 0.0
         self.next_status = 0.0
         self.requests_folded = 0           # requests served by workers that have exited
+        self.totals = metrics.Totals()     # counters of exited workers, so none is ever lost
+        self.restarts: dict[str, int] = {}
+        self.reloads = 0
+        self.started = time.monotonic()
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.metrics_listener: tuple[socket.socket, sockets.BindSpec] | None = None
+        self.access_log: logs.AccessLog | None = None
 
     # -- startup ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -125,6 +132,12 @@ class Master:
                 self.log.error("%s", error)
                 sockets.cleanup(self.listeners, self.bind_specs)
                 return 1
+        try:
+            self._open_observability()
+        except (sockets.BindError, ValueError, OSError) as error:
+            self.log.error("%s", error)
+            sockets.cleanup(self.listeners, self.bind_specs)
+            return 1
         self._write_pidfile()
         self.scoreboard = Scoreboard(max(2, 2 * self.target))
         self._install_signals()
@@ -196,6 +209,24 @@ class Master:
         self.transition = Transition("upgrade", 0, self.settings, self.target, self.hooks)
         self.log.info("upgraded in place: %d old workers drain once the new ones are ready",
                       len(self.workers))
+
+    def _open_observability(self) -> None:
+        """The metrics listener (served from this loop, never by workers) and the access log,
+        opened here so every worker inherits the same file."""
+        settings = self.settings
+        if settings.metrics_bind:
+            spec = sockets.parse_bind(settings.metrics_bind)
+            sock = sockets.bind(spec, 64)
+            self.metrics_listener = (sock, spec)
+            self.metrics_server = metrics.MetricsServer(sock, self._snapshot)
+            self.log.info("Metrics at: %s", sockets.describe(sock))
+        if settings.access_log:
+            self.access_log = logs.AccessLog(settings.access_log, settings.access_log_format)
+
+    def _snapshot(self) -> metrics.Snapshot:
+        workers = [(pid, info.index, info.generation) for pid, info in self.workers.items()]
+        return metrics.collect(self.scoreboard, workers, self.totals, self.restarts,
+                               self.reloads, self.started, self.listeners)
 
     def _write_pidfile(self) -> None:
         path = self.settings.pidfile
@@ -274,11 +305,21 @@ class Master:
     def _sleep(self, seconds: float) -> None:
         if self.pending_signals:
             return
+        server = self.metrics_server
+        readers = [self.wake_r, *server.fds()] if server else [self.wake_r]
+        writers = server.write_fds() if server else []
         try:
-            ready, _, _ = select.select([self.wake_r], [], [], max(0.0, seconds))
+            ready, writable, _ = select.select(readers, writers, [], max(0.0, seconds))
         except InterruptedError:
             return
-        if ready:
+        if server is not None:
+            for fd in ready:
+                if fd != self.wake_r:
+                    server.on_readable(fd)
+            for fd in writable:
+                server.on_writable(fd)
+            server.expire(time.monotonic())
+        if self.wake_r in ready:
             try:
                 while os.read(self.wake_r, 4096):
                     pass
@@ -320,7 +361,9 @@ class Master:
     def _worker_exited(self, info: WorkerInfo, status: int) -> None:
         requests = 0
         if info.index >= 0:
-            requests = self.scoreboard.read(info.index).requests
+            view = self.scoreboard.read(info.index)
+            requests = view.requests
+            self.totals.fold(view)
             self.requests_folded += requests
             self.scoreboard.release(info.index)
         if os.WIFSIGNALED(status):
@@ -338,6 +381,7 @@ class Master:
         expected = (info.retiring not in (Reason.NONE, Reason.OOM) or self.stopping) \
             and not info.aborted
         reason = info.retiring.name.lower() if info.retiring != Reason.NONE else "crash"
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
         if expected:
             self.log.info("worker %d %s (%s, %d requests)", info.pid, how, reason, requests)
         else:
@@ -410,7 +454,8 @@ class Master:
             limit_request_body=settings.limit_request_body,
             max_requests=(settings.max_requests + random.randint(0, jitter)
                           if settings.max_requests else 0),
-            user=settings.user, group=settings.group,
+            user=settings.user, group=settings.group, access_log=self.access_log,
+            forwarded_allow_ips=tuple(settings.forwarded_allow_ips),
             hooks={name: hook for name, hook in self.hooks.items() if name in WORKER_HOOKS},
         )
 
@@ -562,6 +607,7 @@ class Master:
             except (OSError, ValueError) as error:
                 self.log.error("reload: %s; keeping the old log", error)
             self.settings, self.hooks = new_settings, new_hooks
+        self.reloads += 1
         self.transition = Transition("reload", self.generation, old_settings, self.target,
                                      old_hooks)
         self.last_generation += 1
@@ -730,6 +776,12 @@ class Master:
             except ChildProcessError:
                 pass
         sockets.cleanup(self.listeners, self.bind_specs)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            sock, spec = self.metrics_listener
+            sockets.cleanup([sock], [spec])
+        if self.access_log is not None:
+            self.access_log.close()
         self._remove_pidfile()
         if self.scoreboard is not None:
             self.scoreboard.close()

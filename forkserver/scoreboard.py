@@ -12,11 +12,17 @@ the slot only between two identical even readings. A writer that dies or is stop
 of an update would leave the counter odd forever, so the reader gives up after a bounded effort
 and returns its last copy rather than hanging the master.
 
+The sequence counter itself is read and written through a memoryview of native u64s, never with
+struct: CPython's struct.pack_into zero-fills its target and then stores it a byte at a time, so
+a reader could catch the counter at 0 (even) in the middle of a write and accept a torn slot. A
+memoryview item is one aligned 8-byte load or store, which x86-64 performs atomically.
+
 Ordering note: the protocol relies on stores becoming visible in program order, which x86-64
 guarantees. Python offers no memory barriers, so on weakly ordered CPUs a read could in theory
 mix two updates; the scoreboard only feeds monitoring and timeouts, where that is tolerable.
 
-Layout of a slot (native byte order, explicit padding, 192 bytes = three cache lines):
+Layout of a slot (native byte order, explicit padding, 320 bytes = five cache lines, so two
+workers never write the same line):
 
     off  field           written by
       0  seq      u64    whoever writes (seqlock counter)
@@ -31,19 +37,35 @@ Layout of a slot (native byte order, explicit padding, 192 bytes = three cache l
      48  bytes_sent u64  worker    |  one pack_into writes it
      56  request_start f64 worker  |
      64  request_line 80s worker   |
-    144  status_counts 5*u64 worker-'
+    144  status_counts 5*u64 worker  |
+    184  duration_sum f64 worker    |
+    192  duration_buckets 12*u64 worker-'
+    288  (padding)
+
+The duration histogram keeps one plain (non-cumulative) counter per bucket of DURATION_BUCKETS;
+the renderer accumulates them. Its counters are 64-bit like the others: at ten thousand requests
+a second, a 32-bit bucket of one long-lived worker would wrap within a week.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import mmap
-import os
 import struct
 import time
 from dataclasses import dataclass
 
-__all__ = ["LINE_MAX", "SLOT_SIZE", "Reason", "Scoreboard", "SlotView", "SlotWriter", "State"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "LINE_MAX",
+    "SLOT_SIZE",
+    "Reason",
+    "Scoreboard",
+    "SlotView",
+    "SlotWriter",
+    "State",
+]
 
 
 class State(enum.IntEnum):
@@ -75,14 +97,25 @@ class Reason(enum.IntEnum):
 LINE_MAX = 80  # bytes of the request line kept for /status
 _STATUS_CLASSES = 5
 
-_SEQ = struct.Struct("=Q")
+# Upper bounds (seconds, inclusive, as Prometheus' "le") of the request-duration histogram; a
+# last, implicit bucket takes everything slower (+Inf). Fixed, because they are part of the slot
+# layout shared between processes.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"),
+)
+_FINITE_BOUNDS = DURATION_BUCKETS[:-1]
+_BUCKETS = len(DURATION_BUCKETS)
+
+_SEQ = struct.Struct("=Q")  # only to lay out whole slots; the live counter goes through _seq_words
 _PID = struct.Struct("=i")
 _IDENT = struct.Struct("=iId")  # pid, generation, booted_at
 _CONNECTIONS = struct.Struct("=I")
 _STATE_REASON = struct.Struct("=BB2xd")  # reason, state, heartbeat (starts at the reason byte)
 _HEARTBEAT = struct.Struct("=d")
-_DYNAMIC = struct.Struct(f"=B2xdQQd{LINE_MAX}s{_STATUS_CLASSES}Q")
-_SLOT = struct.Struct(f"=QiIdIBB2xdQQd{LINE_MAX}s{_STATUS_CLASSES}Q8x")
+# A request start changes only the block up to the request line; a finish changes all of it.
+_STARTED = struct.Struct(f"=B2xdQQd{LINE_MAX}s")
+_DYNAMIC = struct.Struct(f"=B2xdQQd{LINE_MAX}s{_STATUS_CLASSES}Qd{_BUCKETS}Q")
+_SLOT = struct.Struct(f"=QiIdIBB2xdQQd{LINE_MAX}s{_STATUS_CLASSES}Qd{_BUCKETS}Q32x")
 
 SLOT_SIZE = _SLOT.size
 
@@ -96,14 +129,29 @@ _OFF_HEARTBEAT = 32
 
 # The layout above is a contract between processes; refuse to run with a mismatched one rather
 # than corrupt neighbouring fields (checked once at import, not with assert, so -O keeps it).
-if SLOT_SIZE != 192 or _OFF_STATE + _DYNAMIC.size != 184:
+# request_finished() also spells out the twelve buckets, for speed.
+if SLOT_SIZE != 320 or _OFF_STATE + _DYNAMIC.size != 288 or _BUCKETS != 12:
     raise ImportError(f"scoreboard slot layout is inconsistent ({SLOT_SIZE} bytes)")
 
+def _seq_words(mm: mmap.mmap) -> memoryview:
+    """The mapping as native u64s; slot i's sequence counter is item i * SLOT_SIZE // 8."""
+    raw = memoryview(mm)
+    try:
+        return raw.cast("Q")
+    finally:
+        raw.release()  # the cast view keeps the buffer; only it has to be released on close
+
+
+# status_counts, duration_sum and duration_buckets of a fresh slot.
+_ZERO_COUNTERS = (0,) * _STATUS_CLASSES + (0.0,) + (0,) * _BUCKETS
+
 # Reader effort before concluding that a writer is stuck mid-update: a few plain spins (an update
-# takes well under a microsecond), then yield the CPU so a preempted writer on the same core can
-# finish. Bounded so a SIGSTOPped or killed worker costs the master a few milliseconds, not a hang.
+# takes well under a microsecond), then short sleeps, so that a writer the scheduler preempted in
+# the middle of an update (a busy machine can keep it off the CPU for milliseconds) gets to
+# finish. Bounded so a SIGSTOPped or killed worker costs the master a moment, not a hang.
 _FAST_SPINS = 64
-_MAX_SPINS = 2000
+_PAUSE = 0.0001
+_STUCK_AFTER = 0.05
 
 
 @dataclass(frozen=True)
@@ -123,6 +171,8 @@ class SlotView:
     request_start: float
     request_line: str
     status_counts: tuple[int, int, int, int, int]
+    duration_buckets: tuple[int, ...] = (0,) * _BUCKETS  # per bucket of DURATION_BUCKETS
+    duration_sum: float = 0.0  # seconds, over every request counted in duration_buckets
 
 
 def _decode_line(raw: bytes) -> str:
@@ -132,8 +182,9 @@ def _decode_line(raw: bytes) -> str:
 
 
 def _view(index: int, raw: bytes) -> SlotView:
+    fields = _SLOT.unpack(raw)
     (_seq, pid, generation, booted_at, connections, reason, state, heartbeat, requests,
-     bytes_sent, request_start, line, c1, c2, c3, c4, c5) = _SLOT.unpack(raw)
+     bytes_sent, request_start, line, c1, c2, c3, c4, c5, duration_sum) = fields[:18]
     return SlotView(
         index=index,
         pid=pid,
@@ -148,6 +199,8 @@ def _view(index: int, raw: bytes) -> SlotView:
         request_start=request_start,
         request_line=_decode_line(line),
         status_counts=(c1, c2, c3, c4, c5),
+        duration_buckets=fields[18:],
+        duration_sum=duration_sum,
     )
 
 
@@ -161,6 +214,7 @@ class Scoreboard:
         # MAP_SHARED is what makes the pages common to the master and every forked worker;
         # an anonymous mapping starts zeroed, i.e. every slot EMPTY with an even sequence.
         self._mm = mmap.mmap(-1, capacity * SLOT_SIZE, flags=mmap.MAP_SHARED)
+        self._seqs = _seq_words(self._mm)
 
     def _offset(self, index: int) -> int:
         if not 0 <= index < self.capacity:
@@ -171,11 +225,11 @@ class Scoreboard:
         # Master-side whole-slot write. No worker writes this slot at that moment (not forked
         # yet, or already reaped), but bracketing it keeps the invariant "even = stable" true
         # for any reader, and moving past a stuck odd value repairs a slot whose writer died.
-        seq = _SEQ.unpack_from(self._mm, off)[0]
-        seq = (seq | 1) + 1
-        _SEQ.pack_into(self._mm, off, seq - 1)
+        seqs, word = self._seqs, off >> 3
+        seq = (seqs[word] | 1) + 1
+        seqs[word] = seq - 1
         _SLOT.pack_into(self._mm, off, seq - 1, *fields)
-        _SEQ.pack_into(self._mm, off, seq)
+        seqs[word] = seq
 
     def claim(self, index: int, pid: int, generation: int) -> None:
         """Reset a slot for a worker about to be forked.
@@ -187,13 +241,13 @@ class Scoreboard:
         off = self._offset(index)
         now = time.monotonic()
         self._rewrite(off, (pid, generation, now, 0, Reason.NONE, State.BOOTING, now,
-                            0, 0, 0.0, b"", 0, 0, 0, 0, 0))
+                            0, 0, 0.0, b"", *_ZERO_COUNTERS))
 
     def release(self, index: int) -> None:
         """Return a slot to EMPTY once its worker has been reaped."""
         off = self._offset(index)
         self._rewrite(off, (0, 0, 0.0, 0, Reason.NONE, State.EMPTY, 0.0,
-                            0, 0, 0.0, b"", 0, 0, 0, 0, 0))
+                            0, 0, 0.0, b"", *_ZERO_COUNTERS))
 
     def free_index(self) -> int | None:
         """The lowest EMPTY slot, or None when every slot is in use."""
@@ -206,18 +260,27 @@ class Scoreboard:
     def read(self, index: int) -> SlotView:
         """A consistent snapshot of one slot (best effort if its writer is stuck mid-update)."""
         off = self._offset(index)
-        mm = self._mm
+        mm, seqs, word = self._mm, self._seqs, off >> 3
         end = off + SLOT_SIZE
-        for spin in range(_MAX_SPINS):
-            before = _SEQ.unpack_from(mm, off)[0]
+        spins = 0
+        give_up = 0.0
+        while True:
+            before = seqs[word]
             if not before & 1:
                 raw = mm[off:end]
-                if _SEQ.unpack_from(mm, off)[0] == before:
+                if seqs[word] == before:
                     return _view(index, raw)
-            if spin >= _FAST_SPINS:
-                os.sched_yield()
-        # The writer has not finished an update in thousands of attempts: it is stopped or dead.
-        # Each field of a plain copy still holds a value that was valid at some point.
+            spins += 1
+            if spins > _FAST_SPINS:
+                now = time.monotonic()
+                if not give_up:
+                    give_up = now + _STUCK_AFTER
+                elif now >= give_up:
+                    break
+                time.sleep(_PAUSE)
+        # No update finished for _STUCK_AFTER seconds: the writer is stopped or dead. The request
+        # updates copy a prepared block over the old one (see SlotWriter), so each field of a
+        # plain copy holds either its old or its new value, never a zero-filled placeholder.
         return _view(index, mm[off:end])
 
     def slots(self) -> list[SlotView]:
@@ -231,10 +294,11 @@ class Scoreboard:
 
     def writer(self, index: int) -> SlotWriter:
         """The worker's write handle on its own slot; create it in the child after fork."""
-        return SlotWriter(self._mm, self._offset(index), self.read(index))
+        return SlotWriter(self._mm, self._seqs, self._offset(index), self.read(index))
 
     def close(self) -> None:
-        """Unmap this process's view; other processes keep theirs."""
+        """Unmap this process's view; other processes keep theirs. Writers of it stop working."""
+        self._seqs.release()  # the mapping cannot be closed while a view of it exists
         self._mm.close()
 
 
@@ -247,17 +311,30 @@ class SlotWriter:
     instead of one call per field.
     """
 
-    __slots__ = ("_bytes", "_counts", "_mm", "_off", "_requests", "_seq")
+    __slots__ = ("_buckets", "_bytes", "_counts", "_duration_sum", "_dynamic", "_dynamic_end",
+                 "_mm", "_off", "_requests", "_seq", "_seqs", "_started", "_started_end",
+                 "_state_off", "_word")
 
-    def __init__(self, mm: mmap.mmap, offset: int, current: SlotView) -> None:
+    def __init__(self, mm: mmap.mmap, seqs: memoryview, offset: int, current: SlotView) -> None:
         self._mm = mm
+        self._seqs = seqs
         self._off = offset
-        seq = _SEQ.unpack_from(mm, offset)[0]
-        self._seq = (seq | 1) + 1  # resume from an even value even if the slot was left odd
-        _SEQ.pack_into(mm, offset, self._seq)
+        self._word = offset >> 3
+        # Request updates are packed here, then copied into the slot in one piece: pack_into
+        # zero-fills its target before writing it, and a worker killed halfway through that
+        # would leave zeroed counters for the master to fold into the totals.
+        self._state_off = offset + _OFF_STATE
+        self._started = bytearray(_STARTED.size)
+        self._started_end = self._state_off + _STARTED.size
+        self._dynamic = bytearray(_DYNAMIC.size)
+        self._dynamic_end = self._state_off + _DYNAMIC.size
+        self._seq = (seqs[self._word] | 1) + 1  # resume from an even value if left odd
+        seqs[self._word] = self._seq
         self._requests = current.requests
         self._bytes = current.bytes_sent
         self._counts = list(current.status_counts)
+        self._buckets = list(current.duration_buckets)
+        self._duration_sum = current.duration_sum
 
     # Every update is: seq odd, payload, seq even. The even write sits in `finally` so that an
     # exception in between (a signal handler raising, a bad argument) cannot leave the slot
@@ -267,38 +344,38 @@ class SlotWriter:
 
     def set_pid(self, pid: int) -> None:
         """The child records its own pid; the master may not have known it at claim time."""
-        mm, off = self._mm, self._off
+        mm, off, seqs, word = self._mm, self._off, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
+            seqs[word] = seq
             _PID.pack_into(mm, off + _OFF_PID, pid)
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1
 
     def set_state(self, state: State, reason: Reason = Reason.NONE) -> None:
         """Change state (and retirement reason); a state change is also a sign of life."""
         now = time.monotonic()
-        mm, off = self._mm, self._off
+        mm, off, seqs, word = self._mm, self._off, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
+            seqs[word] = seq
             _STATE_REASON.pack_into(mm, off + _OFF_REASON, reason, state, now)
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1
 
     def heartbeat(self) -> None:
         """Tell the master this worker's loop is still turning."""
         now = time.monotonic()
-        mm, off = self._mm, self._off
+        mm, off, seqs, word = self._mm, self._off, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
+            seqs[word] = seq
             _HEARTBEAT.pack_into(mm, off + _OFF_HEARTBEAT, now)
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1
 
     def request_started(self, request_line: bytes) -> None:
         """Mark the worker BUSY with this request (line truncated to LINE_MAX bytes).
@@ -306,51 +383,65 @@ class SlotWriter:
         Also refreshes the heartbeat: starting a request is a sign of life.
         """
         now = time.monotonic()
-        c = self._counts
-        mm, off = self._mm, self._off
+        mm, seqs, word = self._mm, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
+            seqs[word] = seq
             # "80s" truncates longer lines and NUL-pads shorter ones by itself.
-            _DYNAMIC.pack_into(mm, off + _OFF_STATE, State.BUSY, now, self._requests, self._bytes,
-                               now, request_line, c[0], c[1], c[2], c[3], c[4])
+            block = self._started
+            _STARTED.pack_into(block, 0, State.BUSY, now, self._requests, self._bytes, now,
+                               request_line)
+            mm[self._state_off:self._started_end] = block
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1
 
-    def request_finished(self, status: int, bytes_sent: int, state: State) -> None:
-        """Count a finished response and return to `state` (IDLE or KEEPALIVE).
+    def request_finished(self, status: int, bytes_sent: int, state: State,
+                         duration: float = 0.0) -> None:
+        """Count a finished response that took `duration` seconds; return to `state`.
 
-        A status outside 100..599 is counted as a request but in no status class.
+        `state` is IDLE or KEEPALIVE. A status outside 100..599 is counted as a request but in
+        no status class. Every request lands in exactly one duration bucket.
         """
         if bytes_sent < 0:
             raise ValueError(f"bytes_sent must not be negative, not {bytes_sent}")
+        if not duration >= 0.0:  # also refuses NaN, which would poison the sum for good
+            raise ValueError(f"duration must be a number of seconds >= 0, not {duration}")
         now = time.monotonic()
         c = self._counts
         klass = status // 100 - 1
         if 0 <= klass < _STATUS_CLASSES:
             c[klass] += 1
+        b = self._buckets
+        # bisect_left finds the first bound >= duration: Prometheus buckets are inclusive.
+        b[bisect.bisect_left(_FINITE_BOUNDS, duration)] += 1
+        duration_sum = self._duration_sum + duration
+        self._duration_sum = duration_sum
         requests = self._requests + 1
         total = self._bytes + bytes_sent
         self._requests = requests
         self._bytes = total
-        mm, off = self._mm, self._off
+        mm, seqs, word = self._mm, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
-            _DYNAMIC.pack_into(mm, off + _OFF_STATE, state, now, requests, total,
-                               0.0, b"", c[0], c[1], c[2], c[3], c[4])
+            seqs[word] = seq
+            block = self._dynamic
+            _DYNAMIC.pack_into(block, 0, state, now, requests, total, 0.0, b"",
+                               c[0], c[1], c[2], c[3], c[4], duration_sum,
+                               b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+                               b[11])
+            mm[self._state_off:self._dynamic_end] = block
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1
 
     def set_connections(self, n: int) -> None:
         """Record how many client connections this worker holds open."""
-        mm, off = self._mm, self._off
+        mm, off, seqs, word = self._mm, self._off, self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
-            _SEQ.pack_into(mm, off, seq)
+            seqs[word] = seq
             _CONNECTIONS.pack_into(mm, off + _OFF_CONNECTIONS, n)
         finally:
-            _SEQ.pack_into(mm, off, seq + 1)
+            seqs[word] = seq + 1

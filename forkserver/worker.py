@@ -72,6 +72,7 @@ class WorkerSpec:
     group: str = ""
     forwarded_allow_ips: tuple[str, ...] = ()
     hooks: dict[str, Callable] = field(default_factory=dict)
+    access_log: Any = None   # logs.AccessLog, opened by the master; None = off
 
 
 class Connection:
@@ -419,6 +420,7 @@ class Worker:
         slot = self.slot
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
+        started = time.monotonic()
         if self.pre_request is not None:
             self._call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, environ, keep_alive,
@@ -426,8 +428,11 @@ class Worker:
         if self.post_request is not None:
             self._call_hook(self.post_request, environ, exchange.status_code)
         self.requests += 1
+        duration = time.monotonic() - started
         slot.request_finished(exchange.status_code, exchange.bytes_sent,
-                              State.KEEPALIVE if exchange.keep_alive else State.IDLE)
+                              State.KEEPALIVE if exchange.keep_alive else State.IDLE, duration)
+        if spec.access_log is not None:
+            self._log_access(environ, request, exchange, duration)
         if spec.max_requests and self.requests == spec.max_requests and not self.stopping:
             # Ask the master for a replacement; it sends TERM once that one is ready, so
             # capacity never dips. Until then this worker keeps serving.
@@ -448,6 +453,14 @@ class Worker:
             return False
         conn.parser.start_next()
         return True
+
+    def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
+                    duration: float) -> None:
+        self.spec.access_log.write(
+            environ["REMOTE_ADDR"], request.method, request.target, request.version,
+            exchange.status_code, exchange.bytes_sent, duration,
+            environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", ""),
+            environ.get("HTTP_X_REQUEST_ID", ""))
 
     def _call_hook(self, hook: Callable, *args: Any) -> None:
         try:

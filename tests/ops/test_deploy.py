@@ -21,7 +21,7 @@ DEPLOY = ROOT / "deploy"
 FORKSERVER = Path(sys.executable).parent / "forkserver"
 # Settings the example config mentions in comments before they exist in SETTINGS. The trusted-
 # proxy setting arrives with the wsgi integration of issue 4; remove it here once it has.
-PENDING_SETTINGS = {"forwarded_allow_ips"}
+PENDING_SETTINGS: set[str] = set()
 # Above this, `systemd-analyze security` has found a hardening option dropped from the unit.
 MAX_EXPOSURE = 2.0
 

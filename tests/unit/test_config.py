@@ -96,7 +96,13 @@ def sample(setting: config.Setting):
     if isinstance(kind, config.Choice):
         return next(c for c in kind.choices if c != setting.default)
     if isinstance(kind, config.TextList):
+        if setting.name == "forwarded_allow_ips":
+            return ("10.0.0.0/8", "unix")
         return ("127.0.0.1:9001", "unix:/tmp/fs.sock")
+    if isinstance(kind, config.Address):
+        return "127.0.0.1:9100"
+    if isinstance(kind, config.AccessLogFormat):
+        return "json"
     if isinstance(kind, config.Umask):
         return 0o027
     if isinstance(kind, config.Hook):

@@ -1,0 +1,621 @@
+"""What the master knows about its workers, as Prometheus text (/metrics) and JSON (/status).
+
+The master is the only process that sees every worker, so it is the one that answers: a scrape
+still works when every worker is busy or hung, which is exactly when it matters. Three parts:
+
+* ``collect`` turns the scoreboard, psutil readings and the master's own counters into one
+  ``Snapshot``. Counters of exited workers live in ``Totals`` (the master folds a dead worker's
+  final slot in before it reuses the slot), so the totals never go back when workers restart.
+* ``render_prometheus`` and ``render_status`` are pure functions of a snapshot.
+* ``MetricsServer`` is a tiny non-blocking HTTP/1.1 listener that the master drives from its own
+  select loop. It accepts only ``GET``/``HEAD`` of two paths, with small limits, one request per
+  connection, and never blocks: the master's loop is the control plane and must keep turning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from forkserver.http.parser import NEED_DATA, HTTPError, Request, RequestParser
+from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, SlotView, State
+
+__all__ = [
+    "ListenerSample",
+    "MetricsServer",
+    "Snapshot",
+    "Totals",
+    "WorkerSample",
+    "collect",
+    "render_prometheus",
+    "render_status",
+]
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+WORKER_STATES = ("idle", "busy", "keepalive", "booting", "exiting")
+# Every restart reason is reported from the start, at 0, so that rate() sees the first one.
+RESTART_REASONS = tuple(reason.name.lower() for reason in Reason if reason is not Reason.NONE)
+
+_STATE_NAMES = {
+    State.IDLE: "idle",
+    State.BUSY: "busy",
+    State.KEEPALIVE: "keepalive",
+    State.BOOTING: "booting",
+    State.EXITING: "exiting",
+}
+UNKNOWN = "unknown"  # a worker without a readable slot (one of the image before a USR2 upgrade)
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting.
+
+
+class Totals:
+    """Counters of workers that have exited, so that totals survive worker restarts."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.sent_bytes = 0
+        self.status_counts = [0] * len(STATUS_CLASSES)
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.duration_sum = 0.0
+        self.workers = 0  # how many slots were folded in
+
+    def fold(self, view: SlotView) -> None:
+        """Add a dead worker's final slot; call it once per worker, before the slot is released."""
+        self.requests += view.requests
+        self.sent_bytes += view.bytes_sent
+        for i, count in enumerate(view.status_counts):
+            self.status_counts[i] += count
+        for i, count in enumerate(view.duration_buckets):
+            self.duration_buckets[i] += count
+        self.duration_sum += view.duration_sum
+        self.workers += 1
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """One worker as seen at collection time; memory in bytes, times in seconds."""
+
+    pid: int
+    index: int  # scoreboard slot, -1 when it has none
+    generation: int
+    state: str  # one of WORKER_STATES, or "unknown"
+    reason: str  # why it is being (or asked to be) replaced; "" when it is not
+    requests: int
+    sent_bytes: int
+    connections: int
+    current_request: str  # request line of the running request, "" when none
+    busy_seconds: float  # how long the current request has been running; 0 when none
+    age_seconds: float  # since the master started it
+    heartbeat_age: float  # since the worker last showed a sign of life
+    rss: int
+    own_memory: int  # rss minus pages shared with other processes (what recycling looks at)
+    cpu_seconds: float  # user + system
+
+
+@dataclass(frozen=True)
+class ListenerSample:
+    """A TCP listener's accept queue as the kernel reports it."""
+
+    name: str
+    queued: int  # connections waiting to be accepted
+    max: int  # the effective backlog limit
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything /metrics and /status show, taken at one moment by ``collect``.
+
+    Counters include the workers that have exited (``Totals``). ``duration_buckets`` holds one
+    plain count per bucket of ``scoreboard.DURATION_BUCKETS``; Prometheus' cumulative form is
+    made when rendering.
+    """
+
+    master_pid: int
+    time: float  # wall clock (time.time()) of the snapshot
+    uptime: float
+    reloads: int
+    restarts: dict[str, int]
+    workers: tuple[WorkerSample, ...]
+    listeners: tuple[ListenerSample, ...]
+    requests: int
+    responses: dict[str, int]  # by status class, "1xx" .. "5xx"
+    sent_bytes: int
+    duration_buckets: tuple[int, ...]
+    duration_sum: float
+    master_rss: int = 0
+    workers_by_state: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        counts = dict.fromkeys(WORKER_STATES, 0)
+        for worker in self.workers:
+            counts[worker.state] = counts.get(worker.state, 0) + 1
+        object.__setattr__(self, "workers_by_state", counts)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being run right now: a worker runs one at a time, so its BUSY state is one."""
+        return self.workers_by_state["busy"]
+
+    @property
+    def connections(self) -> int:
+        return sum(worker.connections for worker in self.workers)
+
+
+def collect(
+    scoreboard: Scoreboard,
+    workers: list[tuple[int, int, int]],
+    totals: Totals,
+    restarts: dict[str, int],
+    reloads: int,
+    started: float,
+    listeners: list[socket.socket],
+) -> Snapshot:
+    """Take a snapshot. ``workers`` holds (pid, slot index or -1, generation) per live worker.
+
+    ``started`` is the master's start as a ``time.monotonic()`` value. Runs in the master's loop,
+    so it only reads shared memory, /proc (through psutil) and socket options: no waiting.
+    """
+    now = time.monotonic()
+    requests = totals.requests
+    sent_bytes = totals.sent_bytes
+    status_counts = list(totals.status_counts)
+    buckets = list(totals.duration_buckets)
+    duration_sum = totals.duration_sum
+    samples = []
+    for pid, index, generation in workers:
+        rss, own, cpu = _process_usage(pid)
+        if index < 0:
+            samples.append(WorkerSample(pid, index, generation, UNKNOWN, "", 0, 0, 0, "", 0.0,
+                                        0.0, 0.0, rss, own, cpu))
+            continue
+        view = scoreboard.read(index)
+        requests += view.requests
+        sent_bytes += view.bytes_sent
+        for i, count in enumerate(view.status_counts):
+            status_counts[i] += count
+        for i, count in enumerate(view.duration_buckets):
+            buckets[i] += count
+        duration_sum += view.duration_sum
+        running = view.state is State.BUSY and view.request_start > 0
+        samples.append(WorkerSample(
+            pid=pid,
+            index=index,
+            generation=generation,
+            state=_STATE_NAMES.get(view.state, UNKNOWN),
+            reason=view.reason.name.lower() if view.reason is not Reason.NONE else "",
+            requests=view.requests,
+            sent_bytes=view.bytes_sent,
+            connections=view.connections,
+            current_request=view.request_line if running else "",
+            busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
+            age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
+            heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
+            rss=rss,
+            own_memory=own,
+            cpu_seconds=cpu,
+        ))
+    samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
+    return Snapshot(
+        master_pid=os.getpid(),
+        time=time.time(),
+        uptime=max(0.0, now - started),
+        reloads=reloads,
+        restarts={**dict.fromkeys(RESTART_REASONS, 0), **restarts},
+        workers=tuple(samples),
+        listeners=tuple(s for s in map(listen_backlog, listeners) if s is not None),
+        requests=requests,
+        responses=dict(zip(STATUS_CLASSES, status_counts)),
+        sent_bytes=sent_bytes,
+        duration_buckets=tuple(buckets),
+        duration_sum=duration_sum,
+        master_rss=_process_usage(os.getpid())[0],
+    )
+
+
+def _process_usage(pid: int) -> tuple[int, int, float]:
+    """(rss, own memory, cpu seconds) of a process; zeros if it is gone or unreadable.
+
+    "Own" subtracts the pages the process shares (with the master, after fork or preload), the
+    same measure max_worker_memory recycles on.
+    """
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            memory = proc.memory_info()
+            cpu = proc.cpu_times()
+    except psutil.Error:
+        return 0, 0, 0.0
+    rss = memory.rss
+    return rss, max(0, rss - getattr(memory, "shared", 0)), cpu.user + cpu.system
+
+
+# The head of Linux's struct tcp_info (include/uapi/linux/tcp.h), which is all that is read:
+#   off 0   u8  tcpi_state            (10 = TCP_LISTEN)
+#   off 1-7 u8  ca_state, retransmits, probes, backoff, options, wscales, rate/fastopen bits
+#   off 8   u32 tcpi_rto, 12 ato, 16 snd_mss, 20 rcv_mss
+#   off 24  u32 tcpi_unacked          on a listener: connections in the accept queue
+#   off 28  u32 tcpi_sacked           on a listener: the accept queue's limit
+# (tcp_get_info() reuses those two fields for sk_ack_backlog and sk_max_ack_backlog.)
+_TCP_INFO_HEAD = struct.Struct("=B7xIIIIII")
+_TCP_LISTEN = 10
+
+
+def listen_backlog(sock: socket.socket) -> ListenerSample | None:
+    """The accept queue of a listening TCP socket, or None where the kernel does not say."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
+        name = listener_name(sock)
+    except OSError:  # closed meanwhile, or not a TCP socket after all
+        return None
+    if len(raw) < _TCP_INFO_HEAD.size:
+        return None
+    state, _rto, _ato, _snd_mss, _rcv_mss, unacked, sacked = _TCP_INFO_HEAD.unpack(raw)
+    if state != _TCP_LISTEN:
+        return None
+    return ListenerSample(name, unacked, sacked)
+
+
+def listener_name(sock: socket.socket) -> str:
+    """The address as the bind setting spells it: HOST:PORT, [IPv6]:PORT or unix:PATH."""
+    address = sock.getsockname()
+    if sock.family == socket.AF_INET:
+        return f"{address[0]}:{address[1]}"
+    if sock.family == socket.AF_INET6:
+        return f"[{address[0]}]:{address[1]}"
+    if isinstance(address, bytes):  # an abstract unix socket
+        address = address.decode("utf-8", "backslashreplace")
+    return f"unix:{address}"
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _number(value: float) -> str:
+    """A sample value as the text format spells it (Go's ParseFloat reads all of these)."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _label(value: str) -> str:
+    # The text format's three escapes; a unix socket path may contain any of these.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_METRICS = {
+    # name: (type, help)
+    "forkserver_requests_total": ("counter", "Requests served, by all workers past and present."),
+    "forkserver_responses_total": ("counter", "Responses sent, by status class."),
+    "forkserver_request_duration_seconds": (
+        "histogram", "Time from the start of the application call to the end of the response."),
+    "forkserver_requests_in_flight": ("gauge", "Requests being run by a worker right now."),
+    "forkserver_workers": ("gauge", "Worker processes, by state."),
+    "forkserver_connections_open": ("gauge", "Client connections held open by the workers."),
+    "forkserver_worker_resident_memory_bytes": ("gauge", "Resident memory of each worker."),
+    "forkserver_worker_own_memory_bytes": (
+        "gauge", "Resident memory of each worker not shared with other processes."),
+    "forkserver_worker_cpu_seconds_total": (
+        "counter", "CPU time (user and system) of each worker."),
+    "forkserver_worker_restarts_total": ("counter", "Workers that exited, by reason."),
+    "forkserver_reloads_total": ("counter", "Configuration reloads (HUP) started."),
+    "forkserver_uptime_seconds": ("gauge", "Seconds since the master started."),
+    "forkserver_listen_backlog": (
+        "gauge", "Connections waiting in a listener's accept queue (TCP listeners only)."),
+    "forkserver_listen_backlog_max": ("gauge", "The accept queue limit of each TCP listener."),
+    "forkserver_sent_bytes_total": ("counter", "Response bytes sent to clients."),
+}
+
+
+def render_prometheus(snapshot: Snapshot) -> bytes:
+    """The Prometheus text exposition format, version 0.0.4."""
+    out: list[str] = []
+
+    def family(name: str, samples: list[tuple[str, str, float]]) -> None:
+        kind, help_text = _METRICS[name]
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{labels} {_number(value)}")
+
+    family("forkserver_requests_total", [("", "", snapshot.requests)])
+    family("forkserver_responses_total",
+           [("", f'{{class="{k}"}}', n) for k, n in snapshot.responses.items()])
+    cumulative = 0
+    buckets = []
+    for bound, count in zip(DURATION_BUCKETS, snapshot.duration_buckets):
+        cumulative += count
+        buckets.append(("_bucket", f'{{le="{_number(bound)}"}}', cumulative))
+    family("forkserver_request_duration_seconds", [
+        *buckets, ("_sum", "", snapshot.duration_sum), ("_count", "", cumulative),
+    ])
+    family("forkserver_requests_in_flight", [("", "", snapshot.in_flight)])
+    family("forkserver_workers",
+           [("", f'{{state="{s}"}}', n) for s, n in snapshot.workers_by_state.items()])
+    family("forkserver_connections_open", [("", "", snapshot.connections)])
+    family("forkserver_worker_resident_memory_bytes",
+           [("", f'{{pid="{w.pid}"}}', w.rss) for w in snapshot.workers])
+    family("forkserver_worker_own_memory_bytes",
+           [("", f'{{pid="{w.pid}"}}', w.own_memory) for w in snapshot.workers])
+    family("forkserver_worker_cpu_seconds_total",
+           [("", f'{{pid="{w.pid}"}}', w.cpu_seconds) for w in snapshot.workers])
+    family("forkserver_worker_restarts_total",
+           [("", f'{{reason="{_label(r)}"}}', n) for r, n in snapshot.restarts.items()])
+    family("forkserver_reloads_total", [("", "", snapshot.reloads)])
+    family("forkserver_uptime_seconds", [("", "", round(snapshot.uptime, 3))])
+    family("forkserver_listen_backlog",
+           [("", f'{{listener="{_label(s.name)}"}}', s.queued) for s in snapshot.listeners])
+    family("forkserver_listen_backlog_max",
+           [("", f'{{listener="{_label(s.name)}"}}', s.max) for s in snapshot.listeners])
+    family("forkserver_sent_bytes_total", [("", "", snapshot.sent_bytes)])
+    out.append("")
+    return "\n".join(out).encode("utf-8")
+
+
+def render_status(snapshot: Snapshot) -> bytes:
+    """/status: the master, one entry per worker, and the totals, as one JSON object."""
+    workers = [
+        {
+            "pid": w.pid,
+            "slot": w.index,
+            "generation": w.generation,
+            "state": w.state,
+            "retiring": w.reason,
+            "requests": w.requests,
+            "current_request": w.current_request,
+            "busy_seconds": round(w.busy_seconds, 3),
+            "age_seconds": round(w.age_seconds, 3),
+            "heartbeat_age": round(w.heartbeat_age, 3),
+            "rss": w.rss,
+            "own_memory": w.own_memory,
+            "cpu_seconds": round(w.cpu_seconds, 3),
+            "connections": w.connections,
+            "sent_bytes": w.sent_bytes,
+        }
+        for w in snapshot.workers
+    ]
+    data = {
+        "master": {
+            "pid": snapshot.master_pid,
+            "time": round(snapshot.time, 3),
+            "uptime": round(snapshot.uptime, 3),
+            "rss": snapshot.master_rss,
+            "reloads": snapshot.reloads,
+            "restarts": snapshot.restarts,
+            "listeners": [{"name": s.name, "queued": s.queued, "max": s.max}
+                          for s in snapshot.listeners],
+        },
+        "workers": workers,
+        "totals": {
+            "requests": snapshot.requests,
+            "responses": snapshot.responses,
+            "sent_bytes": snapshot.sent_bytes,
+            "in_flight": snapshot.in_flight,
+            "connections": snapshot.connections,
+            "workers": snapshot.workers_by_state,
+            "duration_sum": round(snapshot.duration_sum, 6),
+            "duration_buckets": {_number(bound): count for bound, count
+                                 in zip(DURATION_BUCKETS, snapshot.duration_buckets)},
+        },
+    }
+    return json.dumps(data, ensure_ascii=True, indent=1).encode("ascii") + b"\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The listener.
+
+MAX_REQUEST_LINE = 1024
+MAX_HEADERS = 20
+MAX_HEADER_SIZE = 1024
+MAX_CONNECTIONS = 32  # past this the listener is left out of fds(): new scrapes wait in the queue
+CONNECTION_TTL = 2.0  # seconds a connection may live, request, answer and drain included
+ACCEPT_BATCH = 8  # connections taken per wakeup, so a burst cannot hog the master's loop
+RECV_SIZE = 4096
+DRAIN_LIMIT = 64 * 1024  # bytes read after answering before giving up on a polite close
+SEND_BUFFER = 256 * 1024  # so that a whole answer fits the socket and one send() suffices
+
+PATHS = {
+    "/metrics": (render_prometheus, b"text/plain; version=0.0.4; charset=utf-8"),
+    "/status": (render_status, b"application/json"),
+}
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+            500: "Internal Server Error"}
+
+_log = logging.getLogger("forkserver.metrics")  # a child of the server's error log
+
+
+def _response(status: int, content_type: bytes, body: bytes, head_only: bool = False,
+              extra: bytes = b"") -> bytes:
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n%s\r\n"
+            % (status, _REASONS[status].encode("ascii"), content_type, len(body), extra))
+    return head if head_only else head + body
+
+
+def _plain(status: int, head_only: bool = False, extra: bytes = b"") -> bytes:
+    text = f"{status} {_REASONS[status]}\n".encode("ascii")
+    return _response(status, b"text/plain; charset=utf-8", text, head_only, extra)
+
+
+class _Conn:
+    __slots__ = ("answered", "born", "drained", "fd", "out", "parser", "sock")
+
+    def __init__(self, sock: socket.socket, born: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.born = born
+        self.parser = RequestParser(MAX_REQUEST_LINE, MAX_HEADERS, MAX_HEADER_SIZE, 0)
+        self.out = b""  # answer bytes not sent yet
+        self.answered = False  # the answer is out and our side shut down; only draining now
+        self.drained = 0
+
+
+class MetricsServer:
+    """The master's tiny GET-only HTTP listener, driven by the master's own select loop.
+
+    The master selects for reading on ``fds()`` and calls ``on_readable`` for each ready one,
+    and calls ``expire`` on every pass. An answer normally leaves in one send (the send buffer
+    is enlarged for that); if the client does not take it at once, the rest goes out as the
+    master calls ``on_writable`` for ``write_fds()``, or at the latest on the next ``expire``.
+    """
+
+    def __init__(self, sock: socket.socket, snapshot: Callable[[], Snapshot]) -> None:
+        sock.setblocking(False)
+        self._listener = sock
+        self._listener_fd = sock.fileno()
+        self._snapshot = snapshot
+        self._conns: dict[int, _Conn] = {}
+
+    def fds(self) -> list[int]:
+        """Descriptors to select() on for reading: the listener (unless full) and connections."""
+        fds = list(self._conns)
+        if len(fds) < MAX_CONNECTIONS and self._listener_fd >= 0:
+            fds.append(self._listener_fd)
+        return fds
+
+    def write_fds(self) -> list[int]:
+        """Connections with part of an answer still to send (rare; see the class docstring)."""
+        return [fd for fd, conn in self._conns.items() if conn.out]
+
+    def on_readable(self, fd: int) -> None:
+        """Accept, or read from one connection and answer once its request head is complete."""
+        if fd == self._listener_fd:
+            self._accept()
+            return
+        conn = self._conns.get(fd)
+        if conn is None:
+            return
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if conn.answered or conn.out:
+            # Anything after the one request is read and dropped so the close is not a reset.
+            conn.drained += len(data)
+            if not data or conn.drained > DRAIN_LIMIT:
+                self._close(conn)
+            return
+        if not data:
+            self._close(conn)  # the client gave up before finishing its request
+            return
+        conn.parser.feed(data)
+        try:
+            event = conn.parser.next_event()
+        except HTTPError as error:
+            self._answer(conn, error.response())
+            return
+        if event is NEED_DATA:
+            return
+        if isinstance(event, Request):
+            self._answer(conn, self._respond(event))
+
+    def on_writable(self, fd: int) -> None:
+        """Send more of a pending answer."""
+        conn = self._conns.get(fd)
+        if conn is not None and conn.out:
+            self._flush(conn)
+
+    def expire(self, now: float) -> None:
+        """Drop connections older than CONNECTION_TTL (``now`` from time.monotonic())."""
+        for conn in list(self._conns.values()):
+            if now - conn.born > CONNECTION_TTL:
+                self._close(conn)
+            elif conn.out:
+                self._flush(conn)
+
+    def close(self) -> None:
+        """Close every connection and the listener (a unix socket's path is the caller's)."""
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self._listener_fd >= 0:
+            self._listener.close()
+            self._listener_fd = -1
+
+    # -- internals --------------------------------------------------------------------------
+    def _accept(self) -> None:
+        now = time.monotonic()
+        for _ in range(ACCEPT_BATCH):
+            if len(self._conns) >= MAX_CONNECTIONS:
+                return
+            try:
+                sock, _address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                # ECONNABORTED and friends: that client is gone. EMFILE: the master is out of
+                # descriptors; the next pass retries rather than spinning here.
+                _log.debug("metrics listener: accept failed: %s", error)
+                return
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
+            self._conns[sock.fileno()] = _Conn(sock, now)
+
+    def _respond(self, request: Request) -> bytes:
+        if request.chunked or request.content_length:
+            return _plain(413)  # nothing here takes a body, and reading one is not worth it
+        head_only = request.method == "HEAD"
+        if request.method not in ("GET", "HEAD"):
+            return _plain(405, extra=b"Allow: GET, HEAD\r\n")
+        route = PATHS.get(request.path)
+        if route is None:
+            return _plain(404, head_only)
+        render, content_type = route
+        try:
+            body = render(self._snapshot())
+        except Exception:  # noqa: BLE001 - a metrics bug must not take the master down
+            _log.exception("metrics: cannot answer %s %s", request.method, request.path)
+            return _plain(500, head_only)
+        return _response(200, content_type, body, head_only)
+
+    def _answer(self, conn: _Conn, data: bytes) -> None:
+        conn.out = data
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        # All sent: shut our side and wait (in fds(), bounded by the TTL) for the client's EOF.
+        # Closing at once could turn unread client bytes into a reset that destroys the answer.
+        conn.answered = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        self._conns.pop(conn.fd, None)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
