@@ -163,6 +163,9 @@ def _status_parser() -> argparse.ArgumentParser:
                         "metrics_bind from the configuration)")
     parser.add_argument("-c", "--config", metavar="FILE", default=None,
                         help="config file to read metrics_bind from (found as the server finds it)")
+    parser.add_argument("--pidfile", metavar="FILE", default=None,
+                        help="the server's pidfile: its metrics address is read from FILE.metrics, "
+                        "which the master writes beside it")
     parser.add_argument("--watch", action="store_true",
                         help="refresh every second until Ctrl-C")
     parser.add_argument("--count", type=int, metavar="N", default=None,
@@ -175,6 +178,8 @@ def status_main(argv: list[str]) -> int:
     try:
         namespace = _status_parser().parse_args(argv)
         address = namespace.metrics_bind
+        if address is None and namespace.pidfile:
+            address = _address_beside_pidfile(namespace.pidfile)
         if address is None:
             settings = config.resolve({}, namespace.config, os.environ, os.getcwd())
             address = settings.metrics_bind
@@ -210,6 +215,16 @@ def status_main(argv: list[str]) -> int:
             time.sleep(WATCH_INTERVAL)
     except KeyboardInterrupt:
         return 0
+
+
+def _address_beside_pidfile(pidfile: str) -> str:
+    path = pidfile + ".metrics"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise config.ConfigError(f"cannot read {path} (is metrics_bind set on that server?): "
+                                 f"{exc.strerror}") from None
 
 
 def _status_target(address: str) -> StatusTarget:

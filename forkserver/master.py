@@ -112,6 +112,7 @@ class Master:
         self.metrics_server: metrics.MetricsServer | None = None
         self.metrics_listener: tuple[socket.socket, sockets.BindSpec] | None = None
         self.access_log: logs.AccessLog | None = None
+        self.access_log_config: tuple[str, str] = ("", "")
 
     # -- startup ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -220,8 +221,20 @@ class Master:
             self.metrics_listener = (sock, spec)
             self.metrics_server = metrics.MetricsServer(sock, self._snapshot)
             self.log.info("Metrics at: %s", sockets.describe(sock))
-        if settings.access_log:
-            self.access_log = logs.AccessLog(settings.access_log, settings.access_log_format)
+        self._set_access_log(settings)
+
+    def _set_access_log(self, settings: Any) -> None:
+        """Open the access log the settings ask for (at start, and when a reload changes it).
+        Workers already forked keep the file they inherited; the master's copy can go."""
+        old = self.access_log
+        wanted = (settings.access_log, settings.access_log_format)
+        if old is not None and wanted == self.access_log_config:
+            return
+        self.access_log = (logs.AccessLog(settings.access_log, settings.access_log_format)
+                           if settings.access_log else None)
+        self.access_log_config = wanted
+        if old is not None:
+            old.close()
 
     def _snapshot(self) -> metrics.Snapshot:
         workers = [(pid, info.index, info.generation) for pid, info in self.workers.items()]
@@ -230,11 +243,14 @@ class Master:
 
     def _write_pidfile(self) -> None:
         path = self.settings.pidfile
-        if path:
-            tmp = f"{path}.{self.pid}.tmp"
-            with open(tmp, "w") as handle:
-                handle.write(f"{self.pid}\n")
-            os.replace(tmp, path)
+        if not path:
+            return
+        _write_atomically(path, f"{self.pid}\n", self.pid)
+        if self.metrics_listener is not None:
+            # `forkserver status --pidfile` finds the metrics listener here (its real port,
+            # even when metrics_bind asked for port 0).
+            address = sockets.describe(self.metrics_listener[0]).removeprefix("http://")
+            _write_atomically(path + ".metrics", address + "\n", self.pid)
 
     def _remove_pidfile(self) -> None:
         path = self.settings.pidfile
@@ -244,6 +260,8 @@ class Master:
             with open(path) as handle:
                 if handle.read().strip() == str(self.pid):
                     os.unlink(path)
+                    if self.metrics_listener is not None:
+                        os.unlink(path + ".metrics")
         except OSError:
             pass
 
@@ -604,6 +622,7 @@ class Master:
                                  "restart or USR2")
             try:
                 logs.setup(new_settings.log_level, new_settings.error_log, proc="master")
+                self._set_access_log(new_settings)
             except (OSError, ValueError) as error:
                 self.log.error("reload: %s; keeping the old log", error)
             self.settings, self.hooks = new_settings, new_hooks
@@ -642,6 +661,10 @@ class Master:
                 self._retire(info, Reason.RELOAD)
         self.generation = transition.old_generation
         self.settings = transition.old_settings
+        try:
+            self._set_access_log(self.settings)
+        except (OSError, ValueError) as error:
+            self.log.error("cannot reopen the access log: %s", error)
         self.hooks = transition.old_hooks
         self.target = transition.old_target
         self.transition = None
@@ -789,6 +812,13 @@ class Master:
         # A second TERM while the interpreter winds down must not turn a clean exit into a
         # death by signal: keep them pending until the process is gone.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
+def _write_atomically(path: str, text: str, pid: int) -> None:
+    tmp = f"{path}.{pid}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def _own_memory(pid: int) -> int:

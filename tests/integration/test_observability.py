@@ -361,3 +361,41 @@ def test_status_command_against_a_running_server(server_factory, short_dir):
                           check=False)
     assert gone.returncode == 1 and gone.stdout == ""
     assert gone.stderr.startswith("forkserver: error: cannot reach the metrics listener")
+
+
+def test_status_command_finds_the_server_by_its_pidfile(server_factory, tmp_path):
+    pidfile = tmp_path / "fs.pid"
+    server = server_factory("tests.apps.basic:app", "--pidfile", str(pidfile),
+                            "--metrics-bind", "127.0.0.1:0")
+    sidecar = Path(f"{pidfile}.metrics")
+    address = sidecar.read_text().strip()
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORKSERVER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "forkserver", "status", "--pidfile",
+                             str(pidfile)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"forkserver master {server.pid}, up ")
+    server.stop()
+    assert not pidfile.exists() and not sidecar.exists()
+
+
+def test_hup_picks_up_a_new_access_log(server_factory, tmp_path):
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    config_file = tmp_path / "forkserver.toml"
+    config_file.write_text(f'access_log = "{first}"\n')
+    server = server_factory("tests.apps.basic:app", "--config", str(config_file))
+    requests.get(f"{server.url}/", timeout=10)
+    config_file.write_text(f'access_log = "{second}"\naccess_log_format = "json"\n')
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"generation 2 ready; retiring")
+    server.wait_for_log(r"2 workers ready \(generation 2\)")
+    server.wait_for_log(r"exited with code 0 \(reload", count=2)  # only new workers serve
+    requests.get(f"{server.url}/after-reload", timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "after-reload" not in second.read_text():
+        time.sleep(0.05)  # the line is written just after the response is sent
+    assert json.loads(second.read_text().splitlines()[-1])["path"] == "/after-reload"
+    assert "after-reload" not in first.read_text()
+    server.known_pids.update(server.worker_pids())
