@@ -91,6 +91,15 @@ class Server:
         except psutil.NoSuchProcess:
             return []
 
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for a server that stops by itself (a failed boot); kill it if it does not."""
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
     def send_signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
@@ -170,15 +179,20 @@ def http_request(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
     """Send raw bytes and read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(raw)
-        chunks = []
-        while True:
-            try:
-                data = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            chunks.append(data)
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (a reset after the answer counts as a close)."""
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
     return b"".join(chunks)
 
 

@@ -68,12 +68,7 @@ def test_quick_shutdown_with_int(server):
 def test_bad_app_import_exits_non_zero_naming_the_module(tmp_path):
     server = Server(tmp_path, "tests.apps.bad_import:app", wait_ready=False)
     server.start()
-    try:
-        code = server.proc.wait(30)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    code = server.wait_exit(30)
     assert code != 0
     log = server.log()
     assert "module_that_does_not_exist_xyz" in log

@@ -93,12 +93,7 @@ def test_a_raising_worker_hook_fails_boot_cleanly(server_factory, tmp_path):
                     env={"HOOK_LOG": str(tmp_path / "h.log"),
                          "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, wait_ready=False)
     server.start()
-    try:
-        code = server.proc.wait(30)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    code = server.wait_exit(30)
     assert code != 0
     assert "post_fork hook breaks on purpose" in server.log()
     assert not server._kill_leftovers()

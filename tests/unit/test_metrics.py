@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import config, metrics
+from tests.conftest import read_until_closed as read_all
 from forkserver.metrics import (
     ListenerSample,
     MetricsServer,
@@ -465,17 +466,6 @@ class Harness:
         self.server.close()
 
 
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def split(response: bytes) -> tuple[int, dict[str, str], bytes]:
