@@ -41,6 +41,11 @@ LINGER_SECONDS = 2.0       # how long an error close drains the client before cl
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
 HOUSEKEEPING_INTERVAL = 1.0
 
+# accept() errors that concern only the connection being accepted (see accept(2), Linux).
+_ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                           errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                           errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
+
 # Connection phases; each but BUSY has its own kind of deadline.
 HEAD, BODY, IDLE, LINGER, BUSY = range(5)
 
@@ -255,13 +260,13 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.warning("accept failed: %s; pausing accepts", error)
-                    self._accept_off()
-                    return
-                if error.errno == errno.ECONNABORTED:
-                    continue
-                raise
+                if error.errno in _ACCEPT_RETRY:
+                    continue  # that one connection failed; the next may be fine
+                # Out of descriptors or memory: stop accepting for a moment (housekeeping
+                # or the next close resumes), keep serving what is open.
+                self.log.warning("accept failed: %s; pausing accepts", error)
+                self._accept_off()
+                return
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
                 remote = ("", "")
@@ -503,14 +508,18 @@ class Worker:
 
     def _housekeeping(self, now: float) -> None:
         self.slot.heartbeat()
-        if os.getppid() != self.spec.master_pid:
+        if os.getppid() != self.spec.master_pid and not self.stopping:
+            # Nobody supervises us any more: finish what clients already sent, then go.
             self.log.warning("worker %d: master is gone; exiting", os.getpid())
-            self.quick_exit = True
+            self._begin_stop()
         if self.stopping:
             for conn in list(self.conns.values()):
                 if conn.phase == IDLE and not conn.parser.buffered:
                     self._close(conn)
         self.slot.set_connections(len(self.conns))
+        if not self.accepting and not self.stopping and \
+                len(self.conns) < self.spec.worker_connections:
+            self._accept_on()  # resume after an accept failure paused us
 
     def serve(self) -> int:
         code = self.boot()
