@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -171,8 +172,8 @@ class Master:
         if hook is not None:
             try:
                 hook(*args)
-            except Exception as error:  # noqa: BLE001 - a hook must not take the master down
-                self.log.error("hook %s failed: %r", name, error, exc_info=True)
+            except Exception:  # a hook must not take the master down
+                self.log.exception("hook %s failed", name)
 
     def _open_listeners(self) -> None:
         settings = self.settings
@@ -454,7 +455,7 @@ class Master:
         app = self.app
         load_app: Callable[[], Callable]
         if app is not None:
-            load_app = lambda: app  # noqa: E731 - preloaded in the master
+            load_app = lambda: app  # preloaded in the master
         else:
             load_app = functools.partial(loader.load_app, settings.app)
         jitter = settings.max_requests_jitter
@@ -677,7 +678,7 @@ class Master:
             return
         argv = self._own_argv()
         check_argv = [*argv, "--check-config"]
-        output = tempfile.TemporaryFile()
+        output = tempfile.TemporaryFile()  # noqa: SIM115 - read and closed when the check exits
         try:
             pid = os.posix_spawn(check_argv[0], check_argv, os.environ,
                                  file_actions=[(os.POSIX_SPAWN_DUP2, output.fileno(), 1),

@@ -21,14 +21,15 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from forkserver import logs, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
-from forkserver.http.response import http_date
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, PAUSED, Request, RequestParser
-from forkserver.scoreboard import Scoreboard, State, Reason
+from forkserver.http.response import http_date
+from forkserver.scoreboard import Reason, Scoreboard, State
 
 # Exit codes the master understands.
 EXIT_OK = 0
@@ -83,10 +84,24 @@ class WorkerSpec:
 class Connection:
     """One client connection; also the ``wsgi.Channel`` the app's I/O goes through."""
 
-    __slots__ = ("sock", "fd", "parser", "remote", "base", "phase", "deadline", "requests",
-                 "request", "parts", "body_size", "worker", "body_deadline", "registered")
+    __slots__ = (
+        "base",
+        "body_deadline",
+        "body_size",
+        "deadline",
+        "fd",
+        "parser",
+        "parts",
+        "phase",
+        "registered",
+        "remote",
+        "request",
+        "requests",
+        "sock",
+        "worker",
+    )
 
-    def __init__(self, worker: "Worker", sock: socket.socket, remote: tuple[str, str],
+    def __init__(self, worker: Worker, sock: socket.socket, remote: tuple[str, str],
                  base: dict[str, Any]) -> None:
         spec = worker.spec
         self.worker = worker
@@ -291,8 +306,7 @@ class Worker:
         conn.phase = phase
         deadline = time.monotonic() + seconds
         conn.deadline = deadline
-        if deadline < self.next_deadline:
-            self.next_deadline = deadline
+        self.next_deadline = min(self.next_deadline, deadline)
 
     def _expire(self, now: float) -> None:
         """Close connections whose deadline passed; find the next deadline."""
@@ -395,10 +409,10 @@ class Worker:
                 conn.request = event
                 conn.parts = None
                 conn.body_size = 0
-                if event.expect_continue:
-                    # The client waits for our go-ahead: let the app decide (design.md).
-                    if not self._dispatch(conn, event, wsgi.Input(conn, None, False, True)):
-                        return
+                # A client expecting 100-continue waits for our go-ahead: the app decides.
+                if event.expect_continue and \
+                        not self._dispatch(conn, event, wsgi.Input(conn, None, False, True)):
+                    return
                 continue
             # A piece of body: buffer small bodies, stream large ones.
             if conn.parts is None:
@@ -470,9 +484,8 @@ class Worker:
     def _call_hook(self, hook: Callable, *args: Any) -> None:
         try:
             hook(*args)
-        except Exception as error:  # noqa: BLE001 - a request hook must not stop serving
-            self.log.error("hook %s failed: %r", getattr(hook, "__name__", hook), error,
-                           exc_info=True)
+        except Exception:  # a request hook must not stop serving
+            self.log.exception("hook %s failed", getattr(hook, "__name__", hook))
 
     def _log_app_error(self, message: str, with_traceback: bool) -> None:
         self.log.error(message, exc_info=with_traceback)
@@ -540,7 +553,7 @@ class Worker:
         while True:
             now = time.monotonic()
             wait = min(self.next_deadline, next_housekeeping) - now
-            events = epoll.poll(wait if wait > 0 else 0)
+            events = epoll.poll(max(0, wait))
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is not None:

@@ -12,7 +12,8 @@ import os
 import stat
 import sys
 from collections import deque
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
@@ -85,7 +86,7 @@ class Input:
     boundary; pipelined bytes after it stay in the parser for the next request.
     """
 
-    __slots__ = ("_channel", "_parts", "_buf", "complete", "_continue")
+    __slots__ = ("_buf", "_channel", "_continue", "_parts", "complete")
 
     def __init__(self, channel: Channel, parts: deque | None, complete: bool,
                  send_continue: bool) -> None:
@@ -203,7 +204,7 @@ class Input:
 class FileWrapper:
     """``wsgi.file_wrapper``: iterable over a file; the worker sends real files with sendfile."""
 
-    __slots__ = ("filelike", "blksize")
+    __slots__ = ("blksize", "filelike")
 
     def __init__(self, filelike: Any, blksize: int = 8192) -> None:
         self.filelike = filelike
@@ -323,8 +324,20 @@ class Exchange:
     ``run`` is the only place forkserver calls an application.
     """
 
-    __slots__ = ("channel", "request", "body", "keep_alive", "server", "status", "headers",
-                 "response", "head_sent", "bytes_sent", "status_code", "close_reason")
+    __slots__ = (
+        "body",
+        "bytes_sent",
+        "channel",
+        "close_reason",
+        "head_sent",
+        "headers",
+        "keep_alive",
+        "request",
+        "response",
+        "server",
+        "status",
+        "status_code",
+    )
 
     def __init__(self, channel: Channel, request: Request, body: Any, keep_alive: bool,
                  server: bytes) -> None:
@@ -424,9 +437,9 @@ class Exchange:
                     response = self.response or self._start(len(body))
                     self._send(response.head + response.body(body) + response.end())
                 return
-            if isinstance(result, FileWrapper) and not self.head_sent:
-                if self._send_file(result):
-                    return
+            if isinstance(result, FileWrapper) and not self.head_sent \
+                    and self._send_file(result):
+                return
             for data in result:
                 if data:
                     if not self.head_sent and self.response is None:

@@ -42,7 +42,7 @@ class Server:
         self.known_pids: set[int] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self, timeout: float = 20.0) -> "Server":
+    def start(self, timeout: float = 20.0) -> Server:
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.known_pids.add(self.proc.pid)

@@ -129,7 +129,7 @@ def test_chunked_upload(shared_server):
            b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: yes\r\n\r\n")
     with shared_server.connect() as sock:
         sock.sendall(raw)
-        status, headers, body = ResponseReader(sock).read()
+        status, _headers, body = ResponseReader(sock).read()
     assert status == 200
     assert body == b"hello world"
 
@@ -171,7 +171,7 @@ def test_head_has_no_body(shared_server):
         reader = ResponseReader(sock)
         status, headers, body = reader.read(head_request=True)
         assert status == 200 and body == b""
-        status, headers, body = reader.read()
+        status, _headers, body = reader.read()
         assert body == b"Hello, world!"
 
 
@@ -190,7 +190,7 @@ def test_http10_keep_alive_when_length_known(shared_server):
         status, headers, body = reader.read()
         assert headers.get("connection", "").lower() == "keep-alive"
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        status, headers, body = reader.read()
+        _status, headers, body = reader.read()
         assert body == b"Hello, world!"
         assert sock.recv(10) == b""
 
@@ -198,7 +198,7 @@ def test_http10_keep_alive_when_length_known(shared_server):
 def test_streamed_response_is_chunked_on_http11(shared_server):
     with shared_server.connect() as sock:
         sock.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, headers, body = ResponseReader(sock).read()
+        _status, headers, body = ResponseReader(sock).read()
     assert headers["transfer-encoding"] == "chunked"
     assert body == b"".join(f"part {i}\n".encode() for i in range(5))
 
@@ -211,7 +211,7 @@ def test_no_content_has_no_body_and_keeps_alive(shared_server):
     with shared_server.connect() as sock:
         reader = ResponseReader(sock)
         sock.sendall(b"GET /no-content HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, headers, body = reader.read()
+        status, headers, _body = reader.read()
         assert status == 204 and "transfer-encoding" not in headers
         assert reader.read()[2] == b"Hello, world!"
 
@@ -338,7 +338,7 @@ def test_keepalive_requests_limit_closes(server_factory):
         reader = ResponseReader(sock)
         for i in range(3):
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            status, headers, _ = reader.read()
+            _status, headers, _ = reader.read()
         assert headers.get("connection") == "close"
         assert sock.recv(10) == b""
 

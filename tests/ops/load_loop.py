@@ -11,6 +11,7 @@ import http.client
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass
@@ -38,7 +39,7 @@ class LoadLoop:
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
 
-    def __enter__(self) -> "LoadLoop":
+    def __enter__(self) -> Self:
         deadline = time.monotonic() + self.max_seconds
         for _ in range(self.threads):
             thread = threading.Thread(target=self._run, args=(deadline,), daemon=True)

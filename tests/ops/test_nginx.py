@@ -71,7 +71,7 @@ class Nginx:
     def test_config(self) -> subprocess.CompletedProcess:
         return subprocess.run([*self.argv, "-t"], capture_output=True, text=True, timeout=30)
 
-    def start(self, port: int) -> "Nginx":
+    def start(self, port: int) -> Nginx:
         self.port = port
         self.proc = subprocess.Popen([*self.argv, "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -109,7 +109,7 @@ class Nginx:
 class GroupServer(Server):
     """A forkserver in its own session, so one os.killpg() takes master and workers at once."""
 
-    def start(self, timeout: float = 20.0) -> "GroupServer":
+    def start(self, timeout: float = 20.0) -> GroupServer:
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -204,7 +204,7 @@ def test_requests_keep_succeeding_when_one_instance_dies(nginx, backends):
     for thread in threads:
         thread.start()
     time.sleep(0.4)  # both are now inside the app's sleep
-    victim, survivor = backends
+    victim, _survivor = backends
     os.killpg(victim.pid, signal.SIGKILL)  # master and workers, no chance to drain
     victim.proc.wait(10)
     for thread in threads:

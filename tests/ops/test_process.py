@@ -12,7 +12,7 @@ import time
 import psutil
 import requests
 
-from tests.conftest import ROOT, Server, ResponseReader
+from tests.conftest import ROOT, ResponseReader, Server
 
 
 def run_cli(*args: str, cwd=ROOT, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -123,7 +123,7 @@ def test_workers_exit_when_master_dies(server):
     workers = server.worker_pids()
     server.proc.kill()  # SIGKILL: the master cannot tell anyone
     server.proc.wait()
-    gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in workers], timeout=10)
+    _gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in workers], timeout=10)
     assert not alive
 
 

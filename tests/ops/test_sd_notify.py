@@ -24,7 +24,7 @@ class NotifySocket:
         while time.monotonic() < deadline:
             try:
                 message = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.messages.append(message)
             if needle in message:
@@ -35,7 +35,7 @@ class NotifySocket:
         while True:
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 return
 
     def close(self) -> None:

@@ -12,7 +12,6 @@ import requests
 
 from tests.conftest import ROOT
 
-
 HOOKS = '''
 import os
 

@@ -18,7 +18,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import config, metrics
-from tests.conftest import read_until_closed as read_all
 from forkserver.metrics import (
     ListenerSample,
     MetricsServer,
@@ -30,6 +29,7 @@ from forkserver.metrics import (
     render_status,
 )
 from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, State
+from tests.conftest import read_until_closed as read_all
 
 
 @pytest.fixture

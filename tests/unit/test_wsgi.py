@@ -137,7 +137,7 @@ def test_validator_accepts_our_environ_and_calls():
                                   ("Content-Length", str(len(body)))])
         return [body]
     errors = []
-    exchange, channel, _ = run(validator(app), b"POST /v HTTP/1.1\r\nHost: x\r\n"
+    _exchange, channel, _ = run(validator(app), b"POST /v HTTP/1.1\r\nHost: x\r\n"
                                                b"Content-Length: 4\r\n\r\n", [b"da", b"ta"],
                                errors=errors)
     assert errors == []
@@ -155,7 +155,7 @@ def test_input_read_readline_iter_never_past_body():
         seen["after"] = stream.read()
         start_response("200 OK", [])
         return []
-    exchange, channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n",
+    _exchange, channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n",
                                [b"line1\nab", b"line2\nlast-pipelined-bytes"])
     # The channel hands over a piece past the body; the parser must stop at 14 bytes.
     assert seen["first"] == b"line1\n"
@@ -222,7 +222,7 @@ def test_streaming_response_is_chunked():
         yield b""
         yield b"cde"
     _, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, headers, body = split_response(channel.output)
+    _status, headers, body = split_response(channel.output)
     assert headers["transfer-encoding"] == "chunked"
     assert body == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
 
@@ -233,14 +233,14 @@ def test_http10_streaming_closes_instead_of_chunking():
         yield b"ab"
         yield b"cd"
     exchange, channel, _ = run(app, b"GET / HTTP/1.0\r\n\r\n")
-    status, headers, body = split_response(channel.output)
+    _status, headers, body = split_response(channel.output)
     assert "transfer-encoding" not in headers and body == b"abcd"
     assert exchange.keep_alive is False
 
 
 def test_head_sends_no_body():
-    exchange, channel, _ = run(hello, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, headers, body = split_response(channel.output)
+    _exchange, channel, _ = run(hello, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _headers, body = split_response(channel.output)
     assert body == b"" and status.endswith("200 OK")
 
 
@@ -364,7 +364,7 @@ def test_body_shorter_than_content_length_closes():
         start_response("200 OK", [("Content-Length", "10")])
         yield b"ab"
         yield b"c"
-    exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    exchange, _channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert exchange.keep_alive is False
 
 
@@ -375,8 +375,8 @@ def test_file_wrapper_uses_sendfile_for_real_files(tmp_path):
     def app(environ, start_response):
         start_response("200 OK", [])
         return environ["wsgi.file_wrapper"](open(path, "rb"))
-    exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, headers, body = split_response(channel.output)
+    _exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    _status, headers, body = split_response(channel.output)
     assert headers["content-length"] == "10000"
     assert body == path.read_bytes()
     assert channel.files  # went through sendfile, not iteration
@@ -387,7 +387,7 @@ def test_file_wrapper_over_a_non_file_iterates():
         start_response("200 OK", [])
         return environ["wsgi.file_wrapper"](io.BytesIO(b"in memory"), 4)
     _, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, headers, body = split_response(channel.output)
+    _status, headers, body = split_response(channel.output)
     assert headers["transfer-encoding"] == "chunked"
     assert b"in m" in body and not channel.files
 
@@ -397,6 +397,6 @@ def test_client_disconnect_mid_body_does_not_raise_out():
         environ["wsgi.input"].read()
         start_response("200 OK", [])
         return [b"x"]
-    exchange, channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+    exchange, _channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
                                [b"only ten b"])
     assert exchange.keep_alive is False
