@@ -267,13 +267,26 @@ class Worker:
             self.accepting = False
 
     def _accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
+        kept = self._accept_batch(fd, batch)
+        if kept and self.accepting:
+            # EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue, in
+            # registration order, so an idle first worker would collect every keep-alive
+            # connection. Registering again moves this worker to the back of the queue and
+            # spreads long-lived connections round-robin (connections that close at once skip
+            # this, so the Connection: close path pays nothing).
+            self._accept_off()
+            self._accept_on()
+
+    def _accept_batch(self, fd: int, batch: int) -> int:
+        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
         listener, base = self.listeners[fd]
         limit = self.spec.worker_connections
+        kept = 0
         for _ in range(batch):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return kept
             except OSError as error:
                 if error.errno in _ACCEPT_RETRY:
                     continue  # that one connection failed; the next may be fine
@@ -281,7 +294,7 @@ class Worker:
                 # or the next close resumes), keep serving what is open.
                 self.log.warning("accept failed: %s; pausing accepts", error)
                 self._accept_off()
-                return
+                return kept
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
                 remote = ("", "")
@@ -297,9 +310,11 @@ class Worker:
             if conn.fd in self.conns:
                 self.epoll.register(conn.fd, select.EPOLLIN)
                 conn.registered = True
+                kept += 1
             if len(self.conns) >= limit:
                 self._accept_off()
-                return
+                return kept
+        return kept
 
     # -- deadlines --------------------------------------------------------------------------
     def _set_deadline(self, conn: Connection, phase: int, seconds: float) -> None:

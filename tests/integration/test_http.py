@@ -381,3 +381,17 @@ def test_ipv6_listener(server_factory):
     with socket.create_connection(("::1", port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         assert ResponseReader(sock).read()[2] == b"Hello, world!"
+
+
+def test_keep_alive_connections_spread_over_workers(server):
+    """Connections opened one after another, and kept, land on every worker in turn."""
+    connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                   for _ in range(8)]
+    served_by: dict[bytes, int] = {}
+    for conn in connections:
+        conn.request("GET", "/pid")
+        pid = conn.getresponse().read()
+        served_by[pid] = served_by.get(pid, 0) + 1
+    for conn in connections:
+        conn.close()
+    assert len(served_by) == 2 and min(served_by.values()) >= 2, served_by
