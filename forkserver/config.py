@@ -569,7 +569,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "send_timeout", _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
-        "Seconds a client may stop reading a response before the connection is cut off.",
+        "Seconds a client may stop reading a response (or, while the app reads a request "
+        "body, stop sending it) before the connection is cut off.",
+    ),
+    Setting(
+        "min_body_rate", _COUNT, 8192, ("--min-body-rate",),
+        "Bytes per second a request body streamed to the app must keep up, after "
+        "header_timeout of grace; slower uploads get a 408, since the worker waits on them. "
+        "0 turns the check off (then only send_timeout and timeout bound them).",
     ),
     Setting(
         "worker_connections", _POSITIVE, 1000, ("--worker-connections",),

@@ -465,6 +465,7 @@ class Master:
             title=f"{settings.proc_name}: worker {index} [{settings.app}]",
             keepalive=settings.keepalive, keepalive_requests=settings.keepalive_requests,
             header_timeout=settings.header_timeout, send_timeout=settings.send_timeout,
+            min_body_rate=settings.min_body_rate,
             graceful_timeout=settings.graceful_timeout,
             worker_connections=settings.worker_connections,
             limit_request_line=settings.limit_request_line,

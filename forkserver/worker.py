@@ -37,7 +37,6 @@ EXIT_BOOT_ERROR = 3      # the app (or a boot hook) failed to load
 
 RECV_SIZE = 64 * 1024
 PREREAD_LIMIT = 64 * 1024  # bodies up to this size are read before the app is called
-MIN_BODY_RATE = 8 * 1024  # bytes/s a streamed body must keep up once its grace is spent
 LINGER_SECONDS = 2.0       # how long an error close drains the client before closing
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
 HOUSEKEEPING_INTERVAL = 1.0
@@ -66,6 +65,7 @@ class WorkerSpec:
     keepalive_requests: int = 1000
     header_timeout: float = 10.0
     send_timeout: float = 30.0
+    min_body_rate: int = 8192
     graceful_timeout: float = 30.0
     worker_connections: int = 1000
     limit_request_line: int = 8190
@@ -124,10 +124,12 @@ class Connection:
     def receive(self) -> bool:
         """More request body for the app. The worker is held while it waits, so a body that
         trickles in is cut off (408) long before the master's timeout would abort the worker:
-        after ``header_timeout`` of grace it must keep arriving at ``MIN_BODY_RATE``."""
+        after ``header_timeout`` of grace it must keep arriving at ``min_body_rate``."""
         worker = self.worker
+        rate = worker.spec.min_body_rate
         if not self.body_deadline:
-            self.body_deadline = time.monotonic() + worker.spec.header_timeout
+            self.body_deadline = (time.monotonic() + worker.spec.header_timeout if rate
+                                  else float("inf"))
         while True:
             try:
                 n = self.sock.recv_into(worker.buffer)
@@ -139,7 +141,8 @@ class Connection:
                 continue
             if n == 0:
                 return False
-            self.body_deadline += n / MIN_BODY_RATE
+            if rate:
+                self.body_deadline += n / rate
             self.parser.feed(worker.view[:n])
             return True
 
