@@ -105,7 +105,6 @@ class Master:
         self.watchdog = systemd.watchdog_interval(os.environ, self.pid)
         self.next_watchdog = 0.0
         self.next_status = 0.0
-        self.requests_folded = 0           # requests served by workers that have exited
         self.totals = metrics.Totals()     # counters of exited workers, so none is ever lost
         self.restarts: dict[str, int] = {}
         self.reloads = 0
@@ -317,7 +316,7 @@ class Master:
             views = [self.scoreboard.read(info.index) for info in self.workers.values()
                      if info.index >= 0]
             busy = sum(1 for view in views if view.state == State.BUSY)
-            served = self.requests_folded + sum(view.requests for view in views)
+            served = self.totals.requests + sum(view.requests for view in views)
             systemd.notify(f"STATUS={len(self.workers)} workers ({busy} busy), "
                            f"{served} requests served")
 
@@ -383,7 +382,6 @@ class Master:
             view = self.scoreboard.read(info.index)
             requests = view.requests
             self.totals.fold(view)
-            self.requests_folded += requests
             self.scoreboard.release(info.index)
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
