@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from forkserver.scoreboard import Scoreboard
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"Listening at: (\S+) \(")
 READY_RE = re.compile(r"(\d+) workers? ready")
@@ -168,6 +170,14 @@ def server_factory(tmp_path):
             if left:
                 errors.append(f"processes left behind: {left}")
     assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def board():
+    """A small scoreboard, closed afterwards (scoreboard and metrics unit tests)."""
+    sb = Scoreboard(4)
+    yield sb
+    sb.close()
 
 
 @pytest.fixture

@@ -31,14 +31,6 @@ from forkserver.metrics import (
 from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, State
 from tests.conftest import read_until_closed as read_all
 
-
-@pytest.fixture
-def board():
-    sb = Scoreboard(4)
-    yield sb
-    sb.close()
-
-
 # -------------------------------------------------------------- scoreboard duration histogram
 
 

@@ -12,13 +12,6 @@ from forkserver import scoreboard
 from forkserver.scoreboard import Reason, Scoreboard, State
 
 
-@pytest.fixture
-def board():
-    sb = Scoreboard(4)
-    yield sb
-    sb.close()
-
-
 def test_new_board_is_all_empty(board):
     assert board.capacity == 4
     assert board.slots() == []
