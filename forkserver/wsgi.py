@@ -435,7 +435,15 @@ class Exchange:
                     self._send(response.body(body) + response.end())
                 else:
                     response = self.response or self._start(len(body))
-                    self._send(response.head + response.body(body) + response.end())
+                    framed = response.body(body)
+                    tail = response.end()  # a body short of its Content-Length fails here
+                    if len(framed) <= SMALL_BODY:
+                        self._send(response.head + framed + tail)
+                    else:  # not worth copying a large body just to save one send
+                        self._send(response.head)
+                        self._send(framed)
+                        if tail:
+                            self._send(tail)
                 return
             if isinstance(result, FileWrapper) and not self.head_sent \
                     and self._send_file(result):

@@ -400,3 +400,24 @@ def test_client_disconnect_mid_body_does_not_raise_out():
     exchange, _channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
                                [b"only ten b"])
     assert exchange.keep_alive is False
+
+
+def test_large_single_body_is_sent_without_joining_it_to_the_head():
+    big = b"z" * 300_000
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [big]
+    _, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(channel.sent) == 2 and channel.sent[1] == big
+    status, headers, body = split_response(channel.output)
+    assert headers["content-length"] == "300000" and body == big
+
+
+def test_single_body_short_of_declared_length_is_500_before_anything_is_sent():
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "10")])
+        return [b"short"]
+    exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert channel.output.startswith(b"HTTP/1.1 500")
+    assert exchange.keep_alive is False
