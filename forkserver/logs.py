@@ -27,7 +27,9 @@ __all__ = [
     "ACCESS_LOG_FORMATS",
     "LOGGER_NAME",
     "AccessLog",
+    "ErrorsStream",
     "check_template",
+    "error_stream",
     "get_logger",
     "reopen",
     "setup",
@@ -344,3 +346,21 @@ class AccessLog:
             if isinstance(value, str):
                 fields[name] = _escape(value)
         return self.format.format_map(fields) + "\n"
+
+
+class ErrorsStream:
+    """``wsgi.errors``: a text stream that always writes to the current error log, so an app's
+    messages land beside the server's and follow it across a USR1 reopen."""
+
+    def write(self, text: str) -> int:
+        stream = error_stream()
+        written = stream.write(text)
+        stream.flush()
+        return written
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        error_stream().flush()

@@ -211,7 +211,7 @@ class Worker:
             name, port = str(address[0]), str(address[1])
         else:
             name, port = (address if isinstance(address, str) else address.decode()), ""
-        return wsgi.base_environ(name, port, errors=sys.stderr)
+        return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
 
     def _install_signals(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,

@@ -99,6 +99,11 @@ def app(environ, start_response):
     if path == "/bad-header":
         start_response("200 OK", [("X-Injected", "a\r\nSet-Cookie: evil=1")])
         return [b"never sent"]
+    if path == "/errors":
+        environ["wsgi.errors"].write("a message from the app via wsgi.errors\n")
+        environ["wsgi.errors"].flush()
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
     if path == "/no-content":
         start_response("204 No Content", [])
         return []

@@ -395,3 +395,8 @@ def test_keep_alive_connections_spread_over_workers(server):
     for conn in connections:
         conn.close()
     assert len(served_by) == 2 and min(served_by.values()) >= 2, served_by
+
+
+def test_wsgi_errors_goes_to_the_error_log(server):
+    assert get(server, "/errors").status_code == 200
+    server.wait_for_log(r"a message from the app via wsgi.errors")
