@@ -16,6 +16,7 @@ run: $(STAMP)
 	$(BIN)/forkserver
 
 test: $(STAMP)
+	scripts/system-deps
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
