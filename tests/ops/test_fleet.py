@@ -616,8 +616,10 @@ def test_rolling_restart_loses_no_request(ready_fleet):
     assert len(load.served) > 500, report
     assert set(load.served_by()) == {s.name for s in fleet.sites}, report
     check_nothing_lost(report)
-    # Nor did HAProxy have to cover for an instance: no connect refused and retried or sent
-    # elsewhere, no response cut short.
+    # Nor did HAProxy have to cover for an instance. A refused connect (econ, wretr, wredis)
+    # means a listener closed while HAProxy still sent to it: the delay was too short. A broken
+    # response (eresp) means an instance closed a pooled connection while it was still in
+    # rotation, instead of answering its next request with Connection: close.
     assert report.haproxy == dict.fromkeys(COUNTERS, 0), report
 
 
