@@ -22,8 +22,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check forkserver tests load
 
-# Locust scenarios against a real server (LOAD_ARGS="-t 60s -u 50 --max-p95-ms 200").
+# The locust smoke run (every scenario, no failed request; the gate fails a slow run), then the
+# locust scenarios against a real server (LOAD_ARGS="-t 60s -u 50 --max-p95-ms 200").
 load: $(STAMP)
+	$(BIN)/python -m pytest -q load/test_locust_smoke.py
 	$(BIN)/python load/run.py $(LOAD_ARGS)
 
 # forkserver vs gunicorn (sync, gthread) and meinheld under wrk; writes load/results/bench.md.
