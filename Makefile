@@ -28,7 +28,8 @@ load: $(STAMP)
 	$(BIN)/python -m pytest -q load/test_locust_smoke.py
 	$(BIN)/python load/run.py $(LOAD_ARGS)
 
-# forkserver vs gunicorn (sync, gthread) and meinheld under wrk; writes load/results/bench.md.
+# forkserver vs the ceiling loop, granian, bjoern, meinheld and gunicorn (sync, gthread) under wrk,
+# keep-alive, close and TLS, with CPU per request; writes load/results/bench.md (BENCH_ARGS=--quick).
 bench: $(STAMP)
 	$(BIN)/python load/bench.py $(BENCH_ARGS)
 

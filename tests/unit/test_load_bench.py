@@ -1,0 +1,105 @@
+"""The benchmark's own logic: ratios, targets, flag detection, wrk's report, the ceiling loop.
+
+No competitor and no wrk run here; the ceiling server is started (one worker, a few requests)
+because a yardstick that answers wrongly would make every ratio wrong.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from load import bench, bench_env, ceiling
+from load.contenders import Contender, start_command
+from load.wrk import parse_wrk
+
+
+def _run(server: str, rps: float, mode: str = "keepalive", conc: int = 50, round_no: int = 0,
+         cpu: float | None = 20.0, errors: int = 0) -> bench.Run:
+    return bench.Run(server, mode, conc, round_no, int(rps * 2), rps, 1.0, 2.0, cpu,
+                     {"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": errors})
+
+
+def test_cells_are_medians_with_ratios_to_forkserver_and_the_ceiling():
+    runs = [_run("forkserver", rps, round_no=i) for i, rps in enumerate((40, 50, 90))]
+    runs += [_run("ceiling", rps, round_no=i) for i, rps in enumerate((100, 200, 150))]
+    runs += [_run("granian", 25, cpu=None), _run("granian", 75, cpu=None)]
+    cells = {c.server: c for c in bench.summarize(runs, ["forkserver", "ceiling", "granian"])}
+    assert cells["forkserver"].rps == 50 and cells["forkserver"].x_reference == 1.0
+    assert cells["forkserver"].x_ceiling == pytest.approx(50 / 150)
+    assert cells["ceiling"].x_reference == pytest.approx(3.0)
+    assert cells["granian"].rps == 50 and cells["granian"].cpu_us is None
+    assert [c.server for c in bench.summarize(runs, ["granian", "ceiling", "forkserver"])] \
+        == ["granian", "ceiling", "forkserver"]
+
+
+def test_a_row_without_forkserver_or_ceiling_in_its_mode_has_no_ratio():
+    cells = bench.summarize([_run("gunicorn-gthread", 10, mode="tls")], ["gunicorn-gthread"])
+    assert cells[0].x_reference is None and cells[0].x_ceiling is None
+    table = "\n".join(bench._mode_table(cells, "tls", {"cpu": "X", "cores": "2",
+                                                       "python": "3.11", "date": "today"}))
+    assert "*X, 2 cores, Python 3.11, today.*" in table
+    assert "| gunicorn-gthread | 50 | - | - | 10 | 20 |" in table
+
+
+def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
+    runs = [_run("forkserver", 100), _run("ceiling", 180), _run("granian", 120),
+            _run("forkserver", 30, mode="close"), _run("ceiling", 40, mode="close"),
+            _run("forkserver", 20, mode="tls", errors=3), _run("gunicorn-gthread", 8, mode="tls")]
+    verdicts = {t: (m, v) for t, m, v in bench.check_targets(bench.summarize(runs, []), {})}
+    assert verdicts["keep-alive, c=50: >= 1.0x granian"] == ("0.83x", "NOT met")
+    assert verdicts["keep-alive, c=50: >= 0.5x the ceiling"] == ("0.56x", "met")
+    assert verdicts["Connection: close, c=50: >= 0.75x the ceiling"] == ("0.75x", "met")
+    assert verdicts["TLS keep-alive, c=50: >= 2x gunicorn gthread"] == ("2.50x", "met")
+    assert verdicts["keep-alive, c=50: >= 1.2x meinheld"] == ("n/a", "n/a")
+    assert verdicts["no failed request at any concurrency"] == ("3 errors", "NOT met")
+
+
+def test_flag_detection_reads_whole_words_of_the_help():
+    help_text = "usage: forkserver [--threads INT] [--preload | --no-preload]\n  --certfile FILE"
+    assert bench_env.supports(help_text, "--threads")
+    assert bench_env.supports(help_text, "--no-preload", "--certfile")
+    assert not bench_env.supports(help_text, "--thread")
+    assert not bench_env.supports(help_text, "--threads", "--handoff-delay")
+
+
+def test_rows_name_the_forkserver_flags_they_need():
+    assert Contender("a", "forkserver", 2, threads=4).needs_flags() == ("--threads",)
+    assert Contender("b", "forkserver", 4, extra=("--handoff-delay", "0")).needs_flags() \
+        == ("--handoff-delay",)
+    assert Contender("c", "forkserver", 2).needs_flags() == ()
+
+
+def test_parse_wrk_reads_the_json_line():
+    out = ("Running 2s test\nBENCH_JSON {\"requests\": 1000, \"duration_us\": 2000000, "
+           "\"bytes\": 5, \"p50_us\": 250, \"p99_us\": 4000, \"max_us\": 9000, \"connect\": 0, "
+           "\"read\": 1, \"write\": 0, \"status\": 2, \"timeout\": 0}\n")
+    result = parse_wrk(out)
+    assert (result.rps, result.p50_ms, result.p99_ms, result.error_total) == (500, 0.25, 4, 3)
+    with pytest.raises(ValueError):
+        parse_wrk("no json here")
+
+
+def _exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(payload)
+        received = b""
+        while chunk := conn.recv(65536):  # the ceiling closes after "Connection: close"
+            received += chunk
+        return received
+
+
+def test_the_ceiling_answers_pipelined_keep_alive_and_closes_on_request(tmp_path):
+    server = start_command(Contender("ceiling", "ceiling", 1), Path(sys.executable),
+                           "load.apps:hello", tmp_path / "ceiling.log", [])
+    server.start(timeout=20)
+    try:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n"
+        got = _exchange(server.port, head + b"\r\n" + head + b"Connection: close\r\n\r\n")
+        assert got == ceiling.KEEP + ceiling.CLOSE
+        assert len(server.worker_pids()) == 1
+    finally:
+        assert server.stop(timeout=10) == 0
