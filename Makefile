@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint load bench fuzz clean
+.PHONY: run test lint load bench bench-mixed bench-memory fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ load: $(STAMP)
 # keep-alive, close and TLS, with CPU per request; writes load/results/bench.md (BENCH_ARGS=--quick).
 bench: $(STAMP)
 	$(BIN)/python load/bench.py $(BENCH_ARGS)
+
+# Head-of-line: 40 fast keep-alive clients beside 2 slow (50 ms) ones, threads and handoff rows
+# against gunicorn gthread and sync; writes load/results/bench-mixed.md (BENCH_ARGS=--quick).
+bench-mixed: $(STAMP)
+	$(BIN)/python load/bench_mixed.py $(BENCH_ARGS)
 
 # Mutated and random requests thrown at a live server for a bounded time.
 fuzz: $(STAMP)

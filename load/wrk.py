@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ def parse_wrk(stdout: str) -> WrkResult:
 
 def wrk_command(wrk: str, url: str, concurrency: int, duration: float,
                 close: bool = False) -> list[str]:
-    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "5s",
+    # wrk takes whole seconds only.
+    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{math.ceil(duration)}s", "--timeout", "5s",
             "-s", str(WRK_SCRIPT)]
     if close:
         argv += ["-H", "Connection: close"]
@@ -64,7 +66,8 @@ def finish_wrk(proc: subprocess.Popen, timeout: float) -> WrkResult:
         proc.communicate()
         raise RuntimeError(f"wrk still running {timeout:.0f}s after start: killed") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr.strip()}")
+        raise RuntimeError(f"wrk failed ({proc.returncode}): "
+                           f"{(stderr.strip() or stdout.strip())[-500:]}")
     return parse_wrk(stdout)
 
 

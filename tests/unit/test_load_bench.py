@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from load import bench, bench_env, ceiling
+from load import bench, bench_env, bench_mixed, ceiling
 from load.contenders import Contender, start_command
 from load.wrk import parse_wrk
 
@@ -103,3 +103,37 @@ def test_the_ceiling_answers_pipelined_keep_alive_and_closes_on_request(tmp_path
         assert len(server.worker_pids()) == 1
     finally:
         assert server.stop(timeout=10) == 0
+
+
+# --- bench_mixed -----------------------------------------------------------------------------
+
+def _outcome(row: str, rps: float, p99: float, scenario: str = "mixed") -> bench_mixed.Outcome:
+    return bench_mixed.Outcome(row, scenario, 0, rps, 1.0, p99, 0,
+                               38.0 if scenario == "mixed" else None)
+
+
+def test_the_fast_clients_hold_their_first_request_and_are_counted_after_it():
+    argv = bench_mixed.held_command("wrk", "http://127.0.0.1:9", 4.0)
+    assert argv[-3:] == ["--", "1000", str(bench_mixed.FAST_CLIENTS)]
+    assert "-d5s" in argv and str(bench_mixed.HELD_SCRIPT) in argv
+    assert argv[argv.index("--") - 1] == "http://127.0.0.1:9/hello"
+    result = parse_wrk('BENCH_JSON {"requests": 4000, "duration_us": 5000000, "bytes": 0, '
+                       '"p50_us": 1, "p99_us": 1, "max_us": 1, "connect": 0, "read": 0, '
+                       '"write": 0, "status": 0, "timeout": 0}')
+    assert bench_mixed._after_hold(result, 4.0) == 1000.0
+
+
+def test_mixed_targets_compare_the_rows_the_issues_name():
+    m = bench_mixed
+    summaries = m.summarize([
+        _outcome(m.THREADED, 20_000, 10.0), _outcome(m.GTHREAD, 8_000, 16.0),
+        _outcome(m.HANDOFF, 30_000, 9.0), _outcome(m.SYNC, 9_000, 8.0),
+        _outcome(m.HANDOFF, 40_000, 2.0, "hello"), _outcome(m.NO_HANDOFF, 41_000, 2.0, "hello"),
+    ])
+    verdicts = {t.split(": ", 1)[1]: (value, verdict) for t, value, verdict
+                in m.check_targets(summaries)}
+    assert verdicts[f"{m.THREADED} fast rate >= 2x {m.GTHREAD}"] == ("2.50x", "met")
+    assert verdicts[f"{m.THREADED} fast p99 <= {m.GTHREAD}"] == ("10.0 vs 16.0 ms", "met")
+    assert verdicts[f"{m.HANDOFF} fast p99 <= {m.SYNC}"] == ("9.0 vs 8.0 ms", "NOT met")
+    assert verdicts[f"{m.HANDOFF} within 5% of {m.NO_HANDOFF}"] == ("0.98x", "met")
+    assert verdicts[f"{m.THREADED} >= 2x {m.GTHREAD}"] == ("n/a", "n/a")
