@@ -38,6 +38,11 @@ bench: $(STAMP)
 bench-mixed: $(STAMP)
 	$(BIN)/python load/bench_mixed.py $(BENCH_ARGS)
 
+# Total PSS of a generated stock Django site, 8 workers after a warm-up: forkserver (preload,
+# freeze, refork) beside gunicorn; writes load/results/bench-memory.md and .png (BENCH_ARGS=--quick).
+bench-memory: $(STAMP)
+	$(BIN)/python load/bench_memory.py $(BENCH_ARGS)
+
 # Mutated and random requests thrown at a live server for a bounded time.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_live.py --seconds 120

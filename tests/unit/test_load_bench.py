@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import socket
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from load import bench, bench_env, bench_mixed, ceiling
+from load import bench, bench_env, bench_memory, bench_mixed, ceiling
 from load.contenders import Contender, start_command
 from load.wrk import parse_wrk
 
@@ -137,3 +138,35 @@ def test_mixed_targets_compare_the_rows_the_issues_name():
     assert verdicts[f"{m.HANDOFF} fast p99 <= {m.SYNC}"] == ("9.0 vs 8.0 ms", "NOT met")
     assert verdicts[f"{m.HANDOFF} within 5% of {m.NO_HANDOFF}"] == ("0.98x", "met")
     assert verdicts[f"{m.THREADED} >= 2x {m.GTHREAD}"] == ("n/a", "n/a")
+
+
+# --- bench_memory ----------------------------------------------------------------------------
+
+def test_memory_rows_drop_an_off_setting_the_build_lacks_and_refuse_an_on_one(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(bench_memory, "forkserver_settings", lambda python: {"preload", "app"})
+    plan, unsupported = bench_memory.plan_rows(Path("python"), None, tmp_path)
+    labels = [row.label for row, _ in plan]
+    assert labels == ["gunicorn", "gunicorn --preload", "forkserver",
+                      "forkserver --preload, no freeze"]
+    no_freeze = plan[3][1]
+    assert no_freeze.extra[0] == "--config" and no_freeze.workers == 8
+    assert Path(no_freeze.extra[1]).read_text() == "preload = true\n"
+    assert "no gc_freeze" in unsupported["forkserver --preload + freeze"]
+    assert "refork_after" in unsupported["forkserver --preload + freeze + refork"]
+
+
+def test_memory_rows_with_every_setting_write_them_as_toml(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_memory, "forkserver_settings",
+                        lambda python: {"preload", "gc_freeze", "refork_after"})
+    plan, unsupported = bench_memory.plan_rows(Path("python"), ["refork"], tmp_path)
+    assert not unsupported and len(plan) == 1
+    text = Path(plan[0][1].extra[1]).read_text()
+    assert tomllib.loads(text) == {"preload": True, "gc_freeze": True,
+                                   "refork_after": bench_memory.REFORK_AFTER}
+
+
+def test_the_warm_up_visits_every_kind_of_page():
+    paths = [bench_memory.warmup_path(i) for i in range(len(bench_memory.PATHS))]
+    assert paths[0] == "/" and "/admin/login/" in paths
+    assert all("{" not in p for p in paths)
