@@ -1,6 +1,6 @@
 """Side-by-side benchmark: forkserver against the ceiling and its peers (``make bench``).
 
-    .venv/bin/python load/bench.py            # full matrix, about 10 minutes
+    .venv/bin/python load/bench.py            # full matrix, about 14 minutes
     .venv/bin/python load/bench.py --quick    # 2 s runs, concurrency 50 only, about 2 minutes
 
 Every server serves ``load.apps:hello`` with the same number of workers on 127.0.0.1, from its

@@ -25,9 +25,9 @@ from load.servers import ROOT
 BENCH_VENV = ROOT / "load" / ".bench-venv"
 RESULTS = ROOT / "load" / "results"
 # Bump when the package list changes, so existing bench venvs are completed on the next run.
-PACKAGE_SET = 2
-# Always needed; a failure to install them is a setup error.
-REQUIRED = ("gunicorn", "granian", "django")
+PACKAGE_SET = 3
+# Always needed (pure Python wheels); a failure to install them is a setup error.
+REQUIRED = ("gunicorn", "django")
 
 
 class SetupError(Exception):
@@ -91,7 +91,15 @@ def _install_bjoern(python: Path) -> str:
     return "bjoern did not build here"
 
 
-OPTIONAL = {"meinheld": _install_meinheld, "bjoern": _install_bjoern}
+def _install_granian(python: Path) -> str:
+    # A Rust extension: platforms without a wheel would need a Rust toolchain to build it.
+    if pip_install(python, "granian", timeout=600) and _importable(python, "granian"):
+        return ""
+    return "granian did not install here"
+
+
+OPTIONAL = {"granian": _install_granian, "meinheld": _install_meinheld,
+            "bjoern": _install_bjoern}
 
 
 def ensure_bench_venv(install: bool, reinstall: bool) -> tuple[Path, dict[str, str]]:

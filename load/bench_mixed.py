@@ -179,7 +179,8 @@ def check_targets(s: dict[tuple[str, str], Summary]) -> list[tuple[str, str, str
 
 def render_markdown(summaries: dict[tuple[str, str], Summary], unsupported: dict[str, str],
                     info: dict[str, str], duration: float, rounds: int,
-                    problems: list[str]) -> str:
+                    problems: list[str], notes: list[str] | None = None,
+                    scenarios: tuple[str, ...] = ("mixed", "hello")) -> str:
     lines = ["# forkserver head-of-line benchmark", ""]
     if problems:
         lines += [f"**Incomplete run ({'; '.join(problems)[:200]}).**", ""]
@@ -193,10 +194,13 @@ def render_markdown(summaries: dict[tuple[str, str], Summary], unsupported: dict
          "gthread's (`-w 2 --threads 4`) in the same scenario and run. Errors: wrk's socket "
          "errors plus non-2xx/3xx responses, fast and slow clients."),
         "",
+        *[f"Note: {note}.\n" for note in notes or []],
     ]
     for scenario, title, rows in (("mixed", "Fast clients beside 2 slow clients", MIXED_ROWS),
                                   ("hello", "Hello world, keep-alive, no slow clients",
                                    HELLO_ROWS)):
+        if scenario not in scenarios:
+            continue
         base = summaries.get((GTHREAD, scenario))
         slow_head = " slow req/s |" if scenario == "mixed" else ""
         lines += [f"## {title}", "", bench_env.caption(info), "",
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = {scenario: _selected(MIXED_ROWS if scenario == "mixed" else HELLO_ROWS, args.rows)
             for scenario in args.scenarios}
     unsupported = {}
+    if not bench_env.supports(forkserver_help, "--handoff-delay"):
+        print(f"note: this build has no --handoff-delay: '{HANDOFF}' runs without handoff",
+              flush=True)
     for row in {r.label: r for rows in plan.values() for r in rows}.values():
         lacking = [f for f in row.needs_flags() if not bench_env.supports(forkserver_help, f)]
         if lacking:
@@ -294,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     info = bench_env.machine_info(python, wrk)
     (results / "bench-mixed.json").write_text(json.dumps(
         {"info": info, "duration": duration, "unsupported": unsupported,
+         "handoff": bench_env.supports(forkserver_help, "--handoff-delay"),
          "outcomes": [asdict(o) for o in outcomes]}, indent=1))
+    if not bench_env.supports(forkserver_help, "--handoff-delay"):
+        notes = [f"this build has no connection handoff: '{HANDOFF}' ran without it"]
+    else:
+        notes = []
     markdown = render_markdown(summarize(outcomes), unsupported, info, duration, args.rounds,
-                               problems)
+                               problems, notes, tuple(args.scenarios))
     (results / "bench-mixed.md").write_text(markdown)
     print(markdown)
     print(f"wrote {results / 'bench-mixed.md'}")
