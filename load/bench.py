@@ -1,6 +1,6 @@
 """Side-by-side benchmark: forkserver against the ceiling and its peers (``make bench``).
 
-    .venv/bin/python load/bench.py            # full matrix, about 14 minutes
+    .venv/bin/python load/bench.py            # full matrix, about 15 minutes
     .venv/bin/python load/bench.py --quick    # 2 s runs, concurrency 50 only, about 2 minutes
 
 Every server serves ``load.apps:hello`` with the same number of workers on 127.0.0.1, from its
@@ -11,9 +11,10 @@ own virtualenv ``load/.bench-venv`` (load/bench_env.py). The rows:
 - ``forkserver`` (this checkout), ``granian`` (WSGI), ``bjoern`` (forked N times, as its
   README does; needs libev-dev), ``meinheld``, gunicorn ``sync`` and ``gthread``.
 
-``wrk -t1`` measures keep-alive and ``Connection: close`` at each concurrency, and keep-alive
-over TLS for forkserver and gunicorn gthread with one certificate made by trustme for the run
-(when the forkserver under test has ``--certfile``). All servers stay up for the whole run and
+``wrk -t1`` measures keep-alive and ``Connection: close`` at each concurrency; at 50
+connections only, keep-alive with a browser-like request (9 header fields, a cookie) and
+keep-alive over TLS for forkserver and gunicorn gthread with one certificate made by trustme
+for the run (when the forkserver under test has ``--certfile``). All servers stay up for the whole run and
 take turns within each round, with the order rotated every round, so drift on a shared machine
 hits them all alike; each figure is the median of the rounds. CPU per request is the user +
 system CPU time of the server's whole process tree (psutil, before and after each run) over the
@@ -50,9 +51,22 @@ from load.wrk import run_wrk
 APP = "load.apps:hello"
 REFERENCE = "forkserver"
 CEILING = "ceiling"
-MODES = ("keepalive", "close", "tls")
+MODES = ("keepalive", "close", "browser", "tls")
 MODE_LABEL = {"keepalive": "keep-alive", "close": "Connection: close",
-              "tls": "keep-alive over TLS"}
+              "browser": "keep-alive, browser-like request", "tls": "keep-alive over TLS"}
+# Run at one concurrency (--side-concurrency), not the whole range.
+SIDE_MODES = ("browser", "tls")
+# With wrk's own Host, the 9 header fields a browser sends for a page (issue 14's request).
+BROWSER_HEADERS = (
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Accept-Language: en-GB,en;q=0.7,fr;q=0.3",
+    "Accept-Encoding: gzip, deflate, br, zstd",
+    "Referer: http://127.0.0.1/catalogue/index.html?page=2",
+    "Cookie: sessionid=3k9x0v2m7q1w8e5r4t6y; csrftoken=Zx81kLmN0pQrStUvWxYz1234; theme=dark",
+    "Upgrade-Insecure-Requests: 1",
+    "Sec-Fetch-Mode: navigate",
+)
 TLS_KINDS = ("forkserver", "gunicorn-gthread")
 TLS_FLAGS = ("--certfile", "--keyfile")
 CONCURRENCIES = (1, 10, 50, 200)
@@ -92,7 +106,8 @@ class Run:
 def measure(wrk: str, server: ManagedServer, mode: str, concurrency: int, duration: int,
             round_no: int) -> Run:
     before = server.cpu_seconds()
-    result = run_wrk(wrk, server.url + "/", concurrency, duration, close=mode == "close")
+    result = run_wrk(wrk, server.url + "/", concurrency, duration, close=mode == "close",
+                     headers=BROWSER_HEADERS if mode == "browser" else ())
     spent = server.cpu_seconds() - before
     cpu_us = spent / result.requests * 1e6 if result.requests else None
     return Run(server.name, mode, concurrency, round_no, result.requests, result.rps,
@@ -165,6 +180,13 @@ def _verdict(target: str, value: float | None, limit: float, higher: bool = True
     return (target, f"{value:.2f}x", "met" if ok else "NOT met")
 
 
+def _cpu_ratio(cells: list[Cell]) -> float | None:
+    browser, plain = _cell(cells, REFERENCE, "browser", 50), _cell(cells, REFERENCE, "keepalive", 50)
+    if browser and plain and browser.cpu_us and plain.cpu_us:
+        return browser.cpu_us / plain.cpu_us
+    return None
+
+
 def check_targets(cells: list[Cell], rss: dict[str, dict]) -> list[Target]:
     """Targets of issues 6, 14 and 16 as (target, measured, verdict); n/a when a row is missing."""
     def ratio(mode: str, conc: int, other: str) -> float | None:
@@ -179,6 +201,8 @@ def check_targets(cells: list[Cell], rss: dict[str, dict]) -> list[Target]:
                  ratio("close", 50, CEILING), 0.75),
         _verdict("TLS keep-alive, c=50: >= 2x gunicorn gthread",
                  ratio("tls", 50, "gunicorn-gthread"), 2.0),
+        _verdict("CPU per request, browser-like vs wrk's request, c=50: <= 1.5x",
+                 _cpu_ratio(cells), 1.5, higher=False),
         _verdict("keep-alive, c=50: >= 6x gunicorn sync",
                  ratio("keepalive", 50, "gunicorn-sync"), 6.0),
         _verdict("Connection: close, c=50: >= 2.5x gunicorn sync",
@@ -309,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds per figure; the median is reported (default: 3)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None,
                         help="wrk connection counts (default: 1 10 50 200; 50 with --quick)")
-    parser.add_argument("--tls-concurrency", type=int, default=50,
-                        help="connection count of the TLS keep-alive runs (default: 50)")
+    parser.add_argument("--side-concurrency", type=int, default=50,
+                        help="connection count of the browser-like and TLS runs (default: 50)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--servers", nargs="+", choices=KINDS, default=list(KINDS),
                         help="servers to compare (those that did not build are skipped)")
@@ -389,7 +413,7 @@ def run_rounds(args: argparse.Namespace, wrk: str, plan: Plan, duration: int,
                concurrencies: list[int]) -> list[Run]:
     runs: list[Run] = []
     for mode, servers in plan.servers.items():
-        for conc in ([args.tls_concurrency] if mode == "tls" else concurrencies):
+        for conc in ([args.side_concurrency] if mode in SIDE_MODES else concurrencies):
             for round_no in range(args.rounds):
                 shift = round_no % len(servers)
                 for server in servers[shift:] + servers[:shift]:
@@ -409,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (2 if args.quick else 4)
     concurrencies = sorted(set(args.concurrency or (QUICK_CONCURRENCIES if args.quick
                                                     else CONCURRENCIES)))
-    if min(duration, args.rounds, args.workers, args.threads, args.tls_concurrency,
+    if min(duration, args.rounds, args.workers, args.threads, args.side_concurrency,
            *concurrencies) < 1:
         print("bench.py: durations, rounds, workers, threads and concurrencies must be >= 1",
               file=sys.stderr)
@@ -434,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     started: list[ManagedServer] = []
     for group in plan.servers.values():
         started += [s for s in group if all(s is not t for t in started)]
-    total_runs = sum(len(group) * args.rounds * (1 if mode == "tls" else len(concurrencies))
+    total_runs = sum(len(group) * args.rounds
+                     * (1 if mode in SIDE_MODES else len(concurrencies))
                      for mode, group in plan.servers.items())
     estimate = (total_runs * (duration + args.pause + RUN_OVERHEAD)
                 + len(started) * (args.warmup + 3))

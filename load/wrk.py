@@ -44,12 +44,14 @@ def parse_wrk(stdout: str) -> WrkResult:
 
 
 def wrk_command(wrk: str, url: str, concurrency: int, duration: float,
-                close: bool = False) -> list[str]:
+                close: bool = False, headers: tuple[str, ...] = ()) -> list[str]:
     # wrk takes whole seconds only.
     argv = [wrk, "-t1", f"-c{concurrency}", f"-d{math.ceil(duration)}s", "--timeout", "5s",
             "-s", str(WRK_SCRIPT)]
     if close:
         argv += ["-H", "Connection: close"]
+    for header in headers:
+        argv += ["-H", header]
     return [*argv, url]
 
 
@@ -72,6 +74,6 @@ def finish_wrk(proc: subprocess.Popen, timeout: float) -> WrkResult:
 
 
 def run_wrk(wrk: str, url: str, concurrency: int, duration: float,
-            close: bool = False) -> WrkResult:
-    proc = start_wrk(wrk_command(wrk, url, concurrency, duration, close))
+            close: bool = False, headers: tuple[str, ...] = ()) -> WrkResult:
+    proc = start_wrk(wrk_command(wrk, url, concurrency, duration, close, headers))
     return finish_wrk(proc, duration + 60)

@@ -49,13 +49,16 @@ def test_a_row_without_forkserver_or_ceiling_in_its_mode_has_no_ratio():
 def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
     runs = [_run("forkserver", 100), _run("ceiling", 180), _run("granian", 120),
             _run("forkserver", 30, mode="close"), _run("ceiling", 40, mode="close"),
-            _run("forkserver", 20, mode="tls", errors=3), _run("gunicorn-gthread", 8, mode="tls")]
+            _run("forkserver", 20, mode="tls", errors=3), _run("gunicorn-gthread", 8, mode="tls"),
+            _run("forkserver", 90, mode="browser", cpu=32.0)]
     verdicts = {t: (m, v) for t, m, v in bench.check_targets(bench.summarize(runs, []), {})}
     assert verdicts["keep-alive, c=50: >= 1.0x granian"] == ("0.83x", "NOT met")
     assert verdicts["keep-alive, c=50: >= 0.5x the ceiling"] == ("0.56x", "met")
     assert verdicts["Connection: close, c=50: >= 0.75x the ceiling"] == ("0.75x", "met")
     assert verdicts["TLS keep-alive, c=50: >= 2x gunicorn gthread"] == ("2.50x", "met")
     assert verdicts["keep-alive, c=50: >= 1.2x meinheld"] == ("n/a", "n/a")
+    assert verdicts["CPU per request, browser-like vs wrk's request, c=50: <= 1.5x"] \
+        == ("1.60x", "NOT met")
     assert verdicts["no failed request at any concurrency"] == ("3 errors", "NOT met")
 
 
