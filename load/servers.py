@@ -162,14 +162,20 @@ class ManagedServer:
             pass
 
     def worker_pids(self) -> list[int]:
-        """The master's current children (workers), remembered for the leftover check."""
+        """The master's current children (workers).
+
+        Every descendant is remembered for the leftover check, grandchildren included (a
+        worker forked by another worker, as forkserver's refork does).
+        """
         if self.proc is None:
             return []
         try:
-            children = psutil.Process(self.proc.pid).children()
+            master = psutil.Process(self.proc.pid)
+            children = master.children()
+            descendants = master.children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        for child in children:
+        for child in descendants:
             self._remember(child.pid)
         return [child.pid for child in children]
 
