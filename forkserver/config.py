@@ -600,6 +600,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest request body in bytes; larger ones get 413. 0 means unlimited.",
     ),
     Setting(
+        "limit_request_head", _POSITIVE, 64 * 1024, ("--limit-request-head",),
+        "Largest request head in bytes (request line and all header fields); larger ones get "
+        "431. It bounds what one connection's unfinished head can hold in memory.",
+    ),
+    Setting(
+        "linger_timeout", _SECONDS, 5.0, ("--linger-timeout",),
+        "Seconds a connection is drained (read and discarded) after its last response while "
+        "the client is still sending, e.g. a body the app did not read; closing earlier would "
+        "make the kernel reset the connection and destroy the response in flight.",
+    ),
+    Setting(
+        "linger_bytes", _COUNT, 16 * 1024 * 1024, ("--linger-bytes",),
+        "Most bytes drained after the last response before the connection is closed anyway; "
+        "0 means no draining.",
+    ),
+    Setting(
         "max_requests", _COUNT, 0, ("--max-requests",),
         "Requests a worker serves before it is replaced, to contain memory leaks; 0 disables.",
     ),

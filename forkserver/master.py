@@ -458,23 +458,13 @@ class Master:
             load_app = functools.partial(loader.load_app, settings.app)
         jitter = settings.max_requests_jitter
         return worker.WorkerSpec(
-            index=index, generation=self.generation, listeners=self.listeners,
-            load_app=load_app, scoreboard=self.scoreboard, master_pid=self.pid,
-            title=f"{settings.proc_name}: worker {index} [{settings.app}]",
-            keepalive=settings.keepalive, keepalive_requests=settings.keepalive_requests,
-            header_timeout=settings.header_timeout, send_timeout=settings.send_timeout,
-            min_body_rate=settings.min_body_rate,
-            graceful_timeout=settings.graceful_timeout,
-            worker_connections=settings.worker_connections,
-            limit_request_line=settings.limit_request_line,
-            limit_request_fields=settings.limit_request_fields,
-            limit_request_field_size=settings.limit_request_field_size,
-            limit_request_body=settings.limit_request_body,
+            settings=settings, index=index, generation=self.generation,
+            listeners=self.listeners, load_app=load_app, scoreboard=self.scoreboard,
+            master_pid=self.pid, title=f"{settings.proc_name}: worker {index} [{settings.app}]",
             max_requests=(settings.max_requests + random.randint(0, jitter)
                           if settings.max_requests else 0),
-            user=settings.user, group=settings.group, access_log=self.access_log,
-            forwarded_allow_ips=tuple(settings.forwarded_allow_ips),
             hooks={name: hook for name, hook in self.hooks.items() if name in WORKER_HOOKS},
+            access_log=self.access_log,
         )
 
     def _spawn(self) -> bool:

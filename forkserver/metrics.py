@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from forkserver.http.parser import NEED_DATA, HTTPError, Request, RequestParser
+from forkserver.http.parser import NEED_DATA, HTTPError, Limits, Request, RequestParser
 from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, SlotView, State
 
 __all__ = [
@@ -421,9 +421,8 @@ def render_status(snapshot: Snapshot) -> bytes:
 # --------------------------------------------------------------------------------------------
 # The listener.
 
-MAX_REQUEST_LINE = 1024
-MAX_HEADERS = 20
-MAX_HEADER_SIZE = 1024
+# Scrapers and probes send short heads; anything bigger is not one of them.
+REQUEST_LIMITS = Limits(max_line=1024, max_fields=20, max_field_size=1024, max_head=8192)
 MAX_CONNECTIONS = 32  # past this the listener is left out of fds(): new scrapes wait in the queue
 CONNECTION_TTL = 2.0  # seconds a connection may live, request, answer and drain included
 ACCEPT_BATCH = 8  # connections taken per wakeup, so a burst cannot hog the master's loop
@@ -461,7 +460,7 @@ class _Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.born = born
-        self.parser = RequestParser(MAX_REQUEST_LINE, MAX_HEADERS, MAX_HEADER_SIZE, 0)
+        self.parser = RequestParser(REQUEST_LIMITS)
         self.out = b""  # answer bytes not sent yet
         self.answered = False  # the answer is out and our side shut down; only draining now
         self.drained = 0

@@ -22,14 +22,24 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from forkserver import logs, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
-from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, PAUSED, Request, RequestParser
+from forkserver.http.parser import (
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Limits,
+    Request,
+    RequestParser,
+)
 from forkserver.http.response import http_date
 from forkserver.scoreboard import Reason, Scoreboard, State
+
+if TYPE_CHECKING:
+    from forkserver.config import Settings
 
 # Exit codes the master understands.
 EXIT_OK = 0
@@ -40,6 +50,7 @@ PREREAD_LIMIT = 64 * 1024  # bodies up to this size are read before the app is c
 LINGER_SECONDS = 2.0       # how long an error close drains the client before closing
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
 HOUSEKEEPING_INTERVAL = 1.0
+SERVER_HEADER = b"forkserver"
 
 # accept() errors that concern only the connection being accepted (see accept(2), Linux).
 _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
@@ -50,35 +61,23 @@ _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 HEAD, BODY, IDLE, LINGER, BUSY = range(5)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, decided by the master before the fork (no config access)."""
+    """What the master decided for one worker before the fork. Every tunable is read from
+    ``settings`` (the worker never reads config files); only what differs per worker, or was
+    opened or imported by the master, has a field of its own."""
 
-    index: int
+    settings: Settings
+    index: int  # scoreboard slot
     generation: int
     listeners: list[socket.socket]
     load_app: Callable[[], Callable]
     scoreboard: Scoreboard
     master_pid: int
-    title: str = "forkserver: worker"
-    keepalive: float = 5.0
-    keepalive_requests: int = 1000
-    header_timeout: float = 10.0
-    send_timeout: float = 30.0
-    min_body_rate: int = 8192
-    graceful_timeout: float = 30.0
-    worker_connections: int = 1000
-    limit_request_line: int = 8190
-    limit_request_fields: int = 100
-    limit_request_field_size: int = 8190
-    limit_request_body: int = 0
-    max_requests: int = 0
-    server_header: bytes = b"forkserver"
-    user: str = ""
-    group: str = ""
-    forwarded_allow_ips: tuple[str, ...] = ()
-    hooks: dict[str, Callable] = field(default_factory=dict)
-    access_log: Any = None   # logs.AccessLog, opened by the master; None = off
+    title: str
+    max_requests: int  # settings.max_requests plus this worker's jitter; 0: no limit
+    hooks: dict[str, Callable]  # the worker-side hooks, already imported
+    access_log: logs.AccessLog | None  # opened by the master; None: off
 
 
 class Connection:
@@ -103,12 +102,10 @@ class Connection:
 
     def __init__(self, worker: Worker, sock: socket.socket, remote: tuple[str, str],
                  base: dict[str, Any]) -> None:
-        spec = worker.spec
         self.worker = worker
         self.sock = sock
         self.fd = sock.fileno()
-        self.parser = RequestParser(spec.limit_request_line, spec.limit_request_fields,
-                                    spec.limit_request_field_size, spec.limit_request_body)
+        self.parser = RequestParser(worker.limits)
         self.remote = remote
         self.base = base
         self.phase = HEAD
@@ -126,9 +123,9 @@ class Connection:
         trickles in is cut off (408) long before the master's timeout would abort the worker:
         after ``header_timeout`` of grace it must keep arriving at ``min_body_rate``."""
         worker = self.worker
-        rate = worker.spec.min_body_rate
+        rate = worker.settings.min_body_rate
         if not self.body_deadline:
-            self.body_deadline = (time.monotonic() + worker.spec.header_timeout if rate
+            self.body_deadline = (time.monotonic() + worker.settings.header_timeout if rate
                                   else float("inf"))
         while True:
             try:
@@ -171,7 +168,7 @@ class Connection:
                 self._wait(select.POLLOUT, "write")
 
     def _wait(self, events: int, what: str, limit: float | None = None) -> None:
-        seconds = self.worker.spec.send_timeout
+        seconds = self.worker.settings.send_timeout
         if limit is not None and limit < seconds:
             seconds = limit
         poller = select.poll()
@@ -183,6 +180,14 @@ class Connection:
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
+        self.settings = settings = spec.settings
+        self.limits = Limits(
+            max_line=settings.limit_request_line,
+            max_fields=settings.limit_request_fields,
+            max_field_size=settings.limit_request_field_size,
+            max_body=settings.limit_request_body,
+            max_head=settings.limit_request_head,
+        )
         self.log = logs.get_logger()
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
@@ -200,7 +205,7 @@ class Worker:
         self.slot = spec.scoreboard.writer(spec.index)
         self.app: Callable | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.proxies = wsgi.trusted_proxies(spec.forwarded_allow_ips)
+        self.proxies = wsgi.trusted_proxies(settings.forwarded_allow_ips)
         self.pre_request = spec.hooks.get("pre_request")
         self.post_request = spec.hooks.get("post_request")
 
@@ -240,7 +245,7 @@ class Worker:
         self._install_signals()
         hooks = spec.hooks
         try:
-            _drop_privileges(spec.user, spec.group)
+            _drop_privileges(spec.settings.user, spec.settings.group)
             if "post_fork" in hooks:
                 hooks["post_fork"](os.getpid())
             self.app = spec.load_app()
@@ -283,7 +288,7 @@ class Worker:
     def _accept_batch(self, fd: int, batch: int) -> int:
         """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
         listener, base = self.listeners[fd]
-        limit = self.spec.worker_connections
+        limit = self.settings.worker_connections
         kept = 0
         for _ in range(batch):
             try:
@@ -305,7 +310,7 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 remote = (address[0], str(address[1]))
             conn = Connection(self, sock, remote, base)
-            self._set_deadline(conn, HEAD, self.spec.header_timeout)
+            self._set_deadline(conn, HEAD, self.settings.header_timeout)
             self.conns[conn.fd] = conn
             # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
             # and involve epoll only if the connection stays open.
@@ -351,7 +356,7 @@ class Worker:
         except OSError:
             pass
         if not self.accepting and not self.stopping and \
-                len(self.conns) < self.spec.worker_connections:
+                len(self.conns) < self.settings.worker_connections:
             self._accept_on()
 
     def _fail(self, conn: Connection, error: HTTPError) -> None:
@@ -405,12 +410,12 @@ class Worker:
             if event is NEED_DATA:
                 if conn.request is not None:
                     if conn.phase != BODY:
-                        self._set_deadline(conn, BODY, self.spec.header_timeout)
+                        self._set_deadline(conn, BODY, self.settings.header_timeout)
                 elif parser.in_message:
                     if conn.phase != HEAD:
-                        self._set_deadline(conn, HEAD, self.spec.header_timeout)
+                        self._set_deadline(conn, HEAD, self.settings.header_timeout)
                 elif conn.phase != IDLE:
-                    self._set_deadline(conn, IDLE, self.spec.keepalive)
+                    self._set_deadline(conn, IDLE, self.settings.keepalive)
                 return
             if event is PAUSED:  # not reached: every dispatch ends with start_next()
                 return
@@ -451,8 +456,8 @@ class Worker:
         conn.body_deadline = 0.0
         conn.requests += 1
         # While stopping, answer what is already buffered (pipelined), then close.
-        keep_alive = (request.keep_alive and spec.keepalive > 0
-                      and conn.requests < spec.keepalive_requests
+        keep_alive = (request.keep_alive and spec.settings.keepalive > 0
+                      and conn.requests < spec.settings.keepalive_requests
                       and (not self.stopping or conn.parser.buffered > 0))
         slot = self.slot
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
@@ -461,7 +466,7 @@ class Worker:
         if self.pre_request is not None:
             self._call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, environ, keep_alive,
-                               spec.server_header, self._log_app_error)
+                               SERVER_HEADER, self._log_app_error)
         if self.post_request is not None:
             self._call_hook(self.post_request, environ, exchange.status_code)
         self.requests += 1
@@ -513,7 +518,7 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.monotonic() + self.spec.graceful_timeout
+        self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
         self.slot.set_state(State.EXITING, reason)
         was_accepting = self.accepting
         self._accept_off()
@@ -521,7 +526,7 @@ class Worker:
             if was_accepting:
                 # Take what already waits in the backlog: those clients were accepted by the
                 # kernel and must get an answer, not a reset when the socket closes.
-                self._accept(fd, self.spec.worker_connections)
+                self._accept(fd, self.settings.worker_connections)
             sock.close()
         for conn in list(self.conns.values()):
             if conn.phase == IDLE and not conn.parser.buffered:
@@ -549,7 +554,7 @@ class Worker:
                     self._close(conn)
         self.slot.set_connections(len(self.conns))
         if not self.accepting and not self.stopping and \
-                len(self.conns) < self.spec.worker_connections:
+                len(self.conns) < self.settings.worker_connections:
             self._accept_on()  # resume after an accept failure paused us
 
     def serve(self) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 
 from forkserver.http.errors import (
     BadRequest,
@@ -216,6 +217,27 @@ _TRANSITIONS: tuple[tuple[_State, ...], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The size limits one parser enforces; the worker builds one from the settings."""
+
+    max_line: int = 8190  # request line (414 past it)
+    max_fields: int = 100  # header fields (431)
+    max_field_size: int = 8190  # one field line (431)
+    max_body: int = 0  # body bytes (413); 0 is unlimited
+    max_head: int = 64 * 1024  # the whole head (431)
+
+    @property
+    def head_cap(self) -> int:
+        """The most bytes a head may take: ``max_head``, or less if the per-line limits and the
+        field count allow less. It bounds the memory a slow or hostile client can make a
+        connection's unfinished head take."""
+        return min(self.max_head, self.max_line + self.max_fields * (self.max_field_size + 2))
+
+
+DEFAULT_LIMITS = Limits()
+
+
 class RequestParser:
     """Turns the bytes of one connection into a sequence of request events.
 
@@ -248,20 +270,12 @@ class RequestParser:
         "trailers",
     )
 
-    def __init__(
-        self,
-        max_line: int = 8190,
-        max_fields: int = 100,
-        max_field_size: int = 8190,
-        max_body: int = 0,
-    ) -> None:
-        self._max_line = max_line
-        self._max_fields = max_fields
-        self._max_field_size = max_field_size
-        self._max_body = max_body  # 0: unlimited
-        # A whole head may not exceed this; with the per-line limits and the field count it
-        # bounds the memory a slow or hostile client can make a head take.
-        self._head_cap = max_line + max_fields * (max_field_size + 2)
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._max_line = limits.max_line
+        self._max_fields = limits.max_fields
+        self._max_field_size = limits.max_field_size
+        self._max_body = limits.max_body  # 0: unlimited
+        self._head_cap = limits.head_cap
         self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
         self._buf = bytearray()
         self._pos = 0  # first byte not consumed yet

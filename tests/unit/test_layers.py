@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "loader": set(),
     "master": {"sockets", "systemd", "scoreboard", "logs", "loader", "worker", "metrics"},
-    "worker": {"http", "wsgi", "scoreboard", "logs"},
+    "worker": {"http", "wsgi", "scoreboard", "logs", "config"},  # config: the Settings type
     "http.parser": {"http.errors"},
     "http.response": {"http.errors"},
     "http.errors": set(),

@@ -14,6 +14,7 @@ from forkserver.http.parser import (
     END_OF_MESSAGE,
     NEED_DATA,
     PAUSED,
+    Limits,
     Request,
     RequestParser,
 )
@@ -51,7 +52,7 @@ def drain(parser: RequestParser, out: list) -> None:
 
 def run(pieces: list[bytes], **limits: int) -> list:
     """Events for a connection that sends ``pieces`` and then closes, error status last."""
-    parser = RequestParser(**limits)
+    parser = RequestParser(Limits(**limits))
     out: list = []
     try:
         for piece in pieces:
@@ -75,7 +76,7 @@ def status_of(data: bytes, **limits: int) -> int | None:
 
 def head(data: bytes, **limits: int) -> Request:
     """The Request parsed from a complete head."""
-    parser = RequestParser(**limits)
+    parser = RequestParser(Limits(**limits))
     parser.feed(data)
     event = parser.next_event()
     assert isinstance(event, Request), event
@@ -532,7 +533,7 @@ def test_request_line_limit_414():
 
 
 def test_request_line_limit_applies_before_the_line_ends():
-    parser = RequestParser(max_line=20)
+    parser = RequestParser(Limits(max_line=20))
     parser.feed(b"GET /" + b"a" * 16)  # 21 bytes, no LF yet: could still end with CR LF
     assert parser.next_event() is NEED_DATA
     parser.feed(b"a")
@@ -552,7 +553,7 @@ def test_field_line_limit_431():
 
 
 def test_field_line_limit_applies_before_the_line_ends():
-    parser = RequestParser(max_field_size=10)
+    parser = RequestParser(Limits(max_field_size=10))
     parser.feed(b"GET / HTTP/1.1\r\nX-Long: " + b"v" * 100)
     with pytest.raises(HTTPError) as info:
         parser.next_event()
@@ -575,7 +576,7 @@ def test_trailer_limits_431():
 
 def test_whole_head_is_bounded_by_the_line_and_count_limits():
     # Endless header lines within the per-line limit stop at the field count.
-    parser = RequestParser(max_fields=10, max_field_size=100)
+    parser = RequestParser(Limits(max_fields=10, max_field_size=100))
     parser.feed(b"GET / HTTP/1.1\r\n")
     with pytest.raises(HTTPError) as info:
         for _ in range(100):
@@ -586,7 +587,7 @@ def test_whole_head_is_bounded_by_the_line_and_count_limits():
 
 def test_content_length_over_max_body_is_413_at_the_head():
     assert head(post("Content-Length: 100"), max_body=100).content_length == 100
-    parser = RequestParser(max_body=100)
+    parser = RequestParser(Limits(max_body=100))
     parser.feed(post("Content-Length: 101"))  # no body sent: rejected from the head alone
     with pytest.raises(HTTPError) as info:
         parser.next_event()
@@ -603,7 +604,7 @@ def test_chunked_body_over_max_body_is_413_when_exceeded():
     events = one(chunked(body), max_body=10)
     assert events[1:] == [("data", b"helloworld"), ("error", 413)]
     # The announced size is enough; the data need not arrive.
-    parser = RequestParser(max_body=10)
+    parser = RequestParser(Limits(max_body=10))
     parser.feed(chunked(b"b\r\n"))
     assert isinstance(parser.next_event(), Request)
     with pytest.raises(HTTPError) as info:
@@ -613,7 +614,7 @@ def test_chunked_body_over_max_body_is_413_when_exceeded():
 
 def test_chunk_size_line_is_bounded():
     assert status_of(chunked(b"5;x=" + b"a" * 200 + b"\r\nhello\r\n0\r\n\r\n"), max_line=50) == 400
-    parser = RequestParser(max_line=50)
+    parser = RequestParser(Limits(max_line=50))
     parser.feed(chunked(b"5;x=" + b"a" * 200))
     parser.next_event()
     with pytest.raises(HTTPError):
@@ -688,12 +689,12 @@ def test_whole_head_size_cap_431():
     over = fitting.replace(b"vvv\r\n\r\n", b"vvvv\r\n\r\n")
     assert status_of(over, **limits) == 431
     # Incomplete heads are held to the same cap before they end.
-    parser = RequestParser(**limits)
+    parser = RequestParser(Limits(**limits))
     parser.feed(over[:56])
     with pytest.raises(HTTPError) as info:
         parser.next_event()
     assert info.value.status == 431
-    parser = RequestParser(**limits)
+    parser = RequestParser(Limits(**limits))
     parser.feed(over[:55])
     assert parser.next_event() is NEED_DATA
 
