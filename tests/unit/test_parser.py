@@ -709,7 +709,7 @@ LONG_CASE = 1024  # bytes; past this, two-piece cuts are sampled (parsing is lin
 
 def messages(data: bytes) -> tuple[list[tuple[Request, bytes]], int | None]:
     """Each complete request with its body, and the error status that ended parsing, if any."""
-    parser = RequestParser(**LIMITS)
+    parser = RequestParser(Limits(**LIMITS))
     done: list[tuple[Request, bytes]] = []
     current: list = []
 
