@@ -89,7 +89,7 @@ def run_case(server: Server, case: Verdict, split: bool = False) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             middle = len(case.raw) // 2
             sock.sendall(raw[:middle])
-            time.sleep(0.01)
+            time.sleep(0.005)
             raw_rest = raw[middle:]
         else:
             raw_rest = raw

@@ -411,7 +411,7 @@ dropped("truncated-before-final-crlf", chunked(b"5\r\nhello\r\n0\r\n"))
 dropped("truncated-in-trailer", chunked(b"5\r\nhello\r\n0\r\nX-T: v\r\n"))
 
 # ---------------------------------------------------------------------------------------------
-section("limits")  # 414, 431 and 413 are settings (design.md, "HTTP rules")
+section("limits")  # 414, 431 and 413 are settings (docs/architecture.md, section 5)
 
 _long_path = b"/" + b"a" * (LINE_LIMIT - len(b"GET  HTTP/1.1") - 1)
 accept("request-line-at-limit", msg(b"GET " + _long_path + b" HTTP/1.1", HOST),
@@ -695,11 +695,14 @@ for _id, _value in [("expect-other-status", b"200-ok"), ("expect-list", b"100-co
 
 # ---------------------------------------------------------------------------------------------
 # Verdicts the integration suite used to check one by one (terse requests: `Host: t`).
-section("limits")
+section("request-line")
+reject("version-2.0-terse", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505)
+section("fields")
 reject("malformed-field-name-with-space", b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n")
+section("framing")
 reject("coding-gzip-then-chunked-no-body",
        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501)
-reject("version-2.0-terse", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505)
+section("limits")
 reject("request-line-10000-bytes", b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414)
 reject("fields-150", b"GET / HTTP/1.1\r\nHost: t\r\n"
        + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n", 431)
