@@ -409,6 +409,20 @@ dropped("truncated-chunk-data", chunked(b"5\r\nhel"))
 dropped("truncated-before-last-chunk", chunked(b"5\r\nhello\r\n"))
 dropped("truncated-before-final-crlf", chunked(b"5\r\nhello\r\n0\r\n"))
 dropped("truncated-in-trailer", chunked(b"5\r\nhello\r\n0\r\nX-T: v\r\n"))
+# The parser's own EOF table (terse requests: `Host: a`, `POST /submit`).
+dropped("truncated-first-byte", b"G")
+dropped("truncated-head-terse", b"GET / HTTP/1.1\r\nHost: a\r\n")
+dropped("truncated-final-cr", b"GET / HTTP/1.1\r\nHost: a\r\n\r")
+dropped("truncated-lone-cr", b"\r")
+dropped("truncated-length-body-terse",
+        b"POST /submit HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nabcd")
+_submit = b"POST /submit HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+dropped("truncated-before-first-chunk", _submit)
+dropped("truncated-chunk-data-terse", _submit + b"5\r\nab")
+dropped("truncated-after-chunk-data", _submit + b"5\r\nabcde")
+dropped("truncated-after-chunk-cr", _submit + b"5\r\nabcde\r")
+dropped("truncated-before-final-crlf-terse", _submit + b"5\r\nabcde\r\n0\r\n")
+dropped("truncated-in-trailer-terse", _submit + b"5\r\nabcde\r\n0\r\nX-T: 1\r\n")
 
 # ---------------------------------------------------------------------------------------------
 section("limits")  # 414, 431 and 413 are settings (docs/architecture.md, section 5)
