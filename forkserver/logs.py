@@ -28,6 +28,7 @@ __all__ = [
     "LOGGER_NAME",
     "AccessLog",
     "ErrorsStream",
+    "access_log_format",
     "check_template",
     "error_stream",
     "get_logger",
@@ -140,8 +141,7 @@ def error_stream():
 ACCESS_LOG_FORMATS = ("combined", "common", "json")
 # The names a custom template may use, with a value of each one's type. The "json" format writes
 # the first eleven; "target", "version" and "time_local" (Apache's timestamp, without brackets)
-# are for templates. config.py keeps a copy to check templates without importing this module;
-# tests/unit/test_access_log.py keeps the two equal.
+# are for templates. The settings check a format with access_log_format() below.
 ACCESS_LOG_FIELDS: dict[str, object] = {
     "time": "", "remote": "", "method": "", "path": "", "query": "", "status": 0, "bytes": 0,
     "duration_ms": 0.0, "user_agent": "", "referer": "", "request_id": "",
@@ -198,6 +198,16 @@ def check_template(template: str) -> None:
         template.format_map(ACCESS_LOG_FIELDS)
     except (ValueError, TypeError) as error:
         raise ValueError(f"access log format {template!r}: {error}") from None
+
+
+def access_log_format(text: str) -> str:
+    """The access_log_format setting's rule: a preset (any case, spaces around it allowed),
+    returned as its lower-case name, or a template that check_template accepts, returned as is."""
+    preset = text.strip().lower()
+    if preset in ACCESS_LOG_FORMATS:
+        return preset
+    check_template(text)
+    return text
 
 
 class AccessLog:
