@@ -439,3 +439,17 @@ def test_hup_picks_up_a_new_access_log(server_factory, tmp_path):
     assert json.loads(second.read_text().splitlines()[-1])["path"] == "/after-reload"
     assert "after-reload" not in first.read_text()
     server.known_pids.update(server.worker_pids())
+
+
+@pytest.mark.xfail(strict=True, reason="the master does not pass error_log_format to "
+                   "logs.setup(..., fmt=) yet")
+def test_json_error_log_beside_the_json_access_log(server_factory, tmp_path):
+    access = tmp_path / "access.log"
+    server = server_factory("tests.apps.basic:app", "--error-log-format", "json",
+                            "--access-log", str(access), "--access-log-format", "json")
+    assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+    [entry] = wait_for_lines(access, 1)
+    assert json.loads(entry)["status"] == 200
+    records = [json.loads(line) for line in server.log().splitlines() if line]
+    assert records and {"time", "level", "pid", "message"} <= set(records[0])
+    assert any(r["message"].startswith("Listening at: ") for r in records)
