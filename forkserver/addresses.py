@@ -14,7 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-__all__ = ["FORMS", "AddressError", "BindSpec", "parse", "sockname"]
+__all__ = ["FORMS", "AddressError", "BindSpec", "endpoint", "host_port", "parse", "sockname"]
 
 FORMS = "expected HOST:PORT, [IPv6]:PORT, unix:/path or fd://N"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -107,3 +107,12 @@ def sockname(sock: socket.socket) -> str:
             return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
         return f"unix:{address}"
     return f"{sock.family.name}:{address}"
+
+
+def endpoint(sock: socket.socket) -> tuple[str, str]:
+    """(host, port) of a bound socket as WSGI's SERVER_NAME and SERVER_PORT want them: an IPv6
+    host without brackets; for a unix socket its path (``@name`` if abstract) and no port."""
+    address = sock.getsockname()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return str(address[0]), str(address[1])
+    return sockname(sock).removeprefix("unix:"), ""

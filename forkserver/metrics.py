@@ -172,11 +172,14 @@ def collect(
     reloads: int,
     started: float,
     listeners: list[socket.socket],
+    not_ready: str | None = None,
 ) -> Snapshot:
     """Take a snapshot. ``workers`` holds (pid, slot index or -1, generation) per live worker.
 
-    ``started`` is the master's start as a ``time.monotonic()`` value. Runs in the master's loop,
-    so it only reads shared memory, /proc (through psutil) and socket options: no waiting.
+    ``started`` is the master's start as a ``time.monotonic()`` value; ``not_ready`` is the
+    master's reason to refuse traffic ("draining", "shutting down"), None when it has none.
+    Runs in the master's loop, so it only reads shared memory, /proc (through psutil) and socket
+    options: no waiting.
     """
     now = time.monotonic()
     requests = totals.requests
@@ -199,24 +202,7 @@ def collect(
         for i, count in enumerate(view.duration_buckets):
             buckets[i] += count
         duration_sum += view.duration_sum
-        running = view.state is State.BUSY and view.request_start > 0
-        samples.append(WorkerSample(
-            pid=pid,
-            index=index,
-            generation=generation,
-            state=_STATE_NAMES.get(view.state, UNKNOWN),
-            reason=view.reason.name.lower() if view.reason is not Reason.NONE else "",
-            requests=view.requests,
-            sent_bytes=view.bytes_sent,
-            connections=view.connections,
-            current_request=view.request_line if running else "",
-            busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
-            age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
-            heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
-            rss=rss,
-            own_memory=own,
-            cpu_seconds=cpu,
-        ))
+        samples.append(_sample(pid, index, generation, view, now, rss, own, cpu))
     samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
     return Snapshot(
         master_pid=os.getpid(),
@@ -232,6 +218,30 @@ def collect(
         duration_buckets=tuple(buckets),
         duration_sum=duration_sum,
         master_rss=_process_usage(os.getpid())[0],
+        not_ready=not_ready,
+    )
+
+
+def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, rss: int,
+            own: int, cpu: float) -> WorkerSample:
+    """One worker from its scoreboard slot and its process readings."""
+    running = view.state is State.BUSY and view.request_start > 0
+    return WorkerSample(
+        pid=pid,
+        index=index,
+        generation=generation,
+        state=_STATE_NAMES.get(view.state, UNKNOWN),
+        reason=view.reason.name.lower() if view.reason is not Reason.NONE else "",
+        requests=view.requests,
+        sent_bytes=view.bytes_sent,
+        connections=view.connections,
+        current_request=view.request_line if running else "",
+        busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
+        age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
+        heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
+        rss=rss,
+        own_memory=own,
+        cpu_seconds=cpu,
     )
 
 

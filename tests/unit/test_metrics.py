@@ -748,9 +748,15 @@ def test_readiness_from_the_workers(states, reason):
     assert metrics.not_ready(snapshot) == reason
 
 
-def test_the_masters_reason_comes_first():
+def test_the_masters_reason_comes_first(board):
     snapshot = make_snapshot(not_ready="shutting down")
     assert metrics.not_ready(snapshot) == "shutting down"
+    # collect() carries the master's reason through; by default it has none.
+    _serve(board, 0, os.getpid(), [])
+    workers = [(os.getpid(), 0, 1)]
+    taken = collect(board, workers, Totals(), {}, 0, time.monotonic(), [], "draining")
+    assert metrics.not_ready(taken) == "draining"
+    assert metrics.not_ready(collect(board, workers, Totals(), {}, 0, time.monotonic(), [])) is None
 
 
 @pytest.mark.parametrize("changes, status, body", [

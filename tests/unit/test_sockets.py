@@ -339,3 +339,13 @@ def test_sockname_brackets_ipv6():
     with socket.socket(socket.AF_INET6) as tcp:
         tcp.bind(("::1", 0))
         assert addresses.sockname(tcp) == f"[::1]:{tcp.getsockname()[1]}"
+        assert addresses.endpoint(tcp) == ("::1", str(tcp.getsockname()[1]))
+
+
+def test_endpoint_for_the_environ(tmp_path):
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        assert addresses.endpoint(tcp) == ("127.0.0.1", str(tcp.getsockname()[1]))
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(tmp_path / "s"))
+        assert addresses.endpoint(unix) == (str(tmp_path / "s"), "")
