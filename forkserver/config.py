@@ -720,13 +720,16 @@ class Settings:
     )
     metrics_bind: str = setting(
         Address(), "", ("--metrics-bind",),
-        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus) and "
-        "/status (JSON); empty turns it off. Keep it private: it shows pids and requests.",
+        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus), "
+        "/status (JSON) and the probes /livez and /readyz; empty turns it off. /metrics and "
+        "/status answer only a Host naming the listener or loopback. Keep it private: it "
+        "shows pids and requests.",
     )
     metrics_token: str = setting(
         Token(), "", ("--metrics-token",),
         "Bearer token that /metrics and /status require (Authorization: Bearer TOKEN); empty "
-        "turns the check off. /livez and /readyz never ask for it.",
+        "turns the check off. /livez and /readyz never ask for it. Give it in the config file "
+        "or the environment: ps shows the command line.",
     )
     status_show_query: bool = setting(
         Bool(), False, ("--status-show-query",),
