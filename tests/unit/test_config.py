@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,51 @@ def test_settings_has_one_field_per_setting_and_is_frozen(tmp_path):
     assert settings.config_file is None
 
 
+# What each kind's values are, for the check that every field is typed by its kind.
+KIND_TYPES = {
+    config.Int: int, config.Seconds: float, config.Bool: bool, config.Text: str,
+    config.Choice: str, config.Hook: str, config.Address: str, config.AccessLogFormat: str,
+    config.Token: str, config.TextList: tuple[str, ...], config.Umask: int | None,
+}
+
+
+def test_every_field_is_typed_as_its_kind_parses():
+    hints = typing.get_type_hints(config.Settings)
+    assert hints["config_file"] == str | None
+    for s in config.SETTINGS:
+        assert hints[s.name] == KIND_TYPES[type(s.kind)], s.name
+
+
+def test_settings_can_be_built_from_its_field_defaults():
+    # A computed default (workers) is computed when built, never at import.
+    built = config.Settings()
+    assert built.workers == config.usable_cpus()
+    assert built.keepalive == 5.0 and built.bind == ("127.0.0.1:8000",)
+
+
+def test_new_settings_defaults(tmp_path):
+    settings = load(tmp_path)
+    assert settings.forwarded_headers == ("X-Forwarded-For", "X-Forwarded-Proto")
+    assert (settings.metrics_token, settings.status_show_query) == ("", False)
+    assert (settings.error_log_format, settings.shutdown_delay) == ("text", 0.0)
+
+
+def test_forwarded_headers_are_canonical_and_unknown_names_are_errors(tmp_path):
+    settings = load(tmp_path, ["--forwarded-headers", "forwarded",
+                               "--forwarded-headers", "x-forwarded-host"])
+    assert settings.forwarded_headers == ("Forwarded", "X-Forwarded-Host")
+    assert load(tmp_path, env={"FORKSERVER_FORWARDED_HEADERS": ""}).forwarded_headers == ()
+    message = error_of(tmp_path, toml='forwarded_headers = ["X-Real-IP"]')
+    assert message.startswith('forwarded_headers = ["X-Real-IP"] in forkserver.toml: ')
+    assert "unknown forwarding header 'X-Real-IP'" in message
+
+
+@pytest.mark.parametrize("token", ["a b", "tok\"en", "Bearer:x", "é"])
+def test_metrics_token_must_be_a_bearer_token(tmp_path, token):
+    message = error_of(tmp_path, env={"FORKSERVER_METRICS_TOKEN": token})
+    assert message.startswith("metrics_token = ") and "bearer token" in message
+
+
 def test_defaults(tmp_path):
     settings = load(tmp_path, env={"WEB_CONCURRENCY": "3"})
     assert settings.app == "forkserver.demo:app"
@@ -98,6 +144,8 @@ def sample(setting: config.Setting):
     if isinstance(kind, config.TextList):
         if setting.name == "forwarded_allow_ips":
             return ("10.0.0.0/8", "unix")
+        if setting.name == "forwarded_headers":
+            return ("Forwarded", "X-Forwarded-Host")
         return ("127.0.0.1:9001", "unix:/tmp/fs.sock")
     if isinstance(kind, config.Address):
         return "127.0.0.1:9100"
@@ -107,6 +155,8 @@ def sample(setting: config.Setting):
         return 0o027
     if isinstance(kind, config.Hook):
         return "pkg.hooks:on_event"
+    if isinstance(kind, config.Token):
+        return "s3cr3t-Token_1~"
     if isinstance(kind, config.Text):
         return "pkg.mod:application" if setting.name == "app" else "some dir/value.x"
     pytest.fail(f"no sample for {setting.name} of kind {kind!r}")
