@@ -402,3 +402,25 @@ def test_context_settings(pki):
     assert context.options & ssl.OP_NO_RENEGOTIATION
     context = tls.server_context(settings(pki, ca_certs=pki.ca, cert_reqs="optional"))
     assert context.verify_mode == ssl.CERT_OPTIONAL
+
+
+# -- PROXY header first, then the handshake on the same socket ---------------------------------
+
+def test_proxy_header_then_handshake(pki, listener):
+    from forkserver import proxy_protocol
+
+    client = Client(listener.getsockname(), client_context(pki))
+    client.sock.sendall(b"PROXY TCP4 192.0.2.10 198.51.100.1 56324 443\r\n")
+    client.start()  # the ClientHello follows at once, likely in the same read
+    server = accept(listener)
+    reader = proxy_protocol.ProxyReader("auto")
+    end = time.monotonic() + WAIT
+    while (header := proxy_protocol.read_header(server, reader)) is proxy_protocol.NEED_DATA:
+        select.select([server], [], [], end - time.monotonic())
+    assert header.source == ("192.0.2.10", 56324)
+    handshake = tls.Handshake(tls.server_context(settings(pki)), server)
+    drive(handshake, server.fileno())  # the ClientHello was left in the socket, whole
+    echo(handshake.ssl_socket)
+    client.join(WAIT)
+    handshake.ssl_socket.close()
+    assert client.error is None and client.info["echo"] == b"ping"
