@@ -6,7 +6,9 @@ so it cannot look at ``sys.modules`` itself. Each worker does, right after it lo
 already inherited from the master, which a new generation would not re-import anyway) with their
 stat signature, atomically, into a directory the master made. The master's ``Reloader`` reads new
 reports as they appear, so a module that a reload adds is watched from then on, and the
-signatures taken at import time close the gap between importing a file and watching it.
+signatures taken at import time close the gap between importing a file and watching it. A
+worker whose app fails to import reports too (``error=``): the files of its traceback, so that
+fixing a newly added, broken module is noticed although it never made it into ``sys.modules``.
 ``reload_extra_files`` globs (templates, config) are expanded on every scan, so a new matching
 file counts as a change.
 
@@ -28,16 +30,28 @@ no longer than ``next_check()``; a True answer starts a reload through the HUP p
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import glob
 import os
+import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
+from typing import Any
 
-__all__ = ["DEBOUNCE", "INTERVAL", "Reloader", "module_files", "report_modules", "signature"]
+__all__ = [
+    "DEBOUNCE",
+    "INTERVAL",
+    "Reloader",
+    "error_files",
+    "module_files",
+    "report_modules",
+    "signature",
+]
 
 INTERVAL = 0.5   # seconds between scans
 DEBOUNCE = 0.25  # seconds of quiet after the last change before a reload starts
@@ -72,15 +86,32 @@ def module_files(modules: Mapping[str, ModuleType | None],
     return sorted(files)
 
 
+def error_files(error: BaseException) -> list[str]:
+    """The source files an import error points at: its traceback, and a SyntaxError's file.
+
+    A module that fails to import is dropped from ``sys.modules``, yet it is the file the user
+    will fix next; without these the fix of a newly added module would go unnoticed.
+    """
+    files = {frame.filename for frame in traceback.extract_tb(error.__traceback__)}
+    if isinstance(error, SyntaxError) and error.filename:
+        files.add(error.filename)
+    return sorted(os.path.abspath(f) for f in files if os.path.isfile(f))
+
+
 def report_modules(directory: str, inherited: Iterable[str],
-                   modules: Mapping[str, ModuleType | None] | None = None) -> str:
+                   modules: Mapping[str, ModuleType | None] | None = None,
+                   error: BaseException | None = None) -> str:
     """Write this process's module files and their signatures for the master's Reloader.
 
-    ``inherited`` is ``set(sys.modules)`` taken before the app was loaded. The report appears
-    whole or not at all (written aside, then renamed); returns its path.
+    ``inherited`` is ``set(sys.modules)`` taken before the app was loaded; ``error`` is the
+    exception when loading the app failed (call this before exiting with the boot error). The
+    report appears whole or not at all (written aside, then renamed); returns its path.
     """
     lines = []
-    for path in module_files(sys.modules if modules is None else modules, inherited):
+    files = module_files(sys.modules if modules is None else modules, inherited)
+    if error is not None:
+        files = sorted(set(files).union(error_files(error)))
+    for path in files:
         sig = signature(path)
         if sig is not None and "\n" not in path:
             lines.append(f"{sig[0]}\t{sig[1]}\t{sig[2]}\t{path}\n")
@@ -137,6 +168,7 @@ class Reloader:
         self.interval, self.debounce, self._clock = interval, debounce, clock
         self.globs = tuple(extra_globs)
         self.report_dir = report_dir
+        self._owns_reports = False
         self.phase = Phase.WATCHING
         self.changed: list[str] = []  # what the last reload is for, for its log line
         self._pending: set[str] = set()
@@ -148,6 +180,28 @@ class Reloader:
         for path in self._glob():
             self._seen[path] = signature(path)
         self._next_scan = clock() + interval
+
+    @classmethod
+    def for_workers(cls, extra_globs: Iterable[str] = (), **options: Any) -> Reloader:
+        """A Reloader with its own temporary report directory (``report_dir``, for the
+        WorkerSpec); ``close()`` removes it."""
+        watcher = cls(extra_globs=extra_globs,
+                      report_dir=tempfile.mkdtemp(prefix="forkserver-reload-"), **options)
+        watcher._owns_reports = True
+        return watcher
+
+    def forget(self, pid: int) -> None:
+        """Drop a reaped worker's report; its modules stay watched."""
+        if self.report_dir:
+            path = os.path.join(self.report_dir, f"worker-{pid}{REPORT_SUFFIX}")
+            self._reports.pop(path, None)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def close(self) -> None:
+        if self._owns_reports and self.report_dir:
+            shutil.rmtree(self.report_dir, ignore_errors=True)
+            self._owns_reports = False
 
     def next_check(self) -> float:
         """The clock time by which ``check`` wants to run again."""

@@ -7,6 +7,7 @@ system's timestamps move on.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -239,3 +240,52 @@ def test_the_state_table_refuses_an_unlisted_transition(tmp_path, clock):
     watcher = Reloader(clock=clock)
     with pytest.raises(KeyError):
         watcher._advance(reloader.Event.QUIET)
+
+
+def test_a_failed_import_reports_the_file_to_fix(tmp_path, clock):
+    package = tmp_path / "brokenapp"
+    package.mkdir()
+    write(package / "__init__.py", "from . import helpers\n")
+    helpers = write(package / "helpers.py", "def broken(:\n")  # a SyntaxError
+    code = ("import sys; from forkserver import reloader; before = set(sys.modules)\n"
+            "try:\n    import brokenapp\n"
+            "except Exception as error:\n"
+            "    print(reloader.report_modules(sys.argv[1], before, error=error))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    watcher = Reloader.for_workers(clock=clock)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, watcher.report_dir], env=env,
+                              timeout=60, capture_output=True, text=True, check=True)
+        assert done.stdout.strip()
+        assert not quiet_for(watcher, clock, 3 * INTERVAL)
+        tick()
+        write(package / "helpers.py", "def fixed():\n    pass\n")
+        assert run_until_reload(watcher, clock) is not None
+        assert watcher.changed == [helpers]
+    finally:
+        watcher.close()
+    assert not os.path.exists(watcher.report_dir)
+
+
+def test_error_files_of_a_runtime_error(tmp_path):
+    module = write(tmp_path / "boom.py", "raise RuntimeError('at import')\n")
+    spec = importlib.util.spec_from_file_location("boom", module)
+    with pytest.raises(RuntimeError) as info:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert module in reloader.error_files(info.value)
+
+
+def test_forget_drops_a_reaped_workers_report(tmp_path, clock):
+    watcher = Reloader.for_workers(clock=clock)
+    try:
+        module = write(tmp_path / "m.py", "")
+        modules = {"m": types.SimpleNamespace(__file__=module)}
+        report = reloader.report_modules(watcher.report_dir, (), modules=modules)
+        watcher.scan()
+        watcher.forget(os.getpid())
+        assert not os.path.exists(report)
+        tick()
+        write(tmp_path / "m.py", "x = 1\n")  # still watched
+        assert run_until_reload(watcher, clock) is not None
+    finally:
+        watcher.close()
