@@ -187,9 +187,10 @@ class Handshake:
 
     Call ``step()`` once the connection is accepted and again whenever epoll reports the events
     it returned, until it returns DONE; then use ``ssl_socket`` in place of the plain socket
-    (same file descriptor, so the epoll registration stays valid; the plain socket object is
-    detached). ``step()`` raises NotTLS or HandshakeError; the caller closes the connection,
-    after ``answer_plain_http`` for a NotTLS whose ``plain_http`` is true.
+    (same file descriptor, so the epoll registration stays valid). ``step()`` raises NotTLS or
+    HandshakeError; the caller closes ``socket`` (after ``answer_plain_http`` for a NotTLS whose
+    ``plain_http`` is true). Close ``socket``, never the plain socket it was given: once the
+    handshake has begun, that object is detached and closing it would leak the descriptor.
     """
 
     __slots__ = ("_context", "_plain", "ssl_socket")
@@ -198,6 +199,11 @@ class Handshake:
         self._context = context
         self._plain = sock
         self.ssl_socket: ssl.SSLSocket | None = None
+
+    @property
+    def socket(self) -> socket.socket:
+        """The object that owns the descriptor now: the SSLSocket once wrapped."""
+        return self.ssl_socket if self.ssl_socket is not None else self._plain
 
     def step(self) -> int:
         if self.ssl_socket is None:

@@ -137,7 +137,8 @@ def serve_one(pki, listener, config, client):
     try:
         asked = drive(handshake, server.fileno())
     except tls.HandshakeError:
-        server.close()
+        handshake.socket.close()
+        assert handshake.socket.fileno() == -1  # the descriptor really is released
         client.join(WAIT)
         raise
     conn = handshake.ssl_socket
@@ -161,8 +162,7 @@ def test_handshake_completes_without_blocking(pki, listener):
     assert handshake.step() == select.EPOLLIN  # nothing sent yet: it asks, it does not wait
     assert time.monotonic() - started < 1.0
     go.set()
-    asked = drive(handshake, fd)
-    assert select.EPOLLIN in asked  # the client's Finished had to be waited for
+    drive(handshake, fd)
     # the same descriptor, so an epoll registration survives; the plain object is detached
     assert handshake.ssl_socket.fileno() == fd and server.fileno() == -1
     echo(handshake.ssl_socket)
@@ -170,6 +170,35 @@ def test_handshake_completes_without_blocking(pki, listener):
     handshake.ssl_socket.close()
     assert client.error is None
     assert client.info["alpn"] == "http/1.1" and client.info["echo"] == b"ping"
+
+
+def test_handshake_waits_for_the_clients_finished_without_blocking(pki, listener):
+    """A client driven flight by flight (memory BIOs), so each wait is certain, not a race."""
+    raw = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    raw.sendall(outgoing.read())  # the ClientHello, and nothing more
+    server = accept(listener)
+    select.select([server], [], [], WAIT)
+    handshake = tls.Handshake(tls.server_context(settings(pki)), server)
+    started = time.monotonic()
+    assert handshake.step() == select.EPOLLIN  # its flight is sent; the client's Finished is due
+    assert handshake.step() == select.EPOLLIN
+    assert time.monotonic() - started < 1.0
+    while True:  # the client reads the server's flight and answers with its Finished
+        incoming.write(raw.recv(65536))
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            continue
+    raw.sendall(outgoing.read())
+    drive(handshake, handshake.ssl_socket.fileno())
+    assert tls.environ_for(handshake.ssl_socket)["SSL_PROTOCOL"] == client.version()
+    handshake.ssl_socket.close()
+    raw.close()
 
 
 def test_a_stalled_handshake_never_blocks_and_others_proceed(pki, listener):
@@ -193,8 +222,9 @@ def test_a_stalled_handshake_never_blocks_and_others_proceed(pki, listener):
     assert stalled.step() == select.EPOLLIN  # still waiting, still not blocking
     staller.close()
     with pytest.raises(tls.HandshakeError):
-        drive(stalled, stalled_sock.fileno())
-    for sock in (good.ssl_socket, stalled.ssl_socket):
+        drive(stalled, stalled.socket.fileno())
+    assert stalled_sock.fileno() == -1 and stalled.socket is stalled.ssl_socket
+    for sock in (good.ssl_socket, stalled.socket):
         sock.close()
 
 
