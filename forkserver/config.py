@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import re
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from forkserver import addresses, logs, proxy
+from forkserver import addresses, logs, proxy, tls
 
 ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
@@ -331,6 +332,47 @@ class TextList(Kind):
         return self.from_value(raw)
 
 
+@dataclass(frozen=True)
+class CountList(Kind):
+    """An increasing list of positive counts: an array of integers in TOML, commas elsewhere."""
+
+    metavar: str = "N"
+    label = "list of increasing integers >= 1"
+
+    def from_value(self, value: object) -> tuple[int, ...]:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid("expected an array of integers")
+        counts = tuple(_POSITIVE.from_value(entry) for entry in value)
+        if any(b <= a for a, b in itertools.pairwise(counts)):
+            raise _Invalid("the counts must increase")
+        return counts
+
+    def from_text(self, text: str) -> tuple[int, ...]:
+        return self.from_value([_POSITIVE.from_text(part) for part in text.split(",")
+                                if part.strip()])
+
+    def argparse_options(self) -> dict[str, Any]:
+        return {"metavar": "N[,N...]"}
+
+
+@dataclass(frozen=True)
+class TLSVersion(Kind):
+    """1.2 or 1.3; TOML's bare 1.2 is a float, so numbers are taken as well as strings."""
+
+    metavar: str = "VERSION"
+    label = "1.2 or 1.3"
+
+    def from_value(self, value: object) -> str:
+        if isinstance(value, float):
+            value = repr(value)
+        word = _check_text(value).strip()
+        if word not in ("1.2", "1.3"):
+            raise _Invalid("expected 1.2 or 1.3")
+        return word
+
+
 def check_proxy(entry: str) -> str:
     """One forwarded_allow_ips entry; the proxy module owns the rule."""
     try:
@@ -527,6 +569,13 @@ class Settings:
         default_env="WEB_CONCURRENCY",
         default_doc="usable CPUs (affinity and cgroup `cpu.max`); `WEB_CONCURRENCY` if set",
     )
+    threads: int = setting(
+        _POSITIVE, 1, ("--threads",),
+        "Threads per worker that run the app. With 1 each worker runs one request at a time in "
+        "its event loop; with more, the loop parks idle connections and hands each complete "
+        "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
+        "HTTP APIs); CPU-bound apps want more workers instead.",
+    )
     backlog: int = setting(
         _POSITIVE, 2048, ("--backlog",),
         "Listen queue length: connections the kernel holds until a worker accepts them.",
@@ -644,6 +693,26 @@ class Settings:
         "Import the application in the master before forking: faster worker start and shared "
         "memory, but a reload (HUP) no longer picks up code changes.",
     )
+    gc_freeze: bool = setting(
+        Bool(), True, ("--gc-freeze",),
+        "With preload: collect garbage, then gc.freeze() in the master right before forking, so "
+        "the workers' collections never write to (and unshare) the preloaded objects.",
+    )
+    refork_after: tuple[int, ...] = setting(
+        CountList(), (), ("--refork-after",),
+        "Request counts (e.g. 50,500) at which the first worker of a generation, warmed up, "
+        "becomes the template the other workers are forked from again, so caches the app built "
+        "lazily are shared. Empty turns it off.",
+    )
+    reload: bool = setting(
+        Bool(), False, ("--reload",),
+        "Development: start a new generation of workers when a source file the app imported "
+        "(or one matching reload_extra_files) changes. Not with preload.",
+    )
+    reload_extra_files: tuple[str, ...] = setting(
+        TextList(metavar="GLOB", allow_empty=True), (), ("--reload-extra-files",),
+        "More files to watch with reload (globs; ** recurses), such as templates.",
+    )
     chdir: str = setting(
         Text(metavar="DIR"), "", ("--chdir",),
         "Directory to change to before the application is imported; empty to stay.",
@@ -735,6 +804,45 @@ class Settings:
         Bool(), False, ("--status-show-query",),
         "Show the query strings of running requests in /status; off by default because query "
         "strings often carry tokens.",
+    )
+    certfile: str = setting(
+        Text(metavar="FILE"), "", ("--certfile",),
+        "PEM certificate chain, server certificate first; setting it serves TLS on every "
+        "listener. Reloaded on HUP.",
+    )
+    keyfile: str = setting(
+        Text(metavar="FILE"), "", ("--keyfile",),
+        "Unencrypted PEM private key; empty if certfile holds the key too.",
+    )
+    ca_certs: str = setting(
+        Text(metavar="FILE"), "", ("--ca-certs",),
+        "PEM file of the CAs client certificates must chain to; needed unless cert_reqs is none.",
+    )
+    cert_reqs: str = setting(
+        Choice(choices=("none", "optional", "required"), metavar="MODE"), "none",
+        ("--cert-reqs",),
+        "Client certificates: none (not asked for), optional (checked if sent), required "
+        "(mutual TLS).",
+    )
+    ciphers: str = setting(
+        Text(metavar="LIST"), "", ("--ciphers",),
+        "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are fixed); empty keeps OpenSSL's.",
+    )
+    tls_min_version: str = setting(
+        TLSVersion(), "1.2", ("--tls-min-version",),
+        "Oldest TLS version accepted: 1.2 or 1.3.",
+    )
+    proxy_protocol: str = setting(
+        Choice(choices=("off", "v1", "v2", "auto"), metavar="MODE"), "off",
+        ("--proxy-protocol",),
+        "Read a PROXY protocol header (from HAProxy or a network load balancer) before each "
+        "connection's first byte: v1, v2, or auto for either. Every mode but off requires one.",
+    )
+    proxy_allow_ips: tuple[str, ...] = setting(
+        TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True), ("127.0.0.1", "::1"),
+        ("--proxy-allow-ips",),
+        "Peers (IPs, CIDR networks, 'unix', '*') allowed to send a PROXY header; connections "
+        "from anyone else are closed unread.",
     )
     on_starting: str = setting(
         _HOOK_KIND, "", ("--on-starting",),
@@ -919,7 +1027,23 @@ def resolve(
     for setting in SETTINGS:
         if setting.name not in values:
             values[setting.name] = _default(setting, environ)
-    return Settings(**values, config_file=path)
+    settings = Settings(**values, config_file=path)
+    _check_together(settings)
+    return settings
+
+
+def _check_together(settings: Settings) -> None:
+    """Rules that join several settings. A TLS context is built once here and thrown away, so
+    bad certificate settings fail at startup, in --check-config and in a HUP reload (which then
+    keeps the old generation serving) with one line naming the setting."""
+    if settings.reload and settings.preload:
+        raise ConfigError("reload: cannot be combined with preload (the master would keep "
+                          "serving the code it imported)")
+    if tls.enabled(settings):
+        try:
+            tls.server_context(settings)
+        except tls.TLSConfigError as error:
+            raise ConfigError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------
