@@ -102,8 +102,12 @@ class ThreadPool:
         for seat in self.seats:
             thread = threading.Thread(target=self._run, args=(seat, ready, errors),
                                       name=seat.name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": release the ones waiting
+                ready.abort()
+                raise
             self._threads.append(thread)
-            thread.start()
         ready.wait()
         self._open = True
         if errors:
@@ -249,7 +253,10 @@ class ThreadPool:
                 seat.state = self.on_thread_start(seat)
         except BaseException as error:  # noqa: BLE001 - reported by start()
             errors.append(error)
-        ready.wait()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:  # start() gave up on the pool
+            return
         if errors:
             return
         jobs_get = self._jobs.get

@@ -404,3 +404,36 @@ def test_held_reports_when_each_job_started(make_pool):
     reactor.collect(1)
     assert pool.held() == []
     reactor.close()
+
+
+def test_a_client_that_vanishes_while_its_request_runs(make_pool):
+    """The client closes mid-request: the job's blocking send fails, the connection comes back
+    with the failed verdict through the eventfd, and the thread serves the next one."""
+    errors = Errors()
+    pool = make_pool(1, log_exception=errors)
+    reactor = Reactor(pool)
+    gone = Conn(0)
+    running = threading.Event()
+    vanished = threading.Event()
+
+    def respond_late(conn, seat):
+        running.set()
+        assert vanished.wait(WAIT)
+        conn.sock.sendall(b"x" * 1_000_000)  # the peer is closed: EPIPE or ECONNRESET
+        return "keep"
+
+    pool.submit(gone, respond_late)
+    assert running.wait(WAIT)
+    gone.client.close()
+    vanished.set()
+    assert reactor.collect(1) == [(gone, "abort")]
+    [(_, trace)] = errors.lines
+    assert "BrokenPipeError" in trace or "ConnectionResetError" in trace
+    other = Conn(1)
+    pool.submit(other, respond)
+    assert reactor.collect(1) == [(other, "keep")]
+    assert other.client.recv(64) == b"1:0;"
+    for conn in (gone, other):
+        conn.sock.close()
+    other.client.close()
+    reactor.close()
