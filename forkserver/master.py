@@ -87,6 +87,7 @@ class Master:
         self.exit_code = 0
         self.ever_ready = False
         self.announced_generation = 0      # the last generation logged as fully ready
+        self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
         self.wake_r = self.wake_w = -1
         self.started = time.monotonic()
@@ -202,7 +203,10 @@ class Master:
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        planned = NEVER
         while True:
+            if supervision.overslept(planned, time.monotonic()):
+                self.quiet_until = supervision.quiet_period(time.monotonic())
             self._reap()
             self._handle_signals()
             now = time.monotonic()
@@ -214,7 +218,8 @@ class Master:
             elif not self.pool:
                 return
             status_due = self.ever_ready and self.running
-            self._sleep(min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due)))
+            planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
+            self._sleep(planned)
 
     def _blueprint(self) -> Blueprint:
         return Blueprint(self.settings, self.generations.current, self.listeners, self.app,
@@ -233,7 +238,8 @@ class Master:
         for record in list(self.pool.records.values()):
             slot = self.scoreboard.read(record.index) if record.index >= 0 else None
             memory = _own_memory(record.pid) if sample and record.phase is Phase.READY else None
-            verdict = supervision.supervise(record, slot, settings, now, own_memory=memory)
+            verdict = supervision.supervise(record, slot, settings, now, own_memory=memory,
+                                            quiet_until=self.quiet_until)
             wake_at = min(wake_at, verdict.wake_at)
             for action in verdict.actions:
                 wake_at = min(wake_at, self._carry_out(record, action, now))

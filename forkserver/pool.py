@@ -256,11 +256,12 @@ class Pool:
             self.retire(record, reason, kill_at, signum)
 
     def abort(self, record: WorkerRecord, reason: Reason, kill_at: float) -> None:
-        """SIGABRT makes a hung worker dump its stacks before it dies."""
+        """SIGABRT makes a hung worker dump its stacks; SIGCONT lets a stopped one take it."""
         record.move(Phase.ABORTING)
         record.reason = reason
         record.kill_at = kill_at
         self._signal(record.pid, signal.SIGABRT)
+        self._signal(record.pid, signal.SIGCONT)
 
     def kill(self, record: WorkerRecord, reason: Reason | None = None) -> None:
         """SIGKILL: the one way every escalation ends (boot timeout, abort, stop deadline)."""

@@ -6,6 +6,12 @@ look (`wake_at`) if nothing else happens. The master carries the actions out (`p
 until the nearest `wake_at` of all workers; nothing here signals, forks, reads a clock or logs,
 so every rule is unit-tested as plain data (tests/unit/test_policies.py). Unicorn's
 `murder_lazy_workers`, which returns how long the master may sleep, is the model.
+
+The heartbeat contract with the worker: a worker whose loop turns, whatever its state (idle,
+keep-alive, draining), refreshes its slot's heartbeat at least every `HEARTBEAT_EVERY` seconds
+(worker.py's housekeeping does it every second); only a running app call leaves it unrefreshed,
+and that is what the request timeout is for. A worker silent for longer than the `timeout` (and
+never less than `SILENCE_FLOOR`, a few missed beats) is hung or stopped and is aborted.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from forkserver.scoreboard import Reason, SlotView, State
 NEVER = math.inf
 KILL_GRACE = 5.0          # after SIGABRT (traceback), SIGKILL follows this much later
 BOOT_POLL = 0.05          # how often a booting worker's slot is read for readiness
+HEARTBEAT_EVERY = 1.0     # the worker's side of the heartbeat contract (module docstring)
+SILENCE_FLOOR = 3 * HEARTBEAT_EVERY  # a silence shorter than this is never judged a hang
+OVERSLEEP = 0.5           # a master that woke this much later than planned was suspended
 RECYCLE_SPACING = 1.0     # at most one worker recycled for lifetime or memory per second
 MAX_BOOT_BACKOFF = 30.0
 
@@ -51,9 +60,10 @@ class Verdict:
 
 
 def supervise(worker: WorkerRecord, slot: SlotView | None, settings: Any, now: float, *,
-              own_memory: int | None = None) -> Verdict:
+              own_memory: int | None = None, quiet_until: float = 0.0) -> Verdict:
     """Every policy for one worker. ``slot`` is None for a worker without one (adopted after a
-    USR2); ``own_memory`` is given on passes that sampled it."""
+    USR2); ``own_memory`` is given on passes that sampled it; silence is not judged before
+    ``quiet_until`` (see `overslept`)."""
     verdict = escalation(worker, now)
     if verdict.actions or slot is None:
         return verdict
@@ -61,7 +71,7 @@ def supervise(worker: WorkerRecord, slot: SlotView | None, settings: Any, now: f
         return verdict + readiness(worker, slot, settings, now)
     if worker.phase not in JUDGED:
         return verdict
-    verdict += timeouts(slot, settings, now)
+    verdict += timeouts(slot, settings, now, quiet_until)
     if verdict.actions or worker.phase is not Phase.READY:
         return verdict
     return verdict + recycling(worker, slot, settings, now, own_memory)
@@ -94,16 +104,33 @@ def readiness(worker: WorkerRecord, slot: SlotView, settings: Any, now: float) -
     return Verdict(wake_at=wake_at)
 
 
-def timeouts(slot: SlotView, settings: Any, now: float) -> Verdict:
-    """Abort a worker whose request runs past ``timeout``."""
+def silence_limit(timeout: float) -> float:
+    """How long a worker may go without a heartbeat: the timeout, but never a few beats."""
+    return max(timeout, SILENCE_FLOOR)
+
+
+def timeouts(slot: SlotView, settings: Any, now: float, quiet_until: float = 0.0) -> Verdict:
+    """Abort a worker whose request runs past ``timeout``, or which gave no sign of life for
+    that long in any state (a worker wedged or SIGSTOPped while idle holds its keep-alive
+    clients just as surely as a hung request)."""
     timeout = settings.timeout
-    if not timeout or slot.state is not State.BUSY or not slot.request_start:
+    if not timeout:
         return Verdict()
-    deadline = slot.request_start + timeout
-    if now >= deadline:
-        why = f"timed out after {now - slot.request_start:.1f}s serving {slot.request_line!r}"
-        return Verdict((Action(Act.ABORT, Reason.TIMEOUT, why),))
-    return Verdict(wake_at=deadline)
+    wake_at = NEVER
+    if slot.state is State.BUSY and slot.request_start:
+        deadline = slot.request_start + timeout
+        if now >= deadline:
+            why = f"timed out after {now - slot.request_start:.1f}s serving {slot.request_line!r}"
+            return Verdict((Action(Act.ABORT, Reason.TIMEOUT, why),))
+        wake_at = deadline
+    if slot.heartbeat:
+        deadline = max(slot.heartbeat + silence_limit(timeout), quiet_until)
+        if now >= deadline:
+            why = (f"gave no sign of life for {now - slot.heartbeat:.1f}s while "
+                   f"{slot.state.name.lower()} (hung or stopped)")
+            return Verdict((Action(Act.ABORT, Reason.TIMEOUT, why),))
+        wake_at = min(wake_at, deadline)
+    return Verdict(wake_at=wake_at)
 
 
 def recycling(worker: WorkerRecord, slot: SlotView, settings: Any, now: float,
@@ -153,3 +180,15 @@ def after_boot_failure(failures: int, *, current: bool, stopping: bool, reloadin
     if not ever_ready:
         return BootOutcome.HALT, 0.0
     return BootOutcome.RETRY, min(MAX_BOOT_BACKOFF, 2.0 ** min(failures, 5))
+
+
+def overslept(planned: float, now: float) -> bool:
+    """The master woke well after it meant to: it was suspended (SIGSTOP, or the whole group
+    with Ctrl-Z), and its workers with it. Their heartbeats then look stale through no fault
+    of theirs, so silence is not judged until they had time to beat again."""
+    return planned != NEVER and now - planned > OVERSLEEP
+
+
+def quiet_period(now: float) -> float:
+    """Until when silence is not judged after an oversleep."""
+    return now + SILENCE_FLOOR

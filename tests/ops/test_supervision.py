@@ -1,4 +1,5 @@
-"""Hooks, lifetime recycling, log reopening and the smaller operational settings."""
+"""Hooks, recycling, hung and stopped workers, log reopening and the smaller operational
+settings."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import socket
 import stat
 import time
 
+import psutil
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ResponseReader, Server
 
 HOOKS = '''
 import os
@@ -149,3 +151,77 @@ def test_reuse_port_lets_two_servers_share_a_port(server_factory):
                 data += chunk
         pids.add(data.rsplit(b"\r\n\r\n", 1)[1])
     assert len(pids) == 2  # the kernel spread connections over both servers
+
+
+def _keepalive_per_worker(server: Server, count: int) -> dict[int, socket.socket]:
+    """One open keep-alive connection on each of ``count`` workers, keyed by worker pid."""
+    conns: dict[int, socket.socket] = {}
+    deadline = time.monotonic() + 20
+    while len(conns) < count:
+        assert time.monotonic() < deadline, f"connections reached only {sorted(conns)}"
+        sock = server.connect()
+        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, body = ResponseReader(sock).read()
+        assert status == 200
+        pid = int(body)
+        if pid in conns:
+            sock.close()
+        else:
+            conns[pid] = sock
+    return conns
+
+
+def test_a_stopped_idle_worker_is_aborted_and_its_clients_released(server_factory):
+    server = server_factory("tests.apps.basic:app", "--timeout", "2", workers=2)
+    conns = _keepalive_per_worker(server, 2)
+    victim, other = sorted(conns)
+    os.kill(victim, signal.SIGSTOP)  # idle, with a parked keep-alive client: it never beats
+    stopped_at = time.monotonic()
+    try:
+        sock = conns[victim]
+        sock.settimeout(30)
+        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        try:
+            answer = sock.recv(65536)  # the worker dies: the connection closes or resets
+        except ConnectionResetError:
+            answer = b""
+        released_after = time.monotonic() - stopped_at
+        assert answer == b"", answer
+        # Silent for max(timeout, a few heartbeats) = 3 s, then SIGABRT: generous margin.
+        assert released_after < 15, released_after
+        server.wait_for_log(rf"worker {victim} gave no sign of life for .* while "
+                            rf"(idle|keepalive) \(hung or stopped\); aborting")
+        server.wait_for_log(rf"worker {victim} killed by SIGABRT after \d+ requests \(timeout\)")
+    finally:
+        if psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pids = server.worker_pids()
+        if len(pids) == 2 and victim not in pids:
+            break
+        time.sleep(0.05)
+    assert len(pids) == 2 and victim not in pids and other in pids
+    server.known_pids.update(pids)
+    # The healthy worker and its parked client were left alone; new clients are served.
+    conns[other].sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert ResponseReader(conns[other]).read()[2] == str(other).encode()
+    for sock in conns.values():
+        sock.close()
+    for _ in range(4):
+        assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+
+
+def test_an_idle_worker_within_its_heartbeat_is_left_alone(server_factory):
+    """The silence rule must not take an idle worker's quiet for a hang: idle past the timeout
+    (with keep-alive clients parked), the workers keep their pids."""
+    server = server_factory("tests.apps.basic:app", "--timeout", "1", "--keepalive", "30",
+                            workers=2)
+    conns = _keepalive_per_worker(server, 2)
+    time.sleep(5)  # five times the timeout, past the 3 s floor of the silence rule
+    assert sorted(server.worker_pids()) == sorted(conns)
+    for pid, sock in conns.items():
+        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert ResponseReader(sock).read()[2] == str(pid).encode()
+        sock.close()
+    assert "aborting" not in server.log()
