@@ -101,6 +101,8 @@ class Generations:
         self.log = logs.get_logger()
         self.current = 1
         self.last = 1                  # numbers never repeat, even after a rollback
+        self.announced = 0             # the last generation logged as fully ready
+        self.ever_ready = False        # some worker served (a boot failure then backs off)
         self.reloads = 0
         self.stage = Stage.STEADY
         self.kind: Kind | None = None
@@ -125,6 +127,19 @@ class Generations:
     def reloading(self) -> bool:
         """A HUP's new generation is booting (a failure there rolls back)."""
         return self.stage is Stage.BOOTING and self.kind is Kind.RELOAD
+
+    def worker_ready(self, pool: Pool) -> None:
+        """A worker became ready; once its whole generation is, say so (and the first time,
+        tell systemd and the when_ready hook)."""
+        self.ever_ready = True
+        current = self.current
+        if self.announced != current and pool.all_ready(current):
+            self.announced = current
+            self.log.info("%d workers ready (generation %d)", len(pool.serving(current)),
+                          current)
+            if current == 1 and self.steady:
+                call_hook(self.hooks, "when_ready", self.settings)
+                systemd.notify("READY=1\nSTATUS=serving")
 
     # -- HUP ----------------------------------------------------------------------------------
     def begin(self, pool: Pool) -> None:
@@ -196,6 +211,7 @@ class Generations:
         this image's own generation is ready."""
         self._move(Event.ADOPT)
         self.kind = Kind.UPGRADE
+        self.ever_ready = True
         self.rollback = Rollback(0, self.settings, pool.target, self.hooks)
         pool.adopt(pids, now)
         self.log.info("upgraded in place: %d old workers drain once the new ones are ready",

@@ -85,8 +85,6 @@ class Master:
         self.app: Callable | None = None
         self.stop_mode = StopMode.RUNNING
         self.exit_code = 0
-        self.ever_ready = False
-        self.announced_generation = 0      # the last generation logged as fully ready
         self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
         self.wake_r = self.wake_w = -1
@@ -165,7 +163,6 @@ class Master:
         pids = generations.take_old_workers(os.environ)
         if pids:
             self.generations.adopt(self.pool, pids, time.monotonic())
-            self.ever_ready = True
 
     def _config_changed(self, settings: Any) -> None:
         """A reload (or its rollback) changed the settings: follow their logs."""
@@ -217,7 +214,7 @@ class Master:
                 wake_at = min(wake_at, self.pool.maintain(self._blueprint(), now))
             elif not self.pool:
                 return
-            status_due = self.ever_ready and self.running
+            status_due = self.generations.ever_ready and self.running
             planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
             self._sleep(planned)
 
@@ -246,36 +243,30 @@ class Master:
         return wake_at
 
     def _carry_out(self, record: WorkerRecord, action: Action, now: float) -> float:
-        """One action of a verdict; returns when to look again because of it."""
+        """One action of a verdict; returns when to look at the worker again. A worker whose
+        phase changed is looked at again at once: the rules of its new phase (the timeouts of
+        a worker just ready) were not part of the verdict that moved it."""
         if action.act is Act.READY:
             self.pool.mark_ready(record, now)
-            self._worker_ready()
-        elif action.act is Act.ABORT:
+            self.generations.worker_ready(self.pool)
+            return now
+        if action.act is Act.ABORT:
             self.log.error("worker %d %s; aborting", record.pid, action.why)
             self.pool.abort(record, action.reason, now + supervision.KILL_GRACE)
             return record.kill_at
-        elif action.act is Act.KILL:
+        if action.act is Act.KILL:
             self.log.error("worker %d %s; sending SIGKILL", record.pid, action.why)
-            self.pool.kill(record, action.reason)
-        elif self.running:  # Act.RECYCLE
-            retry_at = supervision.recycle_paced(action.reason, self.pool.last_recycle, now)
-            if retry_at:
-                return retry_at
-            if action.reason in (Reason.LIFETIME, Reason.MEMORY):
-                self.log.info("worker %d %s", record.pid, action.why)
-            self.pool.mark_recycle(record, action.reason, now)
-        return NEVER
-
-    def _worker_ready(self) -> None:
-        self.ever_ready = True
-        current = self.generations.current
-        if self.announced_generation != current and self.pool.all_ready(current):
-            self.announced_generation = current
-            self.log.info("%d workers ready (generation %d)", len(self.pool.serving(current)),
-                          current)
-            if current == 1 and self.generations.steady:
-                call_hook(self.hooks, "when_ready", self.settings)
-                systemd.notify("READY=1\nSTATUS=serving")
+            self.pool.kill(record, action.reason)  # only its reap is left: SIGCHLD wakes us
+            return NEVER
+        if not self.running:  # Act.RECYCLE: pointless while stopping
+            return NEVER
+        retry_at = supervision.recycle_paced(action.reason, self.pool.last_recycle, now)
+        if retry_at:
+            return retry_at
+        if action.reason in (Reason.LIFETIME, Reason.MEMORY):
+            self.log.info("worker %d %s", record.pid, action.why)
+        self.pool.mark_recycle(record, action.reason, now)
+        return now
 
     def _sleep(self, wake_at: float) -> None:
         """Wait for a signal, a scrape, or ``wake_at`` (NEVER: no deadline at all)."""
@@ -320,7 +311,7 @@ class Master:
         outcome, delay = supervision.after_boot_failure(
             pool.boot_failures + 1, current=record.generation == self.generations.current,
             stopping=not self.running, reloading=self.generations.reloading,
-            ever_ready=self.ever_ready)
+            ever_ready=self.generations.ever_ready)
         if outcome is BootOutcome.IGNORE:
             self.log.info("worker %d of abandoned generation %d exited", record.pid,
                           record.generation)
@@ -432,6 +423,8 @@ class Outputs:
         self.access_log_config: tuple[str, str] = ("", "")
         self.watchdog = systemd.watchdog_interval(os.environ, os.getpid())
         self.next_watchdog = 0.0
+        # STATUS= lines only mean something under systemd; elsewhere they cost wakeups.
+        self.status_lines = bool(os.environ.get("NOTIFY_SOCKET"))
         self.next_status = 0.0
 
     def tell_systemd(self, now: float, pool: Pool, status_due: bool) -> float:
@@ -443,7 +436,7 @@ class Outputs:
                 systemd.notify("WATCHDOG=1")
                 self.next_watchdog = now + self.watchdog
             wake_at = self.next_watchdog
-        if status_due:
+        if status_due and self.status_lines:
             if now >= self.next_status:
                 self.next_status = now + STATUS_INTERVAL
                 views = [pool.scoreboard.read(record.index)

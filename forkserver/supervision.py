@@ -27,6 +27,7 @@ from forkserver.scoreboard import Reason, SlotView, State
 NEVER = math.inf
 KILL_GRACE = 5.0          # after SIGABRT (traceback), SIGKILL follows this much later
 BOOT_POLL = 0.05          # how often a booting worker's slot is read for readiness
+REQUEST_POLL = 1.0        # with max_requests on, how often slots are read for recycle requests
 HEARTBEAT_EVERY = 1.0     # the worker's side of the heartbeat contract (module docstring)
 SILENCE_FLOOR = 3 * HEARTBEAT_EVERY  # a silence shorter than this is never judged a hang
 OVERSLEEP = 0.5           # a master that woke this much later than planned was suspended
@@ -136,15 +137,18 @@ def timeouts(slot: SlotView, settings: Any, now: float, quiet_until: float = 0.0
 def recycling(worker: WorkerRecord, slot: SlotView, settings: Any, now: float,
               own_memory: int | None = None) -> Verdict:
     """Replace a serving worker that asked for it (max_requests), outlived
-    max_worker_lifetime, or uses more than max_worker_memory MiB of its own."""
+    max_worker_lifetime, or uses more than max_worker_memory MiB of its own.
+
+    A worker asks in its slot, which wakes nobody, so with max_requests on the slot is read
+    every REQUEST_POLL (a byte on a pipe from the worker would do without; see readiness)."""
     if slot.reason is not Reason.NONE and slot.state is not State.EXITING:
         return Verdict((Action(Act.RECYCLE, slot.reason, "asked to be replaced"),))
-    wake_at = NEVER
+    wake_at = now + REQUEST_POLL if settings.max_requests else NEVER
     lifetime = settings.max_worker_lifetime
     if lifetime:
         if now >= worker.started + lifetime:
             return Verdict((Action(Act.RECYCLE, Reason.LIFETIME, f"older than {lifetime:g}s"),))
-        wake_at = worker.started + lifetime
+        wake_at = min(wake_at, worker.started + lifetime)
     limit = settings.max_worker_memory
     if limit and own_memory is not None and own_memory > limit * 1024 * 1024:
         why = f"uses {own_memory / 1048576:.1f} MiB of its own memory (limit {limit} MiB)"

@@ -216,6 +216,14 @@ def test_a_worker_that_asked_to_be_replaced_is_recycled():
     assert acts(recycling(record(), exiting, DEFAULTS, T0 + 1)) == []
 
 
+def test_with_max_requests_on_slots_are_read_for_requests_every_poll():
+    """A worker's request to be replaced sits in its slot: nothing wakes the master for it."""
+    assert recycling(record(), slot(), DEFAULTS, T0).wake_at == NEVER  # max_requests off
+    settings = make_settings(max_requests=100)
+    verdict = recycling(record(), slot(), settings, T0 + 5)
+    assert acts(verdict) == [] and verdict.wake_at == T0 + 5 + supervision.REQUEST_POLL
+
+
 def test_lifetime_recycles_and_its_deadline_wakes_the_master():
     settings = make_settings(max_worker_lifetime=60.0)
     young = recycling(record(), slot(heartbeat=T0 + 30), settings, T0 + 30)
