@@ -97,6 +97,7 @@ def test_bind_failure_is_one_line(server):
     assert result.returncode != 0
     assert str(server.port) in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_pidfile_written_and_removed(server_factory, tmp_path):
