@@ -35,7 +35,7 @@ MASTER_HOOKS = ("on_starting", "when_ready", "pre_fork", "on_reload", "on_exit")
 
 # The environment a USR2 re-exec hands to the new image. config reserves the names (no setting
 # may use them); they are spelled there once, and sort as inherit-fds, old-workers.
-ENV_INHERIT_FDS, ENV_OLD_WORKERS = sorted(config.RESERVED_ENV)
+ENV_INHERIT_FDS, ENV_OLD_WORKERS = config.ENV_INHERIT_FDS, config.ENV_OLD_WORKERS
 
 
 class Kind(enum.Enum):
