@@ -642,11 +642,17 @@ def test_reload_of_every_instance_loses_no_request(ready_fleet):
                 time.sleep(0.05)
             instance.known_pids.update(workers)
             assert instance.readyz() == 200
+        reloaded = time.monotonic()
         load.settle(0.5)
     report = fleet.report(load, before)
     assert [e for e in fleet.haproxy.events if e[0] >= hup] == [], \
         "/readyz must stay 200 through a reload, yet HAProxy took an instance out"
-    assert len(load.served) > 200, report
+    during = [o for o in load.served if hup <= o.start <= reloaded]
+    print(f"  reload took {reloaded - hup:.2f}s; {len(during)} requests served meanwhile")
+    # The load ran before, through and after the reload.
+    assert during, f"no request was served during the reload: {report}"
+    assert any(o.end < hup for o in load.served), report
+    assert any(o.start > reloaded for o in load.served), report
     check_nothing_lost(report)
 
 
