@@ -108,7 +108,7 @@ class Request:
     content_length: int | None
     chunked: bool
     expect_continue: bool
-    host: str | None
+    host: str | None  # the Host field; for an absolute-form target, the target's authority
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} {self.version}>"
@@ -154,7 +154,7 @@ _IP_LITERAL = r"\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]"
 _HOST = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]*)(?::[0-9]*)?")
 # absolute-form: an http(s) URI whose authority is a non-empty host without userinfo.
 _ABSOLUTE_FORM = re.compile(
-    f"(?i:https?)://(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+)(?::[0-9]*)?(/[^?]*)?(?:\\?(.*))?"
+    f"(?i:https?)://((?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+)(?::[0-9]*)?)(/[^?]*)?(?:\\?(.*))?"
 )
 # authority-form (CONNECT only): host ":" port, the port required.
 _AUTHORITY_FORM = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+):[0-9]+")
@@ -325,6 +325,17 @@ class RequestParser:
         if state is _S_HEAD:
             return self._pos < len(self._buf) or self._request is not None
         return state is not _S_PAUSED and state is not _S_ERROR
+
+    @property
+    def body_left(self) -> int | None:
+        """Body bytes of the current request not yet returned as events: 0 when there are none
+        (or no request is under way), None when unknown (a chunked body, or after an error)."""
+        state = self._state
+        if state is _S_LENGTH:
+            return self._remaining
+        if state is _S_HEAD or state is _S_END or state is _S_PAUSED:
+            return 0
+        return None
 
     def start_next(self) -> None:
         """Begin the next request; bytes already buffered (pipelined) are kept."""
@@ -582,7 +593,8 @@ class RequestParser:
             match = _ABSOLUTE_FORM.fullmatch(target)
             if match is None:
                 raise BadRequest("invalid request-target")
-            path, query = match.groups()
+            authority, path, query = match.groups()
+            request.host = authority  # _finish_head keeps it over the Host field
             request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
             request.query = query or ""
         return request
@@ -620,7 +632,9 @@ class RequestParser:
                 raise BadRequest("missing Host field")
         elif _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
             raise BadRequest("invalid Host field")
-        request.host = host
+        if request.target[0] == "/" or "://" not in request.target:
+            request.host = host
+        # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
 
         length = None
         if length_value is not None:

@@ -61,8 +61,10 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # field-value octets: HTAB, SP, VCHAR, obs-text. Anything above U+00FF is not latin-1 encodable
 # and fails here too, so the later encode cannot raise.
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-# status-code SP reason-phrase; valid codes are 100..599 (RFC 9110 section 15).
-_STATUS = re.compile(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+# status-code SP reason-phrase. Codes run 100..599 (RFC 9110 section 15), but a 1xx is never a
+# final response: sent as one, a 101 would make a proxy tunnel the connection and every later
+# answer would belong to the wrong request. The app's status must be 200..599.
+_STATUS = re.compile(r"[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 _DIGITS = re.compile("[0-9]{1,18}")
 
 # Headers that describe the connection, not the resource: the server decides them.
@@ -158,8 +160,8 @@ class Response:
         if status_line is None:
             status_line = _status_line(status)
         line, code = status_line
-        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 1xx/204 no Content-Length.
-        bodiless_status = code < 200 or code == 204
+        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 204 no Content-Length.
+        bodiless_status = code == 204
         has_body = not (is_head or bodiless_status or code == 304)
 
         lines = [line]
