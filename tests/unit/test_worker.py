@@ -273,7 +273,7 @@ def test_linger_stops_after_linger_bytes(make_worker):
 
 def test_informational_final_status_from_the_app_is_500(make_worker):
     def app(environ, start_response):
-        start_response("101 Switching Protocols", [("Upgrade", "websocket")])
+        start_response("101 Switching Protocols", [])
         return [b""]
     h = make_worker(app)
     client = h.client()
