@@ -209,6 +209,165 @@ class Connection:
             raise ClientDisconnected(f"client did not {what} for {seconds:g}s")
 
 
+class Requests:
+    """Runs each complete request through the app, with its bookkeeping: hooks, scoreboard,
+    access log, and recycling after max_requests."""
+
+    def __init__(self, spec: WorkerSpec, slot: Any) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.slot = slot
+        self.log = logs.get_logger()
+        self.app: Callable | None = None
+        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips)
+        self.pre_request = spec.hooks.get("pre_request")
+        self.post_request = spec.hooks.get("post_request")
+        self.count = 0
+        self.retiring = False  # answer every next request with Connection: close
+
+    def _keep_alive_wish(self, conn: Connection, request: Request) -> bool:
+        """Whether this request's response may offer keep-alive (the exchange may say no)."""
+        settings = self.settings
+        return (request.keep_alive and settings.keepalive > 0
+                and conn.requests < settings.keepalive_requests
+                # Retiring: the next request on each connection is answered with close, so
+                # no client ever has a connection closed under a request it just sent.
+                # Requests already pipelined behind it are answered first.
+                and (not self.retiring or conn.parser.buffered > 0))
+
+    def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
+        """Run one request; return what becomes of the connection."""
+        conn.body_deadline = 0.0
+        conn.requests += 1
+        keep_alive = self._keep_alive_wish(conn, request)
+        slot = self.slot
+        slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
+        environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
+        started = time.monotonic()
+        if self.pre_request is not None:
+            call_hook(self.pre_request, environ)
+        exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
+                               SERVER_HEADER, self._log_app_error)
+        if self.post_request is not None:
+            call_hook(self.post_request, environ, exchange.status_code)
+        self.count += 1
+        duration = time.monotonic() - started
+        verdict = exchange.verdict
+        state = State.KEEPALIVE if verdict is KEEP else State.IDLE
+        slot.request_finished(exchange.status_code, exchange.bytes_sent, state, duration)
+        if self.spec.access_log is not None:
+            self._log_access(environ, request, exchange, duration)
+        if exchange.close_reason:
+            self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
+                           request.target, exchange.close_reason)
+        if self.spec.max_requests and self.count == self.spec.max_requests:
+            self._retire(state)
+        return verdict
+
+    def _retire(self, state: State) -> None:
+        """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
+        never dips. Until then this worker keeps serving, closing each connection after its
+        next response."""
+        if self.retiring:
+            return
+        self.log.info("worker %d served %d requests; asking to be recycled",
+                      os.getpid(), self.count)
+        self.retiring = True
+        self.slot.set_state(state, Reason.REQUESTS)
+
+    def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
+                    duration: float) -> None:
+        self.spec.access_log.write(
+            environ["REMOTE_ADDR"], request.method, request.target, request.version,
+            exchange.status_code, exchange.bytes_sent, duration,
+            environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", ""),
+            environ.get("HTTP_X_REQUEST_ID", ""))
+
+    def _log_app_error(self, message: str, with_traceback: bool) -> None:
+        self.log.error(message, exc_info=with_traceback)
+
+
+class Listeners:
+    """The listening sockets of one worker: their epoll registration and accepting."""
+
+    def __init__(self, worker: Worker, socks: list[socket.socket]) -> None:
+        self.worker = worker
+        self.listeners = {sock.fileno(): (sock, listener_environ(sock)) for sock in socks}
+        self.accepting = False
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self.listeners
+
+    def close_all(self) -> None:
+        """Stop accepting for good. What already waits in the backlog is taken first: those
+        clients were accepted by the kernel and must get an answer, not a reset."""
+        was_accepting = self.accepting
+        self.off()
+        for fd, (sock, _) in self.listeners.items():
+            if was_accepting:
+                self.accept(fd, self.worker.settings.worker_connections)
+            sock.close()
+
+    def on(self) -> None:
+        if not self.accepting and not self.worker.stopping:
+            for fd in self.listeners:
+                # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
+                # such a registration cannot be modified, only removed and added again.
+                self.worker.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.accepting = True
+
+    def off(self) -> None:
+        if self.accepting:
+            for fd in self.listeners:
+                self.worker.epoll.unregister(fd)
+            self.accepting = False
+
+    def accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
+        kept = self._batch(fd, batch)
+        if kept and self.accepting:
+            # EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue, in
+            # registration order, so an idle first worker would collect every keep-alive
+            # connection. Registering again moves this worker to the back of the queue and
+            # spreads long-lived connections round-robin (connections that close at once skip
+            # this, so the Connection: close path pays nothing).
+            self.off()
+            self.on()
+
+    def _batch(self, fd: int, batch: int) -> int:
+        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
+        worker = self.worker
+        listener, base = self.listeners[fd]
+        kept = 0
+        limit = worker.settings.worker_connections
+        for _ in range(batch):
+            if len(worker.conns) >= limit and not worker.idle:
+                self.off()  # every connection is busy; _go(IDLE) or _close resumes
+                return kept
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return kept
+            except OSError as error:
+                if error.errno in _ACCEPT_RETRY:
+                    continue  # that one connection failed; the next may be fine
+                # Out of descriptors or memory: stop accepting for a moment (housekeeping
+                # or the next close resumes), keep serving what is open.
+                worker.log.warning("accept failed: %s; pausing accepts", error)
+                self.off()
+                return kept
+            if sock.family == socket.AF_UNIX:
+                remote = ("", "")
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                remote = (address[0], str(address[1]))
+            if len(worker.conns) >= limit:
+                # At the limit, the longest-idle keep-alive connection makes room, so a new
+                # client is served at once instead of waiting for some connection to expire.
+                worker.close(next(iter(worker.idle.values())))
+            kept += worker.adopt(sock, remote, base)
+        return kept
+
+
 class Worker:
     """One worker process's loop: accept, read, run the app, park, linger, expire."""
 
@@ -228,32 +387,17 @@ class Worker:
         self.conns: dict[int, Connection] = {}
         self.idle: dict[int, Connection] = {}  # IDLE connections, longest-idle first
         self.epoll = select.epoll()
-        self.listeners = {sock.fileno(): (sock, self._base_environ(sock))
-                          for sock in spec.listeners}
-        self.accepting = False
-        self.retiring = False          # answer every next request with Connection: close
         self.stopping = False          # graceful: finish what was received, then exit
         self.stop_deadline = 0.0
         self.quick_exit = False
         self.pending_signals: deque[int] = deque()
         self.next_deadline = float("inf")
-        self.requests = 0
         self.slot = spec.scoreboard.writer(spec.index)
-        self.app: Callable | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.proxies = wsgi.trusted_proxies(settings.forwarded_allow_ips)
-        self.pre_request = spec.hooks.get("pre_request")
-        self.post_request = spec.hooks.get("post_request")
+        self.requests = Requests(spec, self.slot)
+        self.listeners = Listeners(self, spec.listeners)
 
     # -- setup ------------------------------------------------------------------------------
-    def _base_environ(self, sock: socket.socket) -> dict[str, Any]:
-        address = sock.getsockname()
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            name, port = str(address[0]), str(address[1])
-        else:
-            name, port = (address if isinstance(address, str) else address.decode()), ""
-        return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
-
     def _install_signals(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                        signal.SIGHUP):
@@ -297,69 +441,10 @@ class Worker:
     def open(self, app: Callable) -> None:
         """Start serving ``app``: watch the wakeup pipe, accept, tell the master we are ready.
         (Process-wide setup is ``boot``'s; tests drive a worker from here on.)"""
-        self.app = app
+        self.requests.app = app
         self.epoll.register(self.wake_r, select.EPOLLIN)
-        self._accept_on()
+        self.listeners.on()
         self.slot.set_state(State.IDLE)
-
-    # -- accepting --------------------------------------------------------------------------
-    def _accept_on(self) -> None:
-        if not self.accepting and not self.stopping:
-            for fd in self.listeners:
-                # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
-                # such a registration cannot be modified, only removed and added again.
-                self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            self.accepting = True
-
-    def _accept_off(self) -> None:
-        if self.accepting:
-            for fd in self.listeners:
-                self.epoll.unregister(fd)
-            self.accepting = False
-
-    def _accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
-        kept = self._accept_batch(fd, batch)
-        if kept and self.accepting:
-            # EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue, in
-            # registration order, so an idle first worker would collect every keep-alive
-            # connection. Registering again moves this worker to the back of the queue and
-            # spreads long-lived connections round-robin (connections that close at once skip
-            # this, so the Connection: close path pays nothing).
-            self._accept_off()
-            self._accept_on()
-
-    def _accept_batch(self, fd: int, batch: int) -> int:
-        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
-        listener, base = self.listeners[fd]
-        kept = 0
-        limit = self.settings.worker_connections
-        for _ in range(batch):
-            if len(self.conns) >= limit and not self.idle:
-                self._accept_off()  # every connection is busy; _go(IDLE) or _close resumes
-                return kept
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return kept
-            except OSError as error:
-                if error.errno in _ACCEPT_RETRY:
-                    continue  # that one connection failed; the next may be fine
-                # Out of descriptors or memory: stop accepting for a moment (housekeeping
-                # or the next close resumes), keep serving what is open.
-                self.log.warning("accept failed: %s; pausing accepts", error)
-                self._accept_off()
-                return kept
-            if sock.family == socket.AF_UNIX:
-                remote = ("", "")
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                remote = (address[0], str(address[1]))
-            if len(self.conns) >= limit:
-                # At the limit, the longest-idle keep-alive connection makes room, so a new
-                # client is served at once instead of waiting for some connection to expire.
-                self._close(next(iter(self.idle.values())))
-            kept += self.adopt(sock, remote, base)
-        return kept
 
     def adopt(self, sock: socket.socket, remote: tuple[str, str] = ("", ""),
               base: dict[str, Any] | None = None) -> bool:
@@ -367,7 +452,7 @@ class Worker:
         if sock.fileno() <= 2:
             sock = _move_above_std_fds(sock)
         sock.setblocking(False)
-        conn = Connection(self, sock, remote, base or self._base_environ(sock))
+        conn = Connection(self, sock, remote, base or listener_environ(sock))
         self.conns[conn.fd] = conn
         self._arm(conn)
         # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
@@ -389,9 +474,9 @@ class Worker:
         conn.phase = phase
         if phase is IDLE:
             self.idle[conn.fd] = conn
-            if not self.accepting and not self.stopping and \
+            if not self.listeners.accepting and not self.stopping and \
                     len(self.conns) >= self.settings.worker_connections:
-                self._accept_on()  # at the limit, an idle connection can make room
+                self.listeners.on()  # at the limit, an idle connection can make room
         self._arm(conn)
 
     def _arm(self, conn: Connection) -> None:
@@ -431,14 +516,14 @@ class Worker:
             if self.conns.get(conn.fd) is not conn or conn.deadline > now:
                 return
         if conn.phase is LINGER:
-            self._close(conn)
+            self.close(conn)
         elif conn.request is not None or conn.parser.in_message:
             self._fail(conn, RequestTimeout("request not received in time"))
         else:
-            self._close(conn)
+            self.close(conn)
 
     # -- connection handling ----------------------------------------------------------------
-    def _close(self, conn: Connection) -> None:
+    def close(self, conn: Connection) -> None:
         if self.conns.pop(conn.fd, None) is not None:
             self.idle.pop(conn.fd, None)
             if conn.registered:
@@ -450,9 +535,9 @@ class Worker:
             conn.sock.close()
         except OSError:
             pass
-        if not self.accepting and not self.stopping and \
+        if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
-            self._accept_on()
+            self.listeners.on()
 
     def _fail(self, conn: Connection, error: HTTPError) -> None:
         """Answer a protocol error or a timeout outside the app, then linger."""
@@ -460,14 +545,14 @@ class Worker:
         try:
             conn.sock.send(error.response(http_date()))
         except OSError:
-            self._close(conn)
+            self.close(conn)
             return
         self._linger(conn)
 
     def _end(self, conn: Connection, verdict: Verdict) -> None:
         """Carry out an exchange's verdict other than KEEP."""
         if verdict is ABORT or (verdict is CLOSE and not conn.parser.buffered):
-            self._close(conn)
+            self.close(conn)
         else:
             self._linger(conn)
 
@@ -476,12 +561,12 @@ class Worker:
         linger_timeout and linger_bytes: closing with unread input would make the kernel send
         a reset, which can destroy the response still in flight (nginx's lingering close)."""
         if not self.settings.linger_bytes or not self.settings.linger_timeout:
-            self._close(conn)
+            self.close(conn)
             return
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn)
+            self.close(conn)
             return
         conn.drained = 0
         self._go(conn, LINGER)
@@ -497,7 +582,7 @@ class Worker:
                 n = 0
             conn.drained += n
             if n == 0 or conn.drained > limit:
-                self._close(conn)
+                self.close(conn)
                 return
 
     def _readable(self, conn: Connection) -> None:
@@ -509,11 +594,11 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn)
+            self.close(conn)
             return
         if n == 0:
             # The peer closed. A partial request can never be answered; drop it.
-            self._close(conn)
+            self.close(conn)
             return
         conn.parser.feed(self.view[:n])
         self._process(conn)
@@ -542,7 +627,7 @@ class Worker:
                 request = conn.request
                 conn.request = conn.body = None
                 self._go(conn, BUSY)
-                verdict = self._dispatch(conn, request, body)
+                verdict = self.requests.dispatch(conn, request, body)
                 if verdict is not KEEP:
                     self._end(conn, verdict)
                     return
@@ -550,89 +635,15 @@ class Worker:
         except HTTPError as error:
             self._fail(conn, error)
 
-    def _keep_alive_wish(self, conn: Connection, request: Request) -> bool:
-        """Whether this request's response may offer keep-alive (the exchange may say no)."""
-        settings = self.settings
-        return (request.keep_alive and settings.keepalive > 0
-                and conn.requests < settings.keepalive_requests
-                # Retiring: the next request on each connection is answered with close, so
-                # no client ever has a connection closed under a request it just sent.
-                # Requests already pipelined behind it are answered first.
-                and (not self.retiring or conn.parser.buffered > 0))
-
-    def _dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
-        """Run one request; return what becomes of the connection."""
-        conn.body_deadline = 0.0
-        conn.requests += 1
-        keep_alive = self._keep_alive_wish(conn, request)
-        slot = self.slot
-        slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
-        environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
-        started = time.monotonic()
-        if self.pre_request is not None:
-            self._call_hook(self.pre_request, environ)
-        exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
-                               SERVER_HEADER, self._log_app_error)
-        if self.post_request is not None:
-            self._call_hook(self.post_request, environ, exchange.status_code)
-        self.requests += 1
-        duration = time.monotonic() - started
-        verdict = exchange.verdict
-        state = State.KEEPALIVE if verdict is KEEP else State.IDLE
-        slot.request_finished(exchange.status_code, exchange.bytes_sent, state, duration)
-        if self.spec.access_log is not None:
-            self._log_access(environ, request, exchange, duration)
-        if exchange.close_reason:
-            self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
-                           request.target, exchange.close_reason)
-        if self.spec.max_requests and self.requests == self.spec.max_requests:
-            self._retire(state)
-        return verdict
-
-    def _retire(self, state: State) -> None:
-        """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
-        never dips. Until then this worker keeps serving, closing each connection after its
-        next response."""
-        if self.stopping:
-            return
-        self.log.info("worker %d served %d requests; asking to be recycled",
-                      os.getpid(), self.requests)
-        self.retiring = True
-        self.slot.set_state(state, Reason.REQUESTS)
-
-    def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
-                    duration: float) -> None:
-        self.spec.access_log.write(
-            environ["REMOTE_ADDR"], request.method, request.target, request.version,
-            exchange.status_code, exchange.bytes_sent, duration,
-            environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", ""),
-            environ.get("HTTP_X_REQUEST_ID", ""))
-
-    def _call_hook(self, hook: Callable, *args: Any) -> None:
-        try:
-            hook(*args)
-        except Exception:  # a request hook must not stop serving
-            self.log.exception("hook %s failed", getattr(hook, "__name__", hook))
-
-    def _log_app_error(self, message: str, with_traceback: bool) -> None:
-        self.log.error(message, exc_info=with_traceback)
-
     # -- lifecycle --------------------------------------------------------------------------
     def _begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
         if self.stopping:
             return
-        self.stopping = self.retiring = True
+        self.stopping = self.requests.retiring = True
         now = time.monotonic()
         self.stop_deadline = now + self.settings.graceful_timeout
         self.slot.set_state(State.EXITING, reason)
-        was_accepting = self.accepting
-        self._accept_off()
-        for fd, (sock, _) in self.listeners.items():
-            if was_accepting:
-                # Take what already waits in the backlog: those clients were accepted by the
-                # kernel and must get an answer, not a reset when the socket closes.
-                self._accept(fd, self.settings.worker_connections)
-            sock.close()
+        self.listeners.close_all()
         # Idle keep-alive connections get a short grace: a client about to reuse one gets its
         # answer (with Connection: close) instead of a close under its request.
         grace = now + min(self.settings.keepalive, STOP_IDLE_GRACE)
@@ -658,9 +669,9 @@ class Worker:
             self.log.warning("worker %d: master is gone; exiting", os.getpid())
             self._begin_stop()
         self.slot.set_connections(len(self.conns))
-        if not self.accepting and not self.stopping and \
+        if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
-            self._accept_on()  # resume after an accept failure paused us
+            self.listeners.on()  # resume after an accept failure paused us
 
     def serve(self) -> int:
         code = self.boot()
@@ -669,7 +680,7 @@ class Worker:
         code = self._loop()
         hook = self.spec.hooks.get("worker_exit")
         if hook is not None:
-            self._call_hook(hook, os.getpid())
+            call_hook(hook, os.getpid())
         return code
 
     def run_once(self, timeout: float) -> None:
@@ -683,7 +694,7 @@ class Worker:
                 self._readable(conn)
             elif fd in self.listeners:
                 if not self.stopping:
-                    self._accept(fd)
+                    self.listeners.accept(fd)
             elif fd == self.wake_r:
                 try:
                     os.read(fd, 512)
@@ -707,6 +718,23 @@ class Worker:
                 return EXIT_OK
             if self.stopping and (not self.conns or now >= self.stop_deadline):
                 return EXIT_OK
+
+
+def listener_environ(sock: socket.socket) -> dict[str, Any]:
+    """The constant part of the environ for connections on ``sock``."""
+    address = sock.getsockname()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        name, port = str(address[0]), str(address[1])
+    else:
+        name, port = (address if isinstance(address, str) else address.decode()), ""
+    return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+
+
+def call_hook(hook: Callable, *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:  # noqa: BLE001 - a hook must not stop serving
+        logs.get_logger().exception("hook %s failed", getattr(hook, "__name__", hook))
 
 
 def guard_std_fds() -> None:
