@@ -46,6 +46,7 @@ ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a bu
 HOUSEKEEPING_INTERVAL = 1.0
 STOP_IDLE_GRACE = 2.0      # a stopping worker's idle keep-alive connections get this long
 SERVER_HEADER = b"forkserver"
+_NEVER = float("inf")
 
 # accept() errors that concern only the connection being accepted (see accept(2), Linux).
 _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
@@ -55,23 +56,25 @@ _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 _CLIENT_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN})
 
 
-class Phase(enum.Enum):
-    """Where a connection is; each phase but BUSY has a deadline of its own."""
+class Phase(enum.IntEnum):
+    """Where a connection is; each phase but BUSY has a deadline of its own. (An IntEnum, so
+    the transition check hashes in C: a plain Enum's __hash__ is Python code.)"""
 
-    HEAD = "head"      # reading a request head (header_timeout)
-    BODY = "body"      # reading a small body before the app runs (header_timeout)
-    BUSY = "busy"      # the app runs; its reads and writes block under their own timeouts
-    IDLE = "idle"      # keep-alive, between requests (keepalive)
-    LINGER = "linger"  # answered and shut for writing; draining the client (linger_timeout)
+    HEAD = 0    # reading a request head (header_timeout)
+    BODY = 1    # reading a small body before the app runs (header_timeout)
+    BUSY = 2    # the app runs; its reads and writes block under their own timeouts
+    IDLE = 3    # keep-alive, between requests (keepalive)
+    LINGER = 4  # answered and shut for writing; draining the client (linger_timeout)
 
 
-_NEXT: dict[Phase, frozenset[Phase]] = {
-    Phase.HEAD: frozenset({Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),
-    Phase.BODY: frozenset({Phase.BUSY, Phase.LINGER}),
-    Phase.BUSY: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),
-    Phase.IDLE: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER}),
-    Phase.LINGER: frozenset(),
-}
+# Every legal move, by the phase it starts from; any other raises.
+_NEXT: tuple[frozenset[Phase], ...] = (
+    frozenset({Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),              # HEAD
+    frozenset({Phase.BUSY, Phase.LINGER}),                                      # BODY
+    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),  # BUSY
+    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER}),              # IDLE
+    frozenset(),                                                                # LINGER
+)
 # Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
 HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER
 KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
@@ -225,21 +228,18 @@ class Requests:
         self.count = 0
         self.retiring = False  # answer every next request with Connection: close
 
-    def _keep_alive_wish(self, conn: Connection, request: Request) -> bool:
-        """Whether this request's response may offer keep-alive (the exchange may say no)."""
-        settings = self.settings
-        return (request.keep_alive and settings.keepalive > 0
-                and conn.requests < settings.keepalive_requests
-                # Retiring: the next request on each connection is answered with close, so
-                # no client ever has a connection closed under a request it just sent.
-                # Requests already pipelined behind it are answered first.
-                and (not self.retiring or conn.parser.buffered > 0))
-
     def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
         """Run one request; return what becomes of the connection."""
         conn.body_deadline = 0.0
         conn.requests += 1
-        keep_alive = self._keep_alive_wish(conn, request)
+        settings = self.settings
+        # Whether the response may offer keep-alive (the exchange may still say no). Retiring:
+        # the next request on each connection is answered with close, so no client has a
+        # connection closed under a request it just sent (requests already pipelined behind
+        # it are answered first).
+        keep_alive = (request.keep_alive and settings.keepalive > 0
+                      and conn.requests < settings.keepalive_requests
+                      and (not self.retiring or conn.parser.buffered > 0))
         slot = self.slot
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
@@ -467,11 +467,15 @@ class Worker:
     # -- phases and deadlines ---------------------------------------------------------------
     def _go(self, conn: Connection, phase: Phase) -> None:
         """Move ``conn`` to ``phase`` (an unlisted move raises) and start its deadline."""
-        if phase not in _NEXT[conn.phase]:
-            raise RuntimeError(f"connection cannot go from {conn.phase.name} to {phase.name}")
-        if conn.phase is IDLE:
+        old = conn.phase
+        if phase not in _NEXT[old]:
+            raise RuntimeError(f"connection cannot go from {old.name} to {phase.name}")
+        if old is IDLE:
             del self.idle[conn.fd]
         conn.phase = phase
+        if phase is BUSY:
+            conn.deadline = _NEVER
+            return
         if phase is IDLE:
             self.idle[conn.fd] = conn
             if not self.listeners.accepting and not self.stopping and \
@@ -483,9 +487,6 @@ class Worker:
         """Start the deadline of the phase ``conn`` just entered."""
         phase = conn.phase
         settings = self.settings
-        if phase is BUSY:
-            conn.deadline = float("inf")
-            return
         if phase is IDLE:
             seconds = settings.keepalive
             if self.stopping:
@@ -683,11 +684,13 @@ class Worker:
             call_hook(hook, os.getpid())
         return code
 
-    def run_once(self, timeout: float) -> None:
+    def run_once(self, timeout: float, now: float | None = None) -> float:
         """One turn of the loop: wait up to ``timeout`` (less if a deadline is nearer) for
-        events, serve them, act on signals and passed deadlines."""
+        events, serve them, act on signals and passed deadlines; return the time after."""
         conns = self.conns
-        wait = min(timeout, self.next_deadline - time.monotonic())
+        if now is None:
+            now = time.monotonic()
+        wait = min(timeout, self.next_deadline - now)
         for fd, _ in self.epoll.poll(max(0.0, wait)):
             conn = conns.get(fd)
             if conn is not None:
@@ -705,12 +708,13 @@ class Worker:
         now = time.monotonic()
         if now >= self.next_deadline:
             self._expire(now)
+        return now
 
     def _loop(self) -> int:
-        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        now = time.monotonic()
+        next_housekeeping = now + HOUSEKEEPING_INTERVAL
         while True:
-            self.run_once(next_housekeeping - time.monotonic())
-            now = time.monotonic()
+            now = self.run_once(next_housekeeping - now, now)
             if now >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL

@@ -595,12 +595,12 @@ class Exchange:
     def conclude(self) -> Verdict:
         """The verdict after a response that went out whole."""
         body = self.body
+        if body.complete:
+            return KEEP if self.response.keep_alive else CLOSE
         if self.response.keep_alive:
             # Promised keep-alive: the unread rest is small (see _start), so read and drop it.
             return KEEP if body.settle() else LINGER
-        if body.complete or body.small_rest(0):
-            return CLOSE
-        return LINGER
+        return CLOSE if body.small_rest(0) else LINGER
 
 
 def handle(app: Callable, channel: Channel, request: Request, body: Body | EmptyInput,
@@ -613,7 +613,6 @@ def handle(app: Callable, channel: Channel, request: Request, body: Body | Empty
         # server does not provide: never let it carry another HTTP request.
         keep_alive = False
     exchange = Exchange(channel, request, body, keep_alive, server)
-    what = f"{request.method} {request.target}"
     try:
         try:
             exchange.run(app, environ)
@@ -624,11 +623,12 @@ def handle(app: Callable, channel: Channel, request: Request, body: Body | Empty
             # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
             # response from the app (500): both answerable if nothing was sent yet.
             if isinstance(error, InvalidResponse):
-                log_error(f"invalid response from app to {what}: {error}", False)
+                log_error(f"invalid response from app to {request.method} {request.target}: "
+                          f"{error}", False)
             exchange.verdict = exchange.send_error(error)
         except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
             # OSErrors included: the app's own files and connections are not the client's.
-            log_error(f"error handling {what}: {error!r}", True)
+            log_error(f"error handling {request.method} {request.target}: {error!r}", True)
             exchange.verdict = exchange.send_error(InternalServerError())
     except ClientDisconnected as error:
         # The client's own socket failed: nothing more can be sent.
