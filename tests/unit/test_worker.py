@@ -348,6 +348,7 @@ def test_at_the_connection_limit_the_longest_idle_connection_makes_room(make_wor
     assert closed_within(first, 5)  # the longest idle one went
     second.sendall(GET % b"still")
     assert ResponseReader(second).read()[2] == b"/still"
+    assert len(h.worker.conns) == 2  # never more than worker_connections
     for client in (first, second, third):
         client.close()
 
