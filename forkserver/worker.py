@@ -398,18 +398,6 @@ class Worker:
         self.listeners = Listeners(self, spec.listeners)
 
     # -- setup ------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                       signal.SIGHUP):
-            signal.signal(signum, self._record_signal)
-        # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
-        for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
-            signal.signal(signum, signal.SIG_IGN)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-
-    def _record_signal(self, signum: int, frame: Any) -> None:
-        self.pending_signals.append(signum)
-
     def boot(self) -> int | None:
         """Become a worker process and load the app; returns an exit code if it cannot serve."""
         spec = self.spec
@@ -423,7 +411,7 @@ class Worker:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
         # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
         faulthandler.enable(file=logs.error_stream(), all_threads=True)
-        self._install_signals()
+        _install_signals(self.pending_signals, self.wake_w)
         hooks = spec.hooks
         try:
             _drop_privileges(spec.settings.user, spec.settings.group)
@@ -722,6 +710,17 @@ class Worker:
                 return EXIT_OK
             if self.stopping and (not self.conns or now >= self.stop_deadline):
                 return EXIT_OK
+
+
+def _install_signals(pending: deque[int], wake_fd: int) -> None:
+    """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: pending.append(signum))
+    # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
+    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
 
 
 def listener_environ(sock: socket.socket) -> dict[str, Any]:

@@ -128,6 +128,49 @@ def _header_line(item: object) -> tuple[bytes, int, int]:
     return result
 
 
+def _app_header_lines(headers: object, lines: list[bytes],
+                      bodiless_status: bool) -> tuple[int | None, bool, bool, bool]:
+    """Validate the app's headers and append their encoded lines to ``lines``.
+
+    Returns (declared Content-Length or None, the app asked to close, the app set Server, the
+    app set Date). Apps send the same few headers over and over: a validated, encoded line is
+    remembered, so the common case costs one dict lookup per header.
+    """
+    declared: int | None = None
+    close = own_server = own_date = False
+    try:
+        for item in headers:  # type: ignore[attr-defined]
+            try:
+                cached = _HEADER_LINES.get(item)
+            except TypeError:  # an unhashable item; _header_line says what is wrong
+                cached = None
+            if cached is None:
+                cached = _header_line(item)
+            line, kind, number = cached
+            if kind == _PLAIN:
+                lines.append(line)
+            elif kind == _LENGTH:
+                if declared is not None:
+                    if number != declared:
+                        raise InvalidResponse("conflicting Content-Length headers")
+                    continue  # send one copy only
+                declared = number
+                if not bodiless_status:  # must not be sent with 204
+                    lines.append(line)
+            elif kind == _CONNECTION:
+                # The server owns this header; only the app's wish to close is honoured.
+                close = close or bool(number)
+            elif kind == _SERVER:
+                own_server = True
+                lines.append(line)
+            elif kind == _DATE:
+                own_date = True
+                lines.append(line)
+    except TypeError:  # headers is not iterable
+        raise InvalidResponse("headers must be a list of (name, value) tuples") from None
+    return declared, close, own_server, own_date
+
+
 class Response:
     """Validates and serializes one response head and frames its body. Sans-IO: returns bytes.
 
@@ -165,42 +208,11 @@ class Response:
         has_body = not (is_head or bodiless_status or code == 304)
 
         lines = [line]
-        declared: int | None = None
-        send_server = bool(server)
-        send_date = True
-        try:
-            for item in headers:
-                # Apps send the same few headers over and over: a validated, encoded line is
-                # remembered, so the common case costs one dict lookup per header.
-                try:
-                    cached = _HEADER_LINES.get(item)
-                except TypeError:  # an unhashable item; _header_line says what is wrong
-                    cached = None
-                if cached is None:
-                    cached = _header_line(item)
-                line, kind, number = cached
-                if kind == _PLAIN:
-                    lines.append(line)
-                elif kind == _LENGTH:
-                    if declared is not None:
-                        if number != declared:
-                            raise InvalidResponse("conflicting Content-Length headers")
-                        continue  # send one copy only
-                    declared = number
-                    if not bodiless_status:  # must not be sent with 1xx or 204
-                        lines.append(line)
-                elif kind == _CONNECTION:
-                    # The server owns this header; only the app's wish to close is honoured.
-                    if number:
-                        keep_alive = False
-                elif kind == _SERVER:
-                    send_server = False
-                    lines.append(line)
-                elif kind == _DATE:
-                    send_date = False
-                    lines.append(line)
-        except TypeError:  # headers is not iterable
-            raise InvalidResponse("headers must be a list of (name, value) tuples") from None
+        declared, close, own_server, own_date = _app_header_lines(headers, lines, bodiless_status)
+        if close:
+            keep_alive = False  # the app's "Connection: close" is honoured; nothing else of it
+        send_server = bool(server) and not own_server
+        send_date = not own_date
 
         chunked = False
         framing = b""
