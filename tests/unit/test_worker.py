@@ -12,6 +12,7 @@ import errno
 import os
 import queue
 import socket
+import stat
 import threading
 import time
 import tracemalloc
@@ -454,3 +455,27 @@ def test_requests_that_came_while_a_slow_reader_held_the_worker_are_served(make_
     status, _, body = waiting_reader.read()
     assert (status, body) == (200, b"small")
     assert closed_within(stalled, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 5: a client socket never gets fd 0, 1 or 2
+
+
+def test_a_client_socket_on_a_standard_fd_is_moved_above_2(make_worker):
+    h = make_worker()
+    saved = os.dup(0)
+    mine, theirs = socket.socketpair()
+    mine.settimeout(5)
+    try:
+        os.dup2(theirs.fileno(), 0)  # as if an app had closed fd 0 and accept() reused it
+        theirs.close()
+        low = socket.socket(fileno=0)
+        h.on_loop(lambda: h.worker.adopt(low))
+        assert h.worker.conns and all(fd > 2 for fd in h.worker.conns)
+        assert stat.S_ISCHR(os.fstat(0).st_mode)  # /dev/null holds fd 0 again
+        mine.sendall(GET % b"moved")
+        assert ResponseReader(mine).read()[2] == b"/moved"
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        mine.close()

@@ -417,3 +417,53 @@ def test_single_body_short_of_declared_length_is_500_before_anything_is_sent():
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert channel.output.startswith(b"HTTP/1.1 500")
     assert exchange.verdict is not wsgi.Verdict.KEEP
+
+
+def test_oserror_raised_by_the_app_is_a_logged_500_not_a_disconnect():
+    def app(environ, start_response):
+        raise ConnectionRefusedError(111, "Connection refused")  # its database is down
+    errors = []
+    exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", errors=errors)
+    assert channel.output.startswith(b"HTTP/1.1 500")
+    assert exchange.status_code == 500 and exchange.verdict is wsgi.Verdict.LINGER
+    assert any("ConnectionRefusedError" in message for message in errors)
+
+
+def test_failure_of_the_clients_socket_is_an_abort_without_an_error_line():
+    class Gone(FakeChannel):
+        def send_all(self, data):
+            raise wsgi.ClientDisconnected("sending: [Errno 32] Broken pipe")
+    channel = Gone()
+    request = parse_head(channel, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = wsgi.open_body(channel, request)
+    environ = wsgi.build_environ(request, wsgi.base_environ("h", "80"), ("a", "1"), body)
+    errors = []
+    exchange = wsgi.handle(hello, channel, request, body, environ, True, b"s",
+                           lambda message, tb: errors.append(message))
+    assert exchange.verdict is wsgi.Verdict.ABORT and "Broken pipe" in exchange.close_reason
+    assert errors == []
+
+
+def test_unread_large_body_means_close_then_linger():
+    exchange, channel, _ = run(hello, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                                      b"\r\n", [b"x" * 1000])
+    assert b"Connection: close" in channel.output
+    assert exchange.verdict is wsgi.Verdict.LINGER
+
+
+def test_absolute_form_host_wins_over_the_host_field():
+    _, _, environ = run(hello, b"GET http://example.org/x HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert environ["HTTP_HOST"] == "example.org" and environ["PATH_INFO"] == "/x"
+
+
+def test_wsgi_errors_that_cannot_be_written_are_dropped():
+    class Broken:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise ValueError("I/O operation on closed file")
+    errors = wsgi.base_environ("h", "80", errors=Broken())["wsgi.errors"]
+    assert errors.write("message\n") == len("message\n")
+    errors.writelines(["a", "b"])
+    errors.flush()
