@@ -679,7 +679,10 @@ class Worker:
         if now is None:
             now = time.monotonic()
         wait = min(timeout, self.next_deadline - now)
-        for fd, _ in self.epoll.poll(max(0.0, wait)):
+        events = self.epoll.poll(max(0.0, wait))
+        if self.pending_signals:
+            self._handle_signals()  # what came first acts first (a USR1 reopen, a TERM)
+        for fd, _ in events:
             conn = conns.get(fd)
             if conn is not None:
                 self._readable(conn)
