@@ -271,19 +271,8 @@ def collect(
     if readings is None:
         pids = [master_pid, *(pid for pid, _index, _gen in workers), *others]
         readings = _fallback.readings(pids, now)
-    sums = totals.copy()
-    samples = []
-    for pid, index, generation in workers:
-        usage = readings.get(pid, ZERO_MEMORY)
-        cpu = _cpu_seconds(pid)
-        if index < 0:
-            samples.append(WorkerSample(pid, index, generation, UNKNOWN, "", 0, 0, 0, "", 0.0,
-                                        0.0, 0.0, usage, cpu))
-            continue
-        view = scoreboard.read(index)
-        sums.add(view)
-        samples.append(_sample(pid, index, generation, view, now, usage, cpu))
-    samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
+    sums = totals.copy()  # plus every live worker's counters, added by _samples
+    samples = _samples(scoreboard, workers, readings, sums, now)
     return Snapshot(
         master_pid=master_pid,
         time=time.time(),
@@ -306,6 +295,24 @@ def collect(
         handoff_wait_buckets=tuple(sums.handoff_wait_buckets),
         handoff_wait_sum=sums.handoff_wait_sum,
     )
+
+
+def _samples(scoreboard: Scoreboard, workers: list[tuple[int, int, int]],
+             readings: Mapping[int, Reading], sums: Totals, now: float) -> list[WorkerSample]:
+    """The live workers, in slot order (those without a slot last); adds their counters."""
+    samples = []
+    for pid, index, generation in workers:
+        usage = readings.get(pid, ZERO_MEMORY)
+        cpu = _cpu_seconds(pid)
+        if index < 0:
+            samples.append(WorkerSample(pid, index, generation, UNKNOWN, "", 0, 0, 0, "", 0.0,
+                                        0.0, 0.0, usage, cpu))
+            continue
+        view = scoreboard.read(index)
+        sums.add(view)
+        samples.append(_sample(pid, index, generation, view, now, usage, cpu))
+    samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
+    return samples
 
 
 def _running(view: SlotView, now: float) -> tuple[Running, ...]:
