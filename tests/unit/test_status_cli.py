@@ -444,3 +444,36 @@ def test_as_a_real_process(fake):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("forkserver master 4242")
+
+
+def test_a_threaded_slot_from_scoreboard_to_table(clean):
+    """The whole way without a canned page: thread records -> collect -> /status JSON ->
+    the table, with the readings the master would pass."""
+    from forkserver.memory import Reading
+    from forkserver.metrics import render_status
+
+    board = Scoreboard(1)
+    try:
+        board.claim(0, 7001, 1)
+        writer = board.writer(0)
+        writer.set_state(State.KEEPALIVE)
+        threads = writer.thread_writers(3)
+        threads[0].request_finished(200, 10, 0.01)
+        threads[2].request_started("GET", "/report?token=x")
+        time.sleep(0.01)
+        threads[1].request_started("POST", "/upload")
+        writer.handoff_sent()
+        snapshot = collect(board, [(7001, 0, 1)], Totals(), {}, 0, time.monotonic() - 1, [],
+                           readings={7001: Reading(30 * MiB, 6 * MiB, 12 * MiB),
+                                     os.getpid(): Reading(20 * MiB, 10 * MiB, 15 * MiB)})
+        text = cli.format_status(json.loads(render_status(snapshot)))
+    finally:
+        board.close()
+    lines = text.splitlines()
+    assert lines[2].startswith("memory: 27.0 MiB PSS in all (master 15.0, workers 12.0)")
+    assert lines[5].split()[:8] == ["7001", "1", "busy", "2/3", "1", lines[5].split()[5],
+                                    "6.0", "12.0"]
+    assert lines[5].endswith("GET /report")  # never its query string
+    assert lines[6].split()[1:] == ["POST", "/upload"]
+    assert "2 of 3 threads busy" in lines[-2]
+    assert lines[-1].endswith("1 connections handed off, 0 adopted")
