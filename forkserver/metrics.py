@@ -3,9 +3,12 @@
 The master is the only process that sees every worker, so it is the one that answers: a scrape
 still works when every worker is busy or hung, which is exactly when it matters. Three parts:
 
-* ``collect`` turns the scoreboard, psutil readings and the master's own counters into one
+* ``collect`` turns the scoreboard, memory readings (``memory.Sampler``: RSS, USS, PSS per
+  process, each read at most once per interval) and the master's own counters into one
   ``Snapshot``. Counters of exited workers live in ``Totals`` (the master folds a dead worker's
   final slot in before it reuses the slot), so the totals never go back when workers restart.
+  A threaded worker's counters are the sum of its threads' records; "in flight" counts busy
+  threads, not busy workers.
 * ``render_prometheus`` and ``render_status`` are pure functions of a snapshot.
 * ``MetricsServer`` is a tiny non-blocking HTTP/1.1 listener that the master drives from its own
   select loop. It accepts only ``GET``/``HEAD`` of four paths, with small limits, one request per
