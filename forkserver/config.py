@@ -34,7 +34,10 @@ ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
 # to its own re-exec (USR2) through these. Every other FORKSERVER_* variable must be a setting,
 # so that a typo is an error rather than silently ignored.
-RESERVED_ENV = frozenset({"FORKSERVER_INHERIT_FDS", "FORKSERVER_OLD_WORKERS"})
+# Passed by a USR2 upgrade to the new master (see generations); never settings.
+ENV_INHERIT_FDS = "FORKSERVER_INHERIT_FDS"
+ENV_OLD_WORKERS = "FORKSERVER_OLD_WORKERS"
+RESERVED_ENV = frozenset({ENV_INHERIT_FDS, ENV_OLD_WORKERS})
 CONFIG_FILE = "forkserver.toml"
 PYPROJECT = "pyproject.toml"
 
