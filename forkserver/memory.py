@@ -81,12 +81,14 @@ class Sampler:
     def readings(self, pids: Iterable[int], now: float) -> dict[int, Reading]:
         """A reading for each of ``pids`` that can be read (a process that is gone has none).
 
-        Pids not asked for are forgotten, so a reused pid never inherits an old reading for
-        longer than a pass, and the cache never outgrows the server.
+        Callers may ask for different sets (the memory limit for the workers, a scrape for the
+        whole server) without reading anything twice. A reading not asked for is dropped once
+        it is due again, so the cache never outgrows the server; ``forget`` drops one at once.
         """
         wanted = set(pids)
         cache = self._cache
-        for pid in [pid for pid in cache if pid not in wanted]:
+        for pid in [pid for pid, (taken, _) in cache.items()
+                    if pid not in wanted and not 0 <= now - taken < self.interval]:
             del cache[pid]
         result = {}
         for pid in wanted:

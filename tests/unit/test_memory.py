@@ -77,16 +77,18 @@ def test_a_gone_process_has_no_reading_and_is_not_read_again_within_the_interval
     assert read.calls == [13]
 
 
-def test_pids_not_asked_for_are_forgotten_and_forget_drops_one():
+def test_a_reading_not_asked_for_is_kept_until_due_and_forget_drops_one():
     read = Counting()
     sampler = Sampler(60.0, read)
     sampler.readings([1, 2], now=0.0)
-    sampler.readings([2], now=1.0)  # 1 is dropped
-    sampler.readings([1, 2], now=2.0)  # so 1 is read again (a reused pid is a new process)
-    assert sorted(read.calls) == [1, 1, 2]
-    sampler.forget(2)
-    sampler.readings([1, 2], now=3.0)
-    assert sorted(read.calls) == [1, 1, 2, 2]
+    sampler.readings([2], now=1.0)  # another caller, another set: 1 is kept
+    sampler.readings([1, 2], now=2.0)
+    assert sorted(read.calls) == [1, 2]
+    sampler.readings([2], now=61.0)  # 1 is due and not asked for: dropped, 2 is read again
+    assert sampler._cache.keys() == {2}
+    sampler.forget(2)  # reaped: its pid may be reused, so no old reading may be served
+    sampler.readings([1, 2], now=62.0)
+    assert sorted(read.calls) == [1, 1, 2, 2, 2]
 
 
 def test_a_clock_that_went_back_reads_again():
