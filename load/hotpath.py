@@ -12,8 +12,9 @@ cookie included). For each shape, the real code is driven in this process:
 - ``socket floor``: a socketpair round trip doing no HTTP work (client send, server
   ``recv_into``, server send of a constant response, client recv): what the kernel and the
   interpreter's socket calls cost, the in-process analogue of the ceiling row of ``make bench``;
-- ``parser``: one keep-alive parser fed the request, ``next_event`` until END_OF_MESSAGE,
-  ``start_next``; ``parser, new each`` builds a parser per request (the ``close`` path);
+- ``parser``: one keep-alive parser taken through what the worker asks of it per request:
+  ``feed``, ``next_event`` until END_OF_MESSAGE, ``start_next``, ``next_event`` (NEED_DATA);
+  ``parser, new each`` builds a parser per request (the ``close`` path);
 - ``environ``, ``app + response`` and ``scoreboard``: ``wsgi.build_environ``, ``wsgi.handle``
   with a channel that discards what it is sent, and one request's two scoreboard writes;
 - ``whole path``: a real ``Worker`` serving a socketpair: the client writes the request, the
@@ -123,7 +124,7 @@ def parser_limits() -> Any:
 
 
 def make_parser(raw: bytes, fresh: bool = False) -> Part:
-    from forkserver.http.parser import END_OF_MESSAGE, Request, RequestParser
+    from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
     limits = parser_limits()
     kept = RequestParser(limits)
 
@@ -133,6 +134,8 @@ def make_parser(raw: bytes, fresh: bool = False) -> Part:
         if type(parser.next_event()) is not Request or parser.next_event() is not END_OF_MESSAGE:
             raise AssertionError("the parser did not return one request")
         parser.start_next()
+        if parser.next_event() is not NEED_DATA:
+            raise AssertionError("the parser did not ask for more")
 
     step()
     return Part("parser, new each" if fresh else "parser", step)
