@@ -298,12 +298,15 @@ class KeepAliveClient:
         self.client: socket.socket | None = None
         self.conn: Any = None
         self.server: socket.socket | None = None
+        self.on_connect: Callable[[Any], None] | None = None  # for ablations: sees each conn
         self.connect()
 
     def connect(self) -> None:
         self.close()
         self.client, self.server = socket.socketpair()
         self.conn = adopt(self.worker, self.server, ("127.0.0.1", "50000"))
+        if self.on_connect is not None:
+            self.on_connect(self.conn)
 
     def request(self, raw: bytes) -> None:
         client = self.client
@@ -375,6 +378,141 @@ def run_cleanup(part: Part) -> None:
         except OSError:
             pass
     part.cleanup = []
+
+
+# --------------------------------------------------------------------------------------------
+# Ablations: the whole path again with one part replaced by (nearly) nothing. Code measured
+# alone runs with hot caches and predictors; inside the path it costs more, and the difference
+# an ablation makes is what removing or shrinking that part could gain.
+
+class CannedParser:
+    """Stands in for a connection's parser: the same parsed Request every time, no parsing."""
+
+    buffered = 0
+    in_message = False
+
+    def __init__(self, request: Any) -> None:
+        from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA
+        self.canned = (request, END_OF_MESSAGE)
+        self.need_data = NEED_DATA
+        self.events: list[Any] = []
+        self.trailers: list[Any] = []
+
+    def feed(self, data: Any) -> None:
+        self.events = list(self.canned)
+
+    def next_event(self) -> Any:
+        return self.events.pop(0) if self.events else self.need_data
+
+    def start_next(self) -> None:
+        pass
+
+    def eof(self) -> None:
+        pass
+
+
+class NoSlot:
+    """A scoreboard slot writer that writes nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+@dataclasses.dataclass(slots=True)
+class Sent:
+    """What the worker reads from an exchange."""
+
+    status_code: int
+    bytes_sent: int
+    keep_alive: bool
+    close_reason: str = ""
+
+
+def canned_handle(app: Any, channel: Any, request: Any, environ: Any, keep_alive: bool,
+                  *args: Any) -> Sent:
+    """``wsgi.handle`` reduced to one constant send: no app call, no response building."""
+    channel.send_all(FLOOR_RESPONSE)
+    return Sent(200, len(FLOOR_RESPONSE), keep_alive)
+
+
+def ablations(raw: bytes) -> dict[str, Callable[[Any, KeepAliveClient], Callable[[], None]]]:
+    """name -> apply(worker, client), which returns the function that undoes it."""
+    from forkserver import wsgi
+
+    def parser_off(worker: Any, client: KeepAliveClient) -> Callable[[], None]:
+        request = parsed(raw)
+
+        def swap(conn: Any) -> None:
+            conn.parser = CannedParser(request)
+        swap(client.conn)
+        client.on_connect = swap
+        return lambda: setattr(client, "on_connect", None) or client.connect()
+
+    def attribute(owner: Any, name: str, value: Any) -> Callable[[], None]:
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        return lambda: setattr(owner, name, old)
+
+    def environ_off(worker: Any, client: KeepAliveClient) -> Callable[[], None]:
+        environ = wsgi.build_environ(parsed(raw), wsgi.base_environ("127.0.0.1", "8000"),
+                                     ("127.0.0.1", "50000"), wsgi.EMPTY_INPUT, None)
+        return attribute(wsgi, "build_environ", lambda *args: environ)
+
+    return {
+        "parser canned": parser_off,
+        "environ prebuilt": environ_off,
+        "no trusted proxies": lambda worker, client: attribute(worker, "proxies", None),
+        "scoreboard off": lambda worker, client: attribute(worker, "slot", NoSlot()),
+        "wsgi.handle: 1 send": lambda worker, client: attribute(wsgi, "handle", canned_handle),
+    }
+
+
+def measure_ablations(raw: bytes, count: int, rounds: int) -> dict[str, float | str]:
+    """Whole-path µs per request for the real path and each ablation, taken in turns (so
+    drift on a shared machine hits all alike); the best of the rounds counts."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    worker, cleanup = make_worker(listener)
+    client = KeepAliveClient(worker)
+    def step() -> None:
+        client.request(raw)
+
+    figures: dict[str, float | str] = {"real path": float("inf")}
+    try:
+        for _ in range(rounds):
+            figures["real path"] = min(figures["real path"], best_us(step, count, 1))
+            for name, apply in ablations(raw).items():
+                if isinstance(figures.get(name), str):
+                    continue
+                try:
+                    undo = apply(worker, client)
+                    try:
+                        figures[name] = min(figures.get(name, float("inf")),
+                                            best_us(step, count, 1))
+                    finally:
+                        undo()
+                except Exception as error:  # noqa: BLE001 - a seam that moved: n/a
+                    figures[name] = f"{type(error).__name__}: {error}"
+    finally:
+        client.close()
+        for close in [listener.close, *cleanup]:
+            close()
+    return figures
+
+
+def print_ablations(results: dict[str, dict[str, float | str]]) -> None:
+    print("\nablations: whole path with one part replaced; saved = real path - this row")
+    shapes = list(results)
+    print(f"{'':<22}" + "".join(f"{shape:>10}{'saved':>8}" for shape in shapes))
+    for name in results[shapes[0]]:
+        cells = []
+        for shape in shapes:
+            value, real = results[shape][name], results[shape]["real path"]
+            if isinstance(value, float) and isinstance(real, float):
+                cells.append(f"{value:10.2f}{real - value:8.2f}")
+            else:
+                cells.append(f"{'n/a':>18}")
+                print(f"  n/a {name} ({shape}): {value}")
+        print(f"{name:<22}" + "".join(cells))
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="--count 3000 --repeats 3")
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--profile", action="store_true", help="cProfile the whole path")
+    parser.add_argument("--ablate", action="store_true",
+                        help="the whole path with each part replaced in turn")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
     args = parser.parse_args(argv)
     if args.quick:
@@ -483,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.count} requests x {args.repeats} repeats, best repeat counts")
     results = {shape: measure_shape(SHAPES[shape], args.count, args.repeats) for shape in shapes}
     print_table(results)
+    if args.ablate:
+        print_ablations({shape: measure_ablations(SHAPES[shape], max(1000, args.count // 4),
+                                                  args.repeats + 2) for shape in shapes})
     if args.profile:
         for shape in shapes:
             profile(SHAPES[shape], shape, min(args.count, 10_000), args.top)
