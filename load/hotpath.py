@@ -4,6 +4,7 @@
     .venv/bin/python load/hotpath.py --quick          # fewer, shorter repeats
     .venv/bin/python load/hotpath.py --profile        # plus cProfile of the whole path
     .venv/bin/python load/hotpath.py --profile --top 40 --shape browser
+    .venv/bin/python load/hotpath.py --ablate         # plus each part's cost inside the path
 
 Two request shapes: ``wrk`` (the request wrk sends: a request line and ``Host``) and
 ``browser`` (wrk's ``Host`` plus the 8 fields of ``load/bench.py``'s browser-like request,
@@ -24,11 +25,18 @@ cookie included). For each shape, the real code is driven in this process:
   closes the connection, the client reads to EOF.
 
 ``glue`` is what the whole path costs beyond the floor and the parts measured alone: the worker's
-own bookkeeping. Each figure is the best of the repeats of ``process_time`` over many requests
-(CPU time: another process preempting this one does not count), so it moves less than wall time
-on a shared machine, but absolute figures still move with the machine; compare rows and runs made
-in one go. A part whose interface this harness no longer matches is reported as ``n/a`` with the
-reason, rather than stopping the run; every measured response is checked to be a 200.
+own bookkeeping, plus what the parts cost inside the path beyond their cost alone (code run in a
+tight loop of its own has hot caches and branch predictors). ``--ablate`` measures that directly:
+the whole path again with one part replaced by a stand-in that does (nearly) nothing (a parser
+that returns the same parsed request, a prebuilt environ, no trusted proxies, a scoreboard that
+writes nothing, ``wsgi.handle`` as one constant send); the difference is what the part costs in
+place. The differences overlap, so they do not add up to the whole.
+
+Each figure is the best of the repeats of ``process_time`` over many requests (CPU time: another
+process preempting this one does not count), so it moves less than wall time on a shared machine,
+but absolute figures still move with the machine; compare rows and runs made in one go. A part
+whose interface this harness no longer matches is reported as ``n/a`` with the reason, rather
+than stopping the run; every measured response is checked to be a 200.
 """
 
 from __future__ import annotations
@@ -595,7 +603,8 @@ def profile(raw: bytes, shape: str, count: int, top: int) -> None:
     finally:
         run_cleanup(part)
     stats = pstats.Stats(profiler)
-    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
+    table = stats.stats  # type: ignore[attr-defined]
+    rows = sorted(table.items(), key=lambda item: item[1][2], reverse=True)
     print(f"\n{part.name}, {shape} request: top {top} functions by own time, per request "
           f"(cProfile inflates every call; read the shares, not the absolute figures)")
     print(f"{'own µs':>8} {'cum µs':>8} {'calls':>6}  function")
