@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any, NamedTuple
 
-from forkserver import config, loader
+from forkserver import addresses, config, loader
 
 EXIT_USAGE = 2
 EXIT_LOAD = 1
@@ -140,6 +140,7 @@ class StatusTarget(NamedTuple):
     family: int
     where: str | tuple[str, int]
     shown: str  # the address as the user wrote it, for messages
+    host: str = "localhost"  # the Host header: the listener answers only names of its own
 
 
 class StatusError(Exception):
@@ -166,6 +167,9 @@ def _status_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", metavar="FILE", default=None,
                         help="the server's pidfile: its metrics address is read from FILE.metrics, "
                         "which the master writes beside it")
+    parser.add_argument("--metrics-token", metavar="TOKEN", default=None,
+                        help="bearer token the listener asks for (default: metrics_token from "
+                        "the configuration)")
     parser.add_argument("--watch", action="store_true",
                         help="refresh every second until Ctrl-C")
     parser.add_argument("--count", type=int, metavar="N", default=None,
@@ -180,6 +184,7 @@ def status_main(argv: list[str]) -> int:
         address = namespace.metrics_bind
         if address is None and namespace.pidfile:
             address = _address_beside_pidfile(namespace.pidfile)
+        settings = None
         if address is None:
             settings = config.resolve({}, namespace.config, os.environ, os.getcwd())
             address = settings.metrics_bind
@@ -187,6 +192,9 @@ def status_main(argv: list[str]) -> int:
                 raise config.ConfigError("no metrics address: pass --metrics-bind or set "
                                          "metrics_bind in the configuration")
         target = _status_target(address)
+        token = namespace.metrics_token
+        if token is None:
+            token = _configured_token(settings, namespace.config)
         if namespace.count is not None and namespace.count < 1:
             raise config.ConfigError("--count must be at least 1")
     except config.ConfigError as exc:
@@ -199,7 +207,7 @@ def status_main(argv: list[str]) -> int:
     try:
         while True:
             try:
-                data = fetch_status(target)
+                data = fetch_status(target, token=token)
                 try:
                     text = format_status(data)
                 except (TypeError, ValueError, AttributeError):
@@ -217,6 +225,17 @@ def status_main(argv: list[str]) -> int:
         return 0
 
 
+def _configured_token(settings: config.Settings | None, config_file: str | None) -> str:
+    """metrics_token as the server reads it. When the address was given directly, a broken
+    configuration only means no token: the listener then says whether it wants one."""
+    if settings is None:
+        try:
+            settings = config.resolve({}, config_file, os.environ, os.getcwd())
+        except config.ConfigError:
+            return ""
+    return settings.metrics_token
+
+
 def _address_beside_pidfile(pidfile: str) -> str:
     path = pidfile + ".metrics"
     try:
@@ -231,19 +250,18 @@ def _status_target(address: str) -> StatusTarget:
     """Where to connect for a metrics address written in the bind forms."""
     address = address.strip()
     try:
-        config.check_bind(address)
-    except ValueError as exc:
-        raise config.ConfigError(f"metrics address {address!r}: {exc}") from None
-    if address.startswith("unix:"):
-        return StatusTarget(socket.AF_UNIX, address[len("unix:"):], address)
-    if address.startswith("fd://"):
+        spec = addresses.parse(address)
+    except addresses.AddressError as exc:
+        raise config.ConfigError(f"metrics address {address!r}: {exc.why}") from None
+    if spec.kind == "unix":
+        return StatusTarget(socket.AF_UNIX, spec.path, address)
+    if spec.kind == "fd":
         raise config.ConfigError(f"metrics address {address!r}: an inherited descriptor has no "
                                  "address to connect to; pass --metrics-bind HOST:PORT")
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
     # A wildcard bind listens on loopback too, and the wildcard itself is no destination.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return StatusTarget(socket.AF_UNSPEC, (host, int(port)), address)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(spec.host, spec.host)
+    return StatusTarget(socket.AF_UNSPEC, (host, spec.port), address,
+                        addresses.host_port(host, spec.port))
 
 
 def _connect(target: StatusTarget, timeout: float) -> socket.socket:
@@ -259,13 +277,15 @@ def _connect(target: StatusTarget, timeout: float) -> socket.socket:
     return socket.create_connection(target.where, timeout=timeout)
 
 
-def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT) -> dict:
+def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT, token: str = "") -> dict:
     """GET /status from the metrics listener and decode its JSON."""
     shown = target.shown
+    authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = (f"GET /status HTTP/1.1\r\nHost: {target.host}\r\nAccept: application/json\r\n"
+               f"{authorization}Connection: close\r\n\r\n")
     try:
         with _connect(target, timeout) as sock:
-            sock.sendall(b"GET /status HTTP/1.1\r\nHost: forkserver\r\nAccept: application/json"
-                         b"\r\nConnection: close\r\n\r\n")
+            sock.sendall(request.encode("latin-1"))
             chunks = []
             received = 0
             while chunk := sock.recv(65536):
@@ -279,6 +299,9 @@ def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT) -> dict:
         raise StatusError(f"cannot reach the metrics listener at {shown}: {reason}") from None
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if status_line.startswith("HTTP/1.1 401 "):
+        what = "a different token" if token else "a token"
+        raise StatusError(f"{shown} wants {what}: pass --metrics-token or set metrics_token")
     if not status_line.startswith("HTTP/1.1 200 "):
         raise StatusError(f"{shown} answered {status_line or 'nothing'!r}, not a /status page")
     try:

@@ -8,12 +8,18 @@ still works when every worker is busy or hung, which is exactly when it matters.
   final slot in before it reuses the slot), so the totals never go back when workers restart.
 * ``render_prometheus`` and ``render_status`` are pure functions of a snapshot.
 * ``MetricsServer`` is a tiny non-blocking HTTP/1.1 listener that the master drives from its own
-  select loop. It accepts only ``GET``/``HEAD`` of two paths, with small limits, one request per
+  select loop. It accepts only ``GET``/``HEAD`` of four paths, with small limits, one request per
   connection, and never blocks: the master's loop is the control plane and must keep turning.
+
+The listener answers ``/livez`` and ``/readyz`` (probes) to anyone, and ``/metrics`` and
+``/status`` only to requests whose ``Host`` names the listener or loopback (else 421, so a web
+page cannot read them through DNS rebinding) and, when ``metrics_token`` is set, that carry it
+as a bearer token (else 401). ``/status`` leaves out query strings unless ``status_show_query``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -23,9 +29,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
+from forkserver import addresses
 from forkserver.http.parser import NEED_DATA, HTTPError, Limits, Request, RequestParser
 from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, SlotView, State
 
@@ -36,6 +44,7 @@ __all__ = [
     "Totals",
     "WorkerSample",
     "collect",
+    "not_ready",
     "render_prometheus",
     "render_status",
 ]
@@ -134,6 +143,9 @@ class Snapshot:
     duration_buckets: tuple[int, ...]
     duration_sum: float
     master_rss: int = 0
+    # Why the master itself says the server must not get traffic ("draining", "shutting
+    # down"), or None when it has nothing against it; /readyz adds what the workers show.
+    not_ready: str | None = None
     workers_by_state: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,11 +172,14 @@ def collect(
     reloads: int,
     started: float,
     listeners: list[socket.socket],
+    not_ready: str | None = None,
 ) -> Snapshot:
     """Take a snapshot. ``workers`` holds (pid, slot index or -1, generation) per live worker.
 
-    ``started`` is the master's start as a ``time.monotonic()`` value. Runs in the master's loop,
-    so it only reads shared memory, /proc (through psutil) and socket options: no waiting.
+    ``started`` is the master's start as a ``time.monotonic()`` value; ``not_ready`` is the
+    master's reason to refuse traffic ("draining", "shutting down"), None when it has none.
+    Runs in the master's loop, so it only reads shared memory, /proc (through psutil) and socket
+    options: no waiting.
     """
     now = time.monotonic()
     requests = totals.requests
@@ -187,24 +202,7 @@ def collect(
         for i, count in enumerate(view.duration_buckets):
             buckets[i] += count
         duration_sum += view.duration_sum
-        running = view.state is State.BUSY and view.request_start > 0
-        samples.append(WorkerSample(
-            pid=pid,
-            index=index,
-            generation=generation,
-            state=_STATE_NAMES.get(view.state, UNKNOWN),
-            reason=view.reason.name.lower() if view.reason is not Reason.NONE else "",
-            requests=view.requests,
-            sent_bytes=view.bytes_sent,
-            connections=view.connections,
-            current_request=view.request_line if running else "",
-            busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
-            age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
-            heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
-            rss=rss,
-            own_memory=own,
-            cpu_seconds=cpu,
-        ))
+        samples.append(_sample(pid, index, generation, view, now, rss, own, cpu))
     samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
     return Snapshot(
         master_pid=os.getpid(),
@@ -220,6 +218,30 @@ def collect(
         duration_buckets=tuple(buckets),
         duration_sum=duration_sum,
         master_rss=_process_usage(os.getpid())[0],
+        not_ready=not_ready,
+    )
+
+
+def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, rss: int,
+            own: int, cpu: float) -> WorkerSample:
+    """One worker from its scoreboard slot and its process readings."""
+    running = view.state is State.BUSY and view.request_start > 0
+    return WorkerSample(
+        pid=pid,
+        index=index,
+        generation=generation,
+        state=_STATE_NAMES.get(view.state, UNKNOWN),
+        reason=view.reason.name.lower() if view.reason is not Reason.NONE else "",
+        requests=view.requests,
+        sent_bytes=view.bytes_sent,
+        connections=view.connections,
+        current_request=view.request_line if running else "",
+        busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
+        age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
+        heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
+        rss=rss,
+        own_memory=own,
+        cpu_seconds=cpu,
     )
 
 
@@ -270,14 +292,7 @@ def listen_backlog(sock: socket.socket) -> ListenerSample | None:
 
 def listener_name(sock: socket.socket) -> str:
     """The address as the bind setting spells it: HOST:PORT, [IPv6]:PORT or unix:PATH."""
-    address = sock.getsockname()
-    if sock.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    if isinstance(address, bytes):  # an abstract unix socket
-        address = address.decode("utf-8", "backslashreplace")
-    return f"unix:{address}"
+    return addresses.sockname(sock)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,8 +384,36 @@ def render_prometheus(snapshot: Snapshot) -> bytes:
     return "\n".join(out).encode("utf-8")
 
 
-def render_status(snapshot: Snapshot) -> bytes:
-    """/status: the master, one entry per worker, and the totals, as one JSON object."""
+def without_query(request_line: str) -> str:
+    """A request line with the query string cut out of its target ("GET /a?t=1 HTTP/1.1" ->
+    "GET /a HTTP/1.1"); query strings often carry tokens. Works on a truncated line too."""
+    method, space, rest = request_line.partition(" ")
+    target, space2, version = rest.partition(" ")
+    return method + space + target.partition("?")[0] + space2 + version
+
+
+def not_ready(snapshot: Snapshot) -> str | None:
+    """Why /readyz says 503, in a word or two; None when the server can take traffic.
+
+    The master's own reason comes first (a shutdown or drain it has begun). Otherwise at least
+    one worker must be past booting and not on its way out; a worker without a slot (one of the
+    image before a USR2 upgrade) is serving.
+    """
+    if snapshot.not_ready:
+        return snapshot.not_ready
+    states = [worker.state for worker in snapshot.workers]
+    if not states:
+        return "no workers"
+    if any(state in ("idle", "busy", "keepalive", UNKNOWN) for state in states):
+        return None
+    return "booting" if "booting" in states else "draining"
+
+
+def render_status(snapshot: Snapshot, show_query: bool = False) -> bytes:
+    """/status: the master, one entry per worker, and the totals, as one JSON object.
+
+    Query strings are cut from the running requests unless ``show_query``.
+    """
     workers = [
         {
             "pid": w.pid,
@@ -379,7 +422,8 @@ def render_status(snapshot: Snapshot) -> bytes:
             "state": w.state,
             "retiring": w.reason,
             "requests": w.requests,
-            "current_request": w.current_request,
+            "current_request": (w.current_request if show_query
+                                else without_query(w.current_request)),
             "busy_seconds": round(w.busy_seconds, 3),
             "age_seconds": round(w.age_seconds, 3),
             "heartbeat_age": round(w.heartbeat_age, 3),
@@ -430,36 +474,82 @@ RECV_SIZE = 4096
 DRAIN_LIMIT = 64 * 1024  # bytes read after answering before giving up on a polite close
 SEND_BUFFER = 256 * 1024  # so that a whole answer fits the socket and one send() suffices
 
-PATHS = {
-    "/metrics": (render_prometheus, b"text/plain; version=0.0.4; charset=utf-8"),
-    "/status": (render_status, b"application/json"),
-}
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-            500: "Internal Server Error"}
+PLAIN = b"text/plain; charset=utf-8"
+PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
+PROBES = ("/livez", "/readyz")
+GUARDED = ("/metrics", "/status")  # Host-checked, and token-checked when a token is set
 
 _log = logging.getLogger("forkserver.metrics")  # a child of the server's error log
 
 
-def _response(status: int, content_type: bytes, body: bytes, head_only: bool = False,
-              extra: bytes = b"") -> bytes:
-    head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            b"Cache-Control: no-store\r\nConnection: close\r\n%s\r\n"
-            % (status, _REASONS[status].encode("ascii"), content_type, len(body), extra))
+def _head_end(data: bytes) -> int:
+    return data.index(b"\r\n\r\n") + 4
+
+
+def _response(status: bytes, content_type: bytes, body: bytes, head_only: bool = False) -> bytes:
+    """A response with a body (200 pages, /readyz's 503): never cached, never kept alive."""
+    head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+            % (status, content_type, len(body)))
     return head if head_only else head + body
 
 
-def _plain(status: int, head_only: bool = False, extra: bytes = b"") -> bytes:
-    text = f"{status} {_REASONS[status]}\n".encode("ascii")
-    return _response(status, b"text/plain; charset=utf-8", text, head_only, extra)
+def _error_bytes(error: HTTPError, extra: bytes = b"") -> bytes:
+    """An error answer as http.errors builds it, with ``Cache-Control: no-store`` and ``extra``
+    header lines added before the blank line (where ``HTTPError.response`` puts a Date)."""
+    data = error.response()
+    cut = data.index(b"\r\n\r\n") + 2
+    return data[:cut] + b"Cache-Control: no-store\r\n" + extra + data[cut:]
+
+
+def _error_class(code: int, text: str) -> type[HTTPError]:
+    # A subclass gets its response bytes built once by http.errors (HTTPError.__init_subclass__).
+    return type(f"HTTP{code}", (HTTPError,), {"status": code, "reason": text})
+
+
+NOT_FOUND = _error_bytes(_error_class(404, "Not Found")())
+NOT_ALLOWED = _error_bytes(_error_class(405, "Method Not Allowed")(), b"Allow: GET, HEAD\r\n")
+TOO_LARGE = _error_bytes(_error_class(413, "Content Too Large")())
+# 421: the request names a host this listener does not answer for (RFC 9110 section 15.5.20).
+MISDIRECTED = _error_bytes(_error_class(421, "Misdirected Request")())
+UNAUTHORIZED = _error_bytes(_error_class(401, "Unauthorized")(),
+                            b'WWW-Authenticate: Bearer realm="forkserver"\r\n')
+BROKEN = _error_bytes(_error_class(500, "Internal Server Error")())
+
+
+def _cut(data: bytes, head_only: bool) -> bytes:
+    return data[:_head_end(data)] if head_only else data
+
+
+def _local_name(sock: socket.socket) -> str:
+    """The address a client reached, as Host would name it (no brackets, no IPv4 mapping)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    try:
+        name = str(sock.getsockname()[0]).lower()
+    except OSError:
+        return ""
+    return name.removeprefix("::ffff:") if "." in name else name
+
+
+def _host_name(value: str) -> tuple[str, str]:
+    """(name, port) of a Host value; an IPv6 literal loses its brackets, the name its case."""
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name.lower(), rest[1:] if rest.startswith(":") else ""
+    name, _, port = value.partition(":")
+    return name.lower(), port
 
 
 class _Conn:
-    __slots__ = ("answered", "born", "drained", "fd", "out", "parser", "sock")
+    __slots__ = ("answered", "born", "drained", "fd", "local", "out", "parser", "sock")
 
-    def __init__(self, sock: socket.socket, born: float) -> None:
+    def __init__(self, sock: socket.socket, born: float, local: str) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.born = born
+        self.local = local  # the address this connection reached, a name Host may give
         self.parser = RequestParser(REQUEST_LIMITS)
         self.out = b""  # answer bytes not sent yet
         self.answered = False  # the answer is out and our side shut down; only draining now
@@ -475,12 +565,30 @@ class MetricsServer:
     master calls ``on_writable`` for ``write_fds()``, or at the latest on the next ``expire``.
     """
 
-    def __init__(self, sock: socket.socket, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, sock: socket.socket, snapshot: Callable[[], Snapshot],
+                 settings: Any = None) -> None:
         sock.setblocking(False)
         self._listener = sock
         self._listener_fd = sock.fileno()
         self._snapshot = snapshot
         self._conns: dict[int, _Conn] = {}
+        self._unix = sock.family == socket.AF_UNIX
+        self._port = "" if self._unix else str(sock.getsockname()[1])
+        self._token = b""
+        self._show_query = False
+        self._bind_host = ""
+        self.configure(settings)
+
+    def configure(self, settings: Any) -> None:
+        """Take metrics_token, status_show_query and the host of metrics_bind from ``settings``
+        (a ``config.Settings``; None keeps the defaults: no token, no query strings). The master
+        calls it again after a reload."""
+        if settings is None:
+            return
+        self._token = settings.metrics_token.encode("ascii")
+        self._show_query = settings.status_show_query
+        spec = settings.metrics_bind
+        self._bind_host = addresses.parse(spec).host.lower() if spec else ""
 
     def fds(self) -> list[int]:
         """Descriptors to select() on for reading: the listener (unless full) and connections."""
@@ -521,12 +629,12 @@ class MetricsServer:
         try:
             event = conn.parser.next_event()
         except HTTPError as error:
-            self._answer(conn, error.response())
+            self._answer(conn, _error_bytes(error))
             return
         if event is NEED_DATA:
             return
         if isinstance(event, Request):
-            self._answer(conn, self._respond(event))
+            self._answer(conn, self._respond(conn, event))
 
     def on_writable(self, fd: int) -> None:
         """Send more of a pending answer."""
@@ -570,24 +678,68 @@ class MetricsServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
-            self._conns[sock.fileno()] = _Conn(sock, now)
+            self._conns[sock.fileno()] = _Conn(sock, now, _local_name(sock))
 
-    def _respond(self, request: Request) -> bytes:
+    def _respond(self, conn: _Conn, request: Request) -> bytes:
         if request.chunked or request.content_length:
-            return _plain(413)  # nothing here takes a body, and reading one is not worth it
+            return TOO_LARGE  # nothing here takes a body, and reading one is not worth it
         head_only = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):
-            return _plain(405, extra=b"Allow: GET, HEAD\r\n")
-        route = PATHS.get(request.path)
-        if route is None:
-            return _plain(404, head_only)
-        render, content_type = route
+            return NOT_ALLOWED
+        path = request.path
+        if path == "/livez":
+            # Answered from the master's loop, so an answer means the loop is turning.
+            return _response(b"200 OK", PLAIN, b"ok\n", head_only)
+        if path not in PROBES and path not in GUARDED:
+            return _cut(NOT_FOUND, head_only)
+        if path in GUARDED and not self._host_allowed(conn, request.host):
+            return _cut(MISDIRECTED, head_only)
+        if path in GUARDED and not self._authorized(request.headers):
+            return _cut(UNAUTHORIZED, head_only)
         try:
-            body = render(self._snapshot())
+            return self._page(path, head_only)
         except Exception:  # noqa: BLE001 - a metrics bug must not take the master down
-            _log.exception("metrics: cannot answer %s %s", request.method, request.path)
-            return _plain(500, head_only)
-        return _response(200, content_type, body, head_only)
+            _log.exception("metrics: cannot answer %s %s", request.method, path)
+            return _cut(BROKEN, head_only)
+
+    def _page(self, path: str, head_only: bool) -> bytes:
+        snapshot = self._snapshot()
+        if path == "/readyz":
+            reason = not_ready(snapshot)
+            if reason is None:
+                return _response(b"200 OK", PLAIN, b"ready\n", head_only)
+            body = reason.replace("\n", " ").encode("ascii", "replace") + b"\n"
+            return _response(b"503 Service Unavailable", PLAIN, body, head_only)
+        if path == "/metrics":
+            return _response(b"200 OK", PROMETHEUS, render_prometheus(snapshot), head_only)
+        body = render_status(snapshot, self._show_query)
+        return _response(b"200 OK", b"application/json", body, head_only)
+
+    def _host_allowed(self, conn: _Conn, host: str | None) -> bool:
+        """Whether Host names this listener: the address the client reached, the host of
+        metrics_bind, or a loopback name, on the listener's port if a port is given.
+
+        A request without Host (HTTP/1.0) comes from no browser, and a unix socket is out of a
+        browser's reach, so DNS rebinding is not possible there and both are let through.
+        """
+        if host is None or self._unix:
+            return True
+        name, port = _host_name(host)
+        if port and port != self._port:
+            return False
+        return name in LOOPBACK_NAMES or name == conn.local or name == self._bind_host
+
+    def _authorized(self, headers: list[tuple[str, str]]) -> bool:
+        if not self._token:
+            return True
+        for name, value in headers:
+            if name == "AUTHORIZATION":
+                scheme, _, credentials = value.strip().partition(" ")
+                if scheme.lower() == "bearer":
+                    given = credentials.strip().encode("latin-1")
+                    # Constant time: how much of a guess matched must not show in the timing.
+                    return hmac.compare_digest(given, self._token)
+        return False
 
     def _answer(self, conn: _Conn, data: bytes) -> None:
         conn.out = data

@@ -28,7 +28,7 @@ from forkserver.metrics import (
     render_prometheus,
     render_status,
 )
-from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, State
+from forkserver.scoreboard import DURATION_BUCKETS, Reason, State
 from tests.conftest import read_until_closed as read_all
 
 # -------------------------------------------------------------- scoreboard duration histogram
@@ -85,43 +85,6 @@ def test_request_start_keeps_the_histogram_and_claim_clears_it(board):
     board.claim(0, 2, 2)
     v = board.read(0)
     assert v.duration_buckets == (0,) * 12 and v.duration_sum == 0.0
-
-
-def test_histogram_is_never_torn_while_a_child_writes():
-    board = Scoreboard(1)
-    board.claim(0, 0, 1)
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(ready_r)
-            w = board.writer(0)
-            os.write(ready_w, b"x")
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
-                w.request_started(b"GET /")
-                w.request_finished(200, 1, State.IDLE, 0.25)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(ready_w)
-    try:
-        os.read(ready_r, 1)
-        os.close(ready_r)
-        seen = set()
-        start = time.monotonic()
-        while time.monotonic() - start < 0.7:
-            v = board.read(0)
-            # Every finish moves requests, the 0.25 bucket and the sum together.
-            assert v.duration_buckets[5] == v.requests == sum(v.duration_buckets)
-            assert v.duration_sum == pytest.approx(0.25 * v.requests)
-            seen.add(v.requests)
-        assert len(seen) > 20, "the child made no visible progress"
-    finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        board.close()
 
 
 # -------------------------------------------------------------------------------- collect
@@ -391,7 +354,7 @@ def test_status_json():
                 "rss", "connections"):
         assert key in busy
     assert (busy["pid"], busy["state"], busy["current_request"], busy["busy_seconds"]) == (
-        101, "busy", "GET /slow?s=2", 1.5)
+        101, "busy", "GET /slow", 1.5)  # query strings may carry tokens: cut by default
     assert (idle["state"], idle["retiring"], idle["rss"]) == ("idle", "requests", 24 * 2**20)
     totals = data["totals"]
     assert totals["requests"] == 42 and totals["in_flight"] == 1 and totals["connections"] == 2
@@ -407,7 +370,7 @@ class Harness:
     """A MetricsServer on a real socket, pumped the way the master's loop would pump it."""
 
     def __init__(self, family=socket.AF_INET, path=None, snapshot=None,
-                 use_write_fds=True) -> None:
+                 use_write_fds=True, settings=None) -> None:
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_UNIX:
             self.listener.bind(path)
@@ -423,7 +386,7 @@ class Harness:
             self.calls += 1
             return make_snapshot()
 
-        self.server = MetricsServer(self.listener, snapshot or default)
+        self.server = MetricsServer(self.listener, snapshot or default, settings)
         self.use_write_fds = use_write_fds
 
     def pump(self, rounds: int = 20, now: float | None = None) -> None:
@@ -477,8 +440,8 @@ def harness():
     h.close()
 
 
-def get(path: str, method: str = "GET", extra: str = "") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: m\r\n{extra}\r\n".encode("latin-1")
+def get(path: str, method: str = "GET", extra: str = "", host: str = "localhost") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("latin-1")
 
 
 def test_get_metrics(harness):
@@ -511,12 +474,14 @@ def test_head_sends_the_headers_only(harness):
     (get("/metrics", "DELETE"), 405),
     (get("/metrics", "GET", "Content-Length: 5\r\n") + b"hello", 413),
     (get("/metrics", "GET", "Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n", 413),
-    (b"GET /" + b"a" * 1100 + b" HTTP/1.1\r\nHost: m\r\n\r\n", 414),
+    (b"GET /" + b"a" * 1100 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
     (get("/metrics", "GET", "".join(f"X-{i}: v\r\n" for i in range(21))), 431),
     (get("/metrics", "GET", "X-Big: " + "v" * 1100 + "\r\n"), 431),
     (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # no Host
     (b"\x16\x03\x01 hello\r\n\r\n", 400),  # TLS to a plain port, say
-    (b"GET /metrics HTTP/1.1\nHost: m\n\n", 400),  # bare LF
+    (b"GET /metrics HTTP/1.1\nHost: localhost\n\n", 400),  # bare LF
+    (get("/metrics", host="evil.example"), 421),  # DNS rebinding: a name that is not ours
+    (get("/status", host="evil.example:80"), 421),
 ])
 def test_everything_else_is_refused_with_a_status(harness, raw, expected):
     response = harness.exchange(raw)
@@ -525,6 +490,7 @@ def test_everything_else_is_refused_with_a_status(harness, raw, expected):
     assert headers["connection"] == "close"
     if expected == 405:
         assert headers["allow"] == "GET, HEAD"
+    assert headers["cache-control"] == "no-store"
     assert harness.calls == 0  # no snapshot was taken for any of these
 
 
@@ -651,6 +617,170 @@ def test_a_client_that_vanishes_does_not_disturb_the_server(harness):
     harness.pump()
     assert harness.server.fds() == [harness.listener.fileno()]
     assert split(harness.exchange(get("/status")))[0] == 200
+
+
+# ----------------------------------------------------- who may read: Host, token, query strings
+
+
+def settings_with(tmp_path, **values):
+    return config.resolve(values, None, {}, str(tmp_path))
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "127.0.0.1", "[::1]",
+                                  "localhost:{port}", "127.0.0.1:{port}"])
+def test_loopback_and_own_address_hosts_are_answered(harness, host):
+    port = harness.address[1]
+    assert split(harness.exchange(get("/metrics", host=host.format(port=port))))[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "localhost.evil.example", "127.0.0.2",
+                                  "localhost:1", "[::2]", "10.0.0.1:{port}"])
+def test_other_hosts_get_421_without_a_snapshot(harness, host):
+    raw = get("/status", host=host.format(port=harness.address[1]))
+    status, headers, body = split(harness.exchange(raw))
+    assert (status, body) == (421, b"421 Misdirected Request\n")
+    assert harness.calls == 0
+
+
+def test_the_host_of_metrics_bind_is_answered(tmp_path):
+    h = Harness(settings=settings_with(tmp_path, metrics_bind="metrics.internal:9100"))
+    try:
+        assert split(h.exchange(get("/metrics", host="metrics.internal")))[0] == 200
+        assert split(h.exchange(get("/metrics", host="other.internal")))[0] == 421
+    finally:
+        h.close()
+
+
+def test_a_request_without_host_and_a_unix_listener_are_not_host_checked(harness, tmp_path):
+    # HTTP/1.0 without Host comes from no browser; a unix socket is out of a browser's reach.
+    assert split(harness.exchange(b"GET /status HTTP/1.0\r\n\r\n"))[0] == 200
+    h = Harness(socket.AF_UNIX, str(tmp_path / "m.sock"))
+    try:
+        assert split(h.exchange(get("/status", host="anything.example")))[0] == 200
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    h = Harness(settings=settings_with(tmp_path, metrics_token="s3cret-token"))
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/status"])
+@pytest.mark.parametrize("authorization", [
+    "", "Authorization: Bearer wrong\r\n", "Authorization: Bearer s3cret-toke\r\n",
+    "Authorization: Basic czNjcmV0LXRva2Vu\r\n", "Authorization: s3cret-token\r\n",
+])
+def test_a_missing_or_wrong_token_is_401(guarded, path, authorization):
+    status, headers, _ = split(guarded.exchange(get(path, extra=authorization)))
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
+    assert guarded.calls == 0
+
+
+@pytest.mark.parametrize("authorization", ["Bearer s3cret-token", "bearer  s3cret-token "])
+def test_the_right_token_is_answered(guarded, authorization):
+    raw = get("/metrics", extra=f"Authorization: {authorization}\r\n")
+    assert split(guarded.exchange(raw))[0] == 200
+
+
+def test_the_token_is_compared_in_constant_time(guarded, monkeypatch):
+    compared = []
+    real = metrics.hmac.compare_digest
+    monkeypatch.setattr(metrics.hmac, "compare_digest",
+                        lambda a, b: compared.append((a, b)) or real(a, b))
+    guarded.exchange(get("/status", extra="Authorization: Bearer guess\r\n"))
+    assert compared == [(b"guess", b"s3cret-token")]
+
+
+@pytest.mark.parametrize("path, body", [("/livez", b"ok\n"), ("/readyz", b"ready\n")])
+def test_probes_stay_open_without_token_and_with_any_host(guarded, path, body):
+    status, headers, answer = split(guarded.exchange(get(path, host="kubelet.example:1")))
+    assert (status, answer) == (200, body)
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert headers["cache-control"] == "no-store"
+
+
+def test_status_shows_query_strings_only_when_asked(tmp_path):
+    auth = "Authorization: Bearer t\r\n"
+    for show, expected in [(False, "GET /slow"), (True, "GET /slow?s=2")]:
+        h = Harness(settings=settings_with(tmp_path, status_show_query=show, metrics_token="t"))
+        try:
+            body = split(h.exchange(get("/status", extra=auth)))[2]
+            assert json.loads(body)["workers"][0]["current_request"] == expected
+        finally:
+            h.close()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("GET /a?token=1 HTTP/1.1", "GET /a HTTP/1.1"),
+    ("GET /a HTTP/1.1", "GET /a HTTP/1.1"),
+    ("POST /x?y=1&z=2", "POST /x"),  # truncated by the scoreboard
+    ("GET /?", "GET /"),
+    ("", ""),
+])
+def test_without_query(line, expected):
+    assert metrics.without_query(line) == expected
+
+
+# ------------------------------------------------------------------------- /livez, /readyz
+
+
+def sample(state: str, generation: int = 1) -> WorkerSample:
+    return WorkerSample(1, 0, generation, state, "", 0, 0, 0, "", 0.0, 0.0, 0.0, 0, 0, 0.0)
+
+
+@pytest.mark.parametrize("states, reason", [
+    ((), "no workers"),
+    (("booting",), "booting"),
+    (("booting", "booting"), "booting"),
+    (("exiting",), "draining"),
+    (("exiting", "booting"), "booting"),
+    (("idle",), None),
+    (("busy", "busy"), None),  # every worker busy is still ready: the probe is the master's
+    (("keepalive", "booting"), None),
+    (("unknown",), None),  # a worker of the image before a USR2 upgrade still serves
+])
+def test_readiness_from_the_workers(states, reason):
+    snapshot = make_snapshot(workers=tuple(sample(state) for state in states))
+    assert metrics.not_ready(snapshot) == reason
+
+
+def test_the_masters_reason_comes_first(board):
+    snapshot = make_snapshot(not_ready="shutting down")
+    assert metrics.not_ready(snapshot) == "shutting down"
+    # collect() carries the master's reason through; by default it has none.
+    _serve(board, 0, os.getpid(), [])
+    workers = [(os.getpid(), 0, 1)]
+    taken = collect(board, workers, Totals(), {}, 0, time.monotonic(), [], "draining")
+    assert metrics.not_ready(taken) == "draining"
+    assert metrics.not_ready(collect(board, workers, Totals(), {}, 0, time.monotonic(), [])) is None
+
+
+@pytest.mark.parametrize("changes, status, body", [
+    ({"workers": ()}, 503, b"no workers\n"),
+    ({"workers": (sample("booting"),)}, 503, b"booting\n"),
+    ({"not_ready": "draining"}, 503, b"draining\n"),
+    ({}, 200, b"ready\n"),
+])
+def test_readyz_answers(changes, status, body):
+    h = Harness(snapshot=lambda: make_snapshot(**changes))
+    try:
+        code, headers, answer = split(h.exchange(get("/readyz")))
+        assert (code, answer) == (status, body)
+        assert answer.count(b"\n") == 1  # one line
+        assert headers["cache-control"] == "no-store" and headers["connection"] == "close"
+        code, headers, answer = split(h.exchange(get("/readyz", "HEAD")))
+        assert (code, answer) == (status, b"") and int(headers["content-length"]) == len(body)
+    finally:
+        h.close()
+
+
+def test_livez_takes_no_snapshot(harness):
+    assert split(harness.exchange(get("/livez")))[:3:2] == (200, b"ok\n")
+    assert harness.calls == 0
 
 
 # ------------------------------------------------------------------------------- settings

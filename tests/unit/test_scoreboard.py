@@ -227,11 +227,17 @@ def test_writes_in_a_forked_child_are_seen_by_the_parent(board):
     assert v.status_counts == (0, 1, 0, 0, 0)
 
 
+HAMMER_DURATION = 0.25  # every request the child finishes lands in one histogram bucket
+HAMMER_BUCKET = scoreboard.DURATION_BUCKETS.index(HAMMER_DURATION)
+
+
 def _consistent(v) -> bool:
     """Invariants the hammering child keeps between every pair of its updates.
 
-    The child loops: set_connections(n % 1000), request_started(line n), request_finished(),
-    with n the requests done so far, so connections lags by one only after a finish.
+    The child loops: set_connections(n % 1000), request_started(line n), request_finished()
+    with a 0.25 s duration, n being the requests done so far, so connections lags by one only
+    after a finish, and every finish moves the request count, one histogram bucket and the
+    duration sum together.
     """
     if v.state is State.BUSY:
         in_flight = v.request_line == f"GET /{v.requests:020d}" and v.request_start > 0
@@ -244,10 +250,14 @@ def _consistent(v) -> bool:
         and connections_ok
         and v.requests == v.bytes_sent
         and v.status_counts == (0, v.requests, 0, 0, 0)
+        and v.duration_buckets[HAMMER_BUCKET] == v.requests == sum(v.duration_buckets)
+        and v.duration_sum == pytest.approx(HAMMER_DURATION * v.requests)
     )
 
 
 def test_parent_never_sees_a_torn_slot_while_child_writes():
+    """The one torn-read harness: state, request line, counters and the duration histogram
+    (what /metrics reads) all come from one consistent moment of the writer."""
     board = Scoreboard(2)
     board.claim(1, 0, 1)
     ready_r, ready_w = os.pipe()
@@ -265,7 +275,7 @@ def test_parent_never_sees_a_torn_slot_while_child_writes():
             while time.monotonic() < deadline:
                 w.set_connections(n % 1000)
                 w.request_started(f"GET /{n:020d}".encode())
-                w.request_finished(200, 1, State.IDLE)
+                w.request_finished(200, 1, State.IDLE, HAMMER_DURATION)
                 n += 1
             code = 0
         finally:

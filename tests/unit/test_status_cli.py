@@ -292,42 +292,83 @@ def test_durations():
         "0.0s", "2.0s", "60.0s", "1m00s", "59m59s", "1h00m", "23h59m", "1d01h"]
 
 
-def test_against_the_real_metrics_listener(clean, capsys, tmp_path):
-    """The command reads what MetricsServer serves from a real scoreboard."""
+@pytest.fixture
+def real_listener(tmp_path):
+    """The real MetricsServer over a real scoreboard, pumped by a thread as the master would;
+    returns start(family, settings) -> the address to give --metrics-bind."""
     board = Scoreboard(2)
     board.claim(0, os.getpid(), 1)
     writer = board.writer(0)
     writer.set_state(State.IDLE)
     writer.request_finished(200, 10, State.IDLE, 0.01)
-    writer.request_started(b"GET /being-served")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(tmp_path / "real.sock"))
-    listener.listen(8)
-    server = MetricsServer(listener, lambda: collect(board, [(os.getpid(), 0, 1)], Totals(), {},
-                                                     0, time.monotonic() - 5, []))
+    writer.request_started(b"GET /being-served?secret=1")
     stop = threading.Event()
+    running = []
 
-    def loop():  # the master's part: select, dispatch, expire
-        while not stop.is_set():
-            readable, _, _ = select.select(server.fds(), [], [], 0.05)
-            for fd in readable:
-                server.on_readable(fd)
-            server.expire(time.monotonic())
+    def start(family=socket.AF_UNIX, settings=None) -> str:
+        listener = socket.socket(family)
+        if family == socket.AF_UNIX:
+            listener.bind(str(tmp_path / "real.sock"))
+            address = f"unix:{tmp_path}/real.sock"
+        else:
+            listener.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{listener.getsockname()[1]}"
+        listener.listen(8)
+        server = MetricsServer(listener, lambda: collect(
+            board, [(os.getpid(), 0, 1)], Totals(), {}, 0, time.monotonic() - 5, []), settings)
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        code, out, err = run(capsys, "--metrics-bind", f"unix:{tmp_path}/real.sock")
-    finally:
-        stop.set()
+        def loop():  # the master's part: select, dispatch, expire
+            while not stop.is_set():
+                readable, _, _ = select.select(server.fds(), [], [], 0.05)
+                for fd in readable:
+                    server.on_readable(fd)
+                server.expire(time.monotonic())
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        running.append((thread, server))
+        return address
+
+    yield start
+    stop.set()
+    for thread, server in running:
         thread.join(5)
         server.close()
-        board.close()
+    board.close()
+
+
+def test_against_the_real_metrics_listener(clean, capsys, real_listener):
+    """The command reads what MetricsServer serves from a real scoreboard."""
+    code, out, err = run(capsys, "--metrics-bind", real_listener())
     assert (code, err) == (0, "")
     row = next(line for line in out.splitlines() if line.lstrip().startswith(str(os.getpid())))
     assert row.split()[1:4] == ["1", "busy", "1"]
-    assert row.endswith("GET /being-served")
+    assert row.endswith("GET /being-served")  # the query string is not shown
     assert out.splitlines()[-1].startswith("1 workers (1 busy); 1 in flight; 1 requests (2xx 1)")
+
+
+def test_a_tcp_listener_with_a_token(clean, capsys, real_listener):
+    (clean / "forkserver.toml").write_text('metrics_token = "from-the-file"\n')
+    settings = cli.config.resolve({}, None, {}, str(clean))
+    address = real_listener(socket.AF_INET, settings)
+    # The token comes from the configuration, as the server reads it; Host names the address.
+    code, out, err = run(capsys, "--metrics-bind", address)
+    assert (code, err) == (0, "") and "GET /being-served" in out
+    code, out, err = run(capsys, "--metrics-bind", address, "--metrics-token", "wrong")
+    assert (code, out) == (1, "")
+    assert err == (f"forkserver: error: {address} wants a different token: pass --metrics-token "
+                   "or set metrics_token\n")
+    (clean / "forkserver.toml").unlink()
+    code, _, err = run(capsys, "--metrics-bind", address)
+    assert code == 1 and f"{address} wants a token" in err
+
+
+def test_the_request_names_the_address_and_carries_the_token(clean, fake, capsys):
+    server = fake()
+    assert run(capsys, "--metrics-bind", server.address, "--metrics-token", "t0k")[0] == 0
+    head = server.requests[0].decode("latin-1")
+    assert f"\r\nHost: {server.address}\r\n" in head
+    assert "\r\nAuthorization: Bearer t0k\r\n" in head
 
 
 def test_as_a_real_process(fake):
