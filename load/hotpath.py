@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import inspect
 import os
 import pstats
 import socket
@@ -198,8 +199,14 @@ def make_app(raw: bytes) -> Part:
     def log_error(message: str, with_traceback: bool) -> None:
         raise AssertionError(message)
 
+    handle = wsgi.handle
+    arguments = by_name(handle, {
+        "app": hello, "channel": channel, "request": request, "environ": environ,
+        "body": wsgi.EMPTY_INPUT, "wsgi_input": wsgi.EMPTY_INPUT, "keep_alive": True,
+        "server": b"forkserver", "log_error": log_error})
+
     def step() -> None:
-        wsgi.handle(hello, channel, request, environ, True, b"forkserver", log_error)
+        handle(**arguments)
 
     step()
     if not channel.last.startswith(OK):
@@ -258,7 +265,12 @@ def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]
         raise Unsupported(f"WorkerSpec needs {', '.join(missing)}")
     spec = spec_type(**{f.name: offered[f.name] for f in fields if f.name in offered})
     worker = worker_module.Worker(spec)
-    worker.app = hello
+    for part in parts_of(worker):  # wherever the worker keeps the app it calls
+        if hasattr(part, "app") and (part.app is None or callable(part.app)):
+            try:
+                part.app = hello
+            except AttributeError:  # a frozen record, not the app's holder
+                pass
     cleanup: list[Callable[[], None]] = [board.close]
     for name in ("epoll",):
         handle = getattr(worker, name, None)
@@ -271,12 +283,39 @@ def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]
     return worker, cleanup
 
 
+def parts_of(worker: Any) -> list[Any]:
+    """The worker and the objects it holds directly: a seam may live on either."""
+    held = getattr(worker, "__dict__", {}).values()
+    return [worker, *(part for part in held
+                      if not isinstance(part, (dict, list, tuple, set, socket.socket)))]
+
+
+def holders(worker: Any, name: str) -> list[Any]:
+    """Every one of ``parts_of(worker)`` with an attribute ``name``."""
+    found = [part for part in parts_of(worker) if hasattr(part, name)]
+    if not found:
+        raise Unsupported(f"no part of the Worker has {name!r}")
+    return found
+
+
 def seam(worker: Any, names: tuple[str, ...]) -> Callable:
-    for name in names:
-        method = getattr(worker, name, None)
-        if callable(method):
-            return method
+    for part in parts_of(worker):
+        for name in names:
+            method = getattr(part, name, None)
+            if callable(method):
+                return method
     raise Unsupported(f"Worker has none of {', '.join(names)}")
+
+
+def by_name(function: Callable, offered: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for ``function`` among the offered values (signatures move)."""
+    parameters = inspect.signature(function).parameters
+    missing = [name for name, parameter in parameters.items()
+               if name not in offered and parameter.default is inspect.Parameter.empty
+               and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)]
+    if missing:
+        raise Unsupported(f"{function.__name__}() needs {', '.join(missing)}")
+    return {name: offered[name] for name in parameters if name in offered}
 
 
 def adopt(worker: Any, sock: socket.socket, remote: tuple[str, str]) -> Any:
@@ -394,15 +433,19 @@ def run_cleanup(part: Part) -> None:
 # an ablation makes is what removing or shrinking that part could gain.
 
 class CannedParser:
-    """Stands in for a connection's parser: the same parsed Request every time, no parsing."""
+    """Stands in for a connection's parser: each ``feed`` replays the events a real parser gave
+    for the request (the same Request object every time), with no parsing."""
 
     buffered = 0
     in_message = False
 
-    def __init__(self, request: Any) -> None:
-        from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA
-        self.canned = (request, END_OF_MESSAGE)
-        self.need_data = NEED_DATA
+    def __init__(self, raw: bytes) -> None:
+        from forkserver.http.parser import RequestParser
+        real = RequestParser(parser_limits())
+        real.feed(raw)
+        self.canned = (real.next_event(), real.next_event())  # the Request, END_OF_MESSAGE
+        real.start_next()
+        self.need_data = real.next_event()
         self.events: list[Any] = []
         self.trailers: list[Any] = []
 
@@ -413,7 +456,7 @@ class CannedParser:
         return self.events.pop(0) if self.events else self.need_data
 
     def start_next(self) -> None:
-        pass
+        self.events = []  # like the real one: what is left of the last request is done
 
     def eof(self) -> None:
         pass
@@ -436,11 +479,17 @@ class Sent:
     close_reason: str = ""
 
 
-def canned_handle(app: Any, channel: Any, request: Any, environ: Any, keep_alive: bool,
-                  *args: Any) -> Sent:
-    """``wsgi.handle`` reduced to one constant send: no app call, no response building."""
-    channel.send_all(FLOOR_RESPONSE)
-    return Sent(200, len(FLOOR_RESPONSE), keep_alive)
+def canned_handle(real: Callable) -> Callable[..., Sent]:
+    """``real`` (``wsgi.handle``) reduced to one constant send: no app call, no response."""
+    names = list(inspect.signature(real).parameters)
+    at_channel, at_keep_alive = names.index("channel"), names.index("keep_alive")
+
+    def handle(*args: Any, **kwargs: Any) -> Sent:
+        channel = args[at_channel] if len(args) > at_channel else kwargs["channel"]
+        keep_alive = args[at_keep_alive] if len(args) > at_keep_alive else kwargs["keep_alive"]
+        channel.send_all(FLOOR_RESPONSE)
+        return Sent(200, len(FLOOR_RESPONSE), keep_alive)
+    return handle
 
 
 def ablations(raw: bytes) -> dict[str, Callable[[Any, KeepAliveClient], Callable[[], None]]]:
@@ -448,46 +497,59 @@ def ablations(raw: bytes) -> dict[str, Callable[[Any, KeepAliveClient], Callable
     from forkserver import wsgi
 
     def parser_off(worker: Any, client: KeepAliveClient) -> Callable[[], None]:
-        request = parsed(raw)
+        canned = CannedParser(raw)
 
         def swap(conn: Any) -> None:
-            conn.parser = CannedParser(request)
+            conn.parser = canned
         swap(client.conn)
         client.on_connect = swap
         return lambda: setattr(client, "on_connect", None) or client.connect()
 
-    def attribute(owner: Any, name: str, value: Any) -> Callable[[], None]:
-        old = getattr(owner, name)
-        setattr(owner, name, value)
-        return lambda: setattr(owner, name, old)
+    def attribute(owners: list[Any], name: str, value: Any) -> Callable[[], None]:
+        olds = [(owner, getattr(owner, name)) for owner in owners]
+        for owner in owners:
+            setattr(owner, name, value)
+        return lambda: [setattr(owner, name, old) for owner, old in olds] and None
 
     def environ_off(worker: Any, client: KeepAliveClient) -> Callable[[], None]:
         environ = wsgi.build_environ(parsed(raw), wsgi.base_environ("127.0.0.1", "8000"),
                                      ("127.0.0.1", "50000"), wsgi.EMPTY_INPUT, None)
-        return attribute(wsgi, "build_environ", lambda *args: environ)
+        return attribute([wsgi], "build_environ", lambda *args: environ)
 
     return {
         "parser canned": parser_off,
         "environ prebuilt": environ_off,
-        "no trusted proxies": lambda worker, client: attribute(worker, "proxies", None),
-        "scoreboard off": lambda worker, client: attribute(worker, "slot", NoSlot()),
-        "wsgi.handle: 1 send": lambda worker, client: attribute(wsgi, "handle", canned_handle),
+        "no trusted proxies": lambda worker, client: attribute(holders(worker, "proxies"),
+                                                               "proxies", None),
+        "scoreboard off": lambda worker, client: attribute(holders(worker, "slot"), "slot",
+                                                           NoSlot()),
+        "wsgi.handle: 1 send": lambda worker, client: attribute([wsgi], "handle",
+                                                                canned_handle(wsgi.handle)),
     }
 
 
 def measure_ablations(raw: bytes, count: int, rounds: int) -> dict[str, float | str]:
     """Whole-path µs per request for the real path and each ablation, taken in turns (so
     drift on a shared machine hits all alike); the best of the rounds counts."""
+    part = build(make_whole, "whole path", raw)
+    if part.step is None:
+        return {"real path": part.why}
+    run_cleanup(part)
     listener = socket.create_server(("127.0.0.1", 0))
     worker, cleanup = make_worker(listener)
     client = KeepAliveClient(worker)
+
     def step() -> None:
         client.request(raw)
 
     figures: dict[str, float | str] = {"real path": float("inf")}
     try:
         for _ in range(rounds):
-            figures["real path"] = min(figures["real path"], best_us(step, count, 1))
+            try:
+                figures["real path"] = min(figures["real path"], best_us(step, count, 1))
+            except Exception as error:  # noqa: BLE001 - the worker moved under an ablation
+                figures["real path"] = f"{type(error).__name__}: {error}"
+                break
             for name, apply in ablations(raw).items():
                 if isinstance(figures.get(name), str):
                     continue
@@ -500,6 +562,7 @@ def measure_ablations(raw: bytes, count: int, rounds: int) -> dict[str, float | 
                         undo()
                 except Exception as error:  # noqa: BLE001 - a seam that moved: n/a
                     figures[name] = f"{type(error).__name__}: {error}"
+                    client.connect()  # a fresh connection for the next row
     finally:
         client.close()
         for close in [listener.close, *cleanup]:
