@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint load bench fuzz clean
+.PHONY: run test lint load bench bench-mixed bench-memory fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,26 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check forkserver tests load
 
-# Locust scenarios against a real server (LOAD_ARGS="-t 60s -u 50 --max-p95-ms 200").
+# The locust smoke run (every scenario, no failed request; the gate fails a slow run), then the
+# locust scenarios against a real server (LOAD_ARGS="-t 60s -u 50 --max-p95-ms 200").
 load: $(STAMP)
+	$(BIN)/python -m pytest -q load/test_locust_smoke.py
 	$(BIN)/python load/run.py $(LOAD_ARGS)
 
-# forkserver vs gunicorn (sync, gthread) and meinheld under wrk; writes load/results/bench.md.
+# forkserver vs the ceiling loop, granian, bjoern, meinheld and gunicorn (sync, gthread) under wrk,
+# keep-alive, close and TLS, with CPU per request; writes load/results/bench.md (BENCH_ARGS=--quick).
 bench: $(STAMP)
 	$(BIN)/python load/bench.py $(BENCH_ARGS)
+
+# Head-of-line: 40 fast keep-alive clients beside 2 slow (50 ms) ones, threads and handoff rows
+# against gunicorn gthread and sync; writes load/results/bench-mixed.md (BENCH_ARGS=--quick).
+bench-mixed: $(STAMP)
+	$(BIN)/python load/bench_mixed.py $(BENCH_ARGS)
+
+# Total PSS of a generated stock Django site, 8 workers after a warm-up: forkserver (preload,
+# freeze, refork) beside gunicorn; writes load/results/bench-memory.md and .png (BENCH_ARGS=--quick).
+bench-memory: $(STAMP)
+	$(BIN)/python load/bench_memory.py $(BENCH_ARGS)
 
 # Mutated and random requests thrown at a live server for a bounded time.
 fuzz: $(STAMP)

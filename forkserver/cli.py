@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any, NamedTuple
 
-from forkserver import config, loader
+from forkserver import addresses, config, loader
 
 EXIT_USAGE = 2
 EXIT_LOAD = 1
@@ -140,6 +140,7 @@ class StatusTarget(NamedTuple):
     family: int
     where: str | tuple[str, int]
     shown: str  # the address as the user wrote it, for messages
+    host: str = "localhost"  # the Host header: the listener answers only names of its own
 
 
 class StatusError(Exception):
@@ -166,6 +167,9 @@ def _status_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", metavar="FILE", default=None,
                         help="the server's pidfile: its metrics address is read from FILE.metrics, "
                         "which the master writes beside it")
+    parser.add_argument("--metrics-token", metavar="TOKEN", default=None,
+                        help="bearer token the listener asks for (default: metrics_token from "
+                        "the configuration)")
     parser.add_argument("--watch", action="store_true",
                         help="refresh every second until Ctrl-C")
     parser.add_argument("--count", type=int, metavar="N", default=None,
@@ -180,6 +184,7 @@ def status_main(argv: list[str]) -> int:
         address = namespace.metrics_bind
         if address is None and namespace.pidfile:
             address = _address_beside_pidfile(namespace.pidfile)
+        settings = None
         if address is None:
             settings = config.resolve({}, namespace.config, os.environ, os.getcwd())
             address = settings.metrics_bind
@@ -187,6 +192,9 @@ def status_main(argv: list[str]) -> int:
                 raise config.ConfigError("no metrics address: pass --metrics-bind or set "
                                          "metrics_bind in the configuration")
         target = _status_target(address)
+        token = namespace.metrics_token
+        if token is None:
+            token = _configured_token(settings, namespace.config)
         if namespace.count is not None and namespace.count < 1:
             raise config.ConfigError("--count must be at least 1")
     except config.ConfigError as exc:
@@ -199,7 +207,7 @@ def status_main(argv: list[str]) -> int:
     try:
         while True:
             try:
-                data = fetch_status(target)
+                data = fetch_status(target, token=token)
                 try:
                     text = format_status(data)
                 except (TypeError, ValueError, AttributeError):
@@ -217,6 +225,17 @@ def status_main(argv: list[str]) -> int:
         return 0
 
 
+def _configured_token(settings: config.Settings | None, config_file: str | None) -> str:
+    """metrics_token as the server reads it. When the address was given directly, a broken
+    configuration only means no token: the listener then says whether it wants one."""
+    if settings is None:
+        try:
+            settings = config.resolve({}, config_file, os.environ, os.getcwd())
+        except config.ConfigError:
+            return ""
+    return settings.metrics_token
+
+
 def _address_beside_pidfile(pidfile: str) -> str:
     path = pidfile + ".metrics"
     try:
@@ -231,19 +250,18 @@ def _status_target(address: str) -> StatusTarget:
     """Where to connect for a metrics address written in the bind forms."""
     address = address.strip()
     try:
-        config.check_bind(address)
-    except ValueError as exc:
-        raise config.ConfigError(f"metrics address {address!r}: {exc}") from None
-    if address.startswith("unix:"):
-        return StatusTarget(socket.AF_UNIX, address[len("unix:"):], address)
-    if address.startswith("fd://"):
+        spec = addresses.parse(address)
+    except addresses.AddressError as exc:
+        raise config.ConfigError(f"metrics address {address!r}: {exc.why}") from None
+    if spec.kind == "unix":
+        return StatusTarget(socket.AF_UNIX, spec.path, address)
+    if spec.kind == "fd":
         raise config.ConfigError(f"metrics address {address!r}: an inherited descriptor has no "
                                  "address to connect to; pass --metrics-bind HOST:PORT")
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
     # A wildcard bind listens on loopback too, and the wildcard itself is no destination.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return StatusTarget(socket.AF_UNSPEC, (host, int(port)), address)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(spec.host, spec.host)
+    return StatusTarget(socket.AF_UNSPEC, (host, spec.port), address,
+                        addresses.host_port(host, spec.port))
 
 
 def _connect(target: StatusTarget, timeout: float) -> socket.socket:
@@ -259,13 +277,15 @@ def _connect(target: StatusTarget, timeout: float) -> socket.socket:
     return socket.create_connection(target.where, timeout=timeout)
 
 
-def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT) -> dict:
+def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT, token: str = "") -> dict:
     """GET /status from the metrics listener and decode its JSON."""
     shown = target.shown
+    authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = (f"GET /status HTTP/1.1\r\nHost: {target.host}\r\nAccept: application/json\r\n"
+               f"{authorization}Connection: close\r\n\r\n")
     try:
         with _connect(target, timeout) as sock:
-            sock.sendall(b"GET /status HTTP/1.1\r\nHost: forkserver\r\nAccept: application/json"
-                         b"\r\nConnection: close\r\n\r\n")
+            sock.sendall(request.encode("latin-1"))
             chunks = []
             received = 0
             while chunk := sock.recv(65536):
@@ -279,6 +299,9 @@ def fetch_status(target: StatusTarget, timeout: float = STATUS_TIMEOUT) -> dict:
         raise StatusError(f"cannot reach the metrics listener at {shown}: {reason}") from None
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if status_line.startswith("HTTP/1.1 401 "):
+        what = "a different token" if token else "a token"
+        raise StatusError(f"{shown} wants {what}: pass --metrics-token or set metrics_token")
     if not status_line.startswith("HTTP/1.1 200 "):
         raise StatusError(f"{shown} answered {status_line or 'nothing'!r}, not a /status page")
     try:
@@ -314,8 +337,78 @@ def _mib(size: object) -> str:
     return f"{int(size or 0) / 1048576:.1f}"
 
 
+RUNNING_SHOWN = 8  # requests listed per worker; more are summed up in one line
+_COLUMNS = (f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'THREADS':>7} {'REQUESTS':>9} {'FOR':>7} "
+            f"{'USS MiB':>8} {'PSS MiB':>8} {'CONN':>5}  REQUEST")
+# Where the FOR and REQUEST columns end and begin, for a worker's further running requests.
+_FOR_END = _COLUMNS.index("FOR") + len("FOR")
+_REQUEST_AT = _COLUMNS.rindex("REQUEST")
+
+
+def _running(worker: dict) -> list[tuple[float, str]]:
+    """(seconds, request) of each request a worker runs, oldest first; a server without
+    per-thread records gives its one current request."""
+    running = worker.get("running")
+    if isinstance(running, list):
+        return [(float(r.get("seconds", 0)), str(r.get("request", ""))) for r in running]
+    if worker.get("state") == "busy" and worker.get("current_request"):
+        return [(float(worker.get("busy_seconds", 0)), str(worker["current_request"]))]
+    return []
+
+
+def _worker_lines(w: dict) -> list[str]:
+    """A worker's row, then one line per further running request (at most RUNNING_SHOWN)."""
+    running = _running(w)
+    threads = int(w.get("threads", 1))
+    first_for, first = (_duration(running[0][0]), running[0][1]) if running else ("-", "")
+    lines = [
+        f"{_printable(w.get('pid', '?')):>7} {_printable(w.get('generation', '?')):>4} "
+        f"{_printable(w.get('state', '?'), 9):<9} {f'{len(running)}/{threads}':>7} "
+        f"{int(w.get('requests', 0)):>9} {first_for:>7} "
+        f"{_mib(w.get('uss')):>8} {_mib(w.get('pss')):>8} {int(w.get('connections', 0)):>5}  "
+        f"{_printable(first, 60)}".rstrip()
+    ]
+    for seconds, request in running[1:RUNNING_SHOWN]:
+        lines.append(f"{_duration(seconds):>{_FOR_END}}{'':{_REQUEST_AT - _FOR_END}}"
+                     f"{_printable(request, 60)}")
+    if len(running) > RUNNING_SHOWN:
+        lines.append(f"{'':{_REQUEST_AT}}... and {len(running) - RUNNING_SHOWN} more")
+    return lines
+
+
+def _memory_line(master: dict, workers: list, totals: dict) -> str:
+    """The server's memory: PSS adds up, so it leads; USS and RSS follow."""
+    memory = totals.get("memory", {})
+    parts = [f"master {_mib(master.get('pss'))}",
+             f"workers {_mib(sum(int(w.get('pss') or 0) for w in workers))}"]
+    parts += [f"{_printable(p.get('role', '?'), 12)} {_mib(p.get('pss'))}"
+              for p in master.get("others", [])]
+    return (f"memory: {_mib(memory.get('pss'))} MiB PSS in all ({', '.join(parts)}); "
+            f"USS {_mib(memory.get('uss'))} MiB, RSS {_mib(memory.get('rss'))} MiB")
+
+
+def _summary(workers: list, totals: dict) -> list[str]:
+    states = totals.get("workers", {})
+    by_state = ", ".join(f"{n} {_printable(state)}" for state, n in states.items() if n)
+    responses = ", ".join(f"{_printable(k)} {n}" for k, n in totals.get("responses", {}).items()
+                          if n)
+    busy = int(totals.get("busy_threads", totals.get("in_flight", 0)))
+    threads = int(totals.get("threads", len(workers)))
+    handoffs = totals.get("handoffs", {})
+    handed = ""
+    if handoffs.get("sent") or handoffs.get("adopted"):
+        handed = (f"; {int(handoffs.get('sent', 0))} connections handed off, "
+                  f"{int(handoffs.get('adopted', 0))} adopted")
+    serving = (f"{len(workers)} workers ({by_state or 'none'}); {busy} of {threads} threads "
+               f"busy; {int(totals.get('connections', 0))} connections open")
+    served = (f"{int(totals.get('requests', 0))} requests ({responses or 'none'}); "
+              f"{_mib(totals.get('sent_bytes'))} MiB sent{handed}")
+    return [serving, served]
+
+
 def format_status(data: dict) -> str:
-    """The table ``forkserver status`` prints: a header, one row per worker, a summary line."""
+    """The table ``forkserver status`` prints: a header, one row per worker (and a line per
+    further running request of a threaded worker), a summary line."""
     master = data.get("master", {})
     totals = data.get("totals", {})
     workers = data.get("workers", [])
@@ -327,29 +420,12 @@ def format_status(data: dict) -> str:
          f"{int(master.get('reloads', 0))} reloads, "
          f"{sum(int(n) for n in restarts.values())} worker restarts"),
         f"scoreboard: {keys}   (_ idle, W busy, K keep-alive, S starting, G exiting)",
+        _memory_line(master, workers, totals),
         "",
-        (f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'REQUESTS':>9} {'FOR':>7} {'RSS MiB':>8} "
-         f"{'CONN':>5}  REQUEST"),
+        _COLUMNS,
     ]
     for w in workers:
-        busy = w.get("state") == "busy" and w.get("current_request")
-        lines.append(
-            f"{_printable(w.get('pid', '?')):>7} {_printable(w.get('generation', '?')):>4} "
-            f"{_printable(w.get('state', '?'), 9):<9} {int(w.get('requests', 0)):>9} "
-            f"{_duration(w.get('busy_seconds', 0)) if busy else '-':>7} "
-            f"{_mib(w.get('rss')):>8} {int(w.get('connections', 0)):>5}  "
-            f"{_printable(w.get('current_request', ''), 60) if busy else ''}".rstrip()
-        )
-    states = totals.get("workers", {})
-    by_state = ", ".join(f"{n} {_printable(state)}" for state, n in states.items() if n)
-    responses = ", ".join(f"{_printable(k)} {n}" for k, n in totals.get("responses", {}).items()
-                          if n)
+        lines.extend(_worker_lines(w))
     lines.append("")
-    lines.append(
-        f"{len(workers)} workers ({by_state or 'none'}); "
-        f"{int(totals.get('in_flight', 0))} in flight; "
-        f"{int(totals.get('requests', 0))} requests ({responses or 'none'}); "
-        f"{int(totals.get('connections', 0))} connections open; "
-        f"{_mib(totals.get('sent_bytes'))} MiB sent"
-    )
+    lines.extend(_summary(workers, totals))
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The settings table, and everything derived from it.
 
-Each setting is declared exactly once, as a row of ``SETTINGS`` (style rule 1). The row drives the
+Each setting is declared exactly once, as a typed field of the frozen ``Settings`` dataclass whose
+metadata holds its row (style rule 1); ``SETTINGS`` is read off those fields. The row drives the
 argparse flags, the config-file key, the ``FORKSERVER_<NAME>`` environment variable,
 ``--print-config`` and ``docs/settings.md``, so adding a setting is one edit and nothing can drift.
 Parsing and validation live in a few shared *kinds* (integer, seconds, bool, ...), never per
@@ -17,22 +18,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import ipaddress
+import itertools
 import math
 import os
 import re
-import string
 import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from forkserver import addresses, logs, proxy, tls
+
 ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
 # to its own re-exec (USR2) through these. Every other FORKSERVER_* variable must be a setting,
 # so that a typo is an error rather than silently ignored.
-RESERVED_ENV = frozenset({"FORKSERVER_INHERIT_FDS", "FORKSERVER_OLD_WORKERS"})
+# Passed by a USR2 upgrade to the new master (see generations); never settings.
+ENV_INHERIT_FDS = "FORKSERVER_INHERIT_FDS"
+ENV_OLD_WORKERS = "FORKSERVER_OLD_WORKERS"
+RESERVED_ENV = frozenset({ENV_INHERIT_FDS, ENV_OLD_WORKERS})
 CONFIG_FILE = "forkserver.toml"
 PYPROJECT = "pyproject.toml"
 
@@ -241,6 +246,23 @@ class Umask(Kind):
         return None if value is None else f"0o{value:03o}"
 
 
+_TOKEN68 = re.compile(r"[A-Za-z0-9._~+/-]+=*", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Token(Kind):
+    """A bearer token (RFC 6750's b64token characters), or empty for none."""
+
+    label = "token or empty"
+    metavar = "TOKEN"
+
+    def from_value(self, value: object) -> str:
+        text = _check_text(value).strip()
+        if text and not _TOKEN68.fullmatch(text):
+            raise _Invalid("expected letters, digits and -._~+/ (a bearer token)")
+        return text
+
+
 _HOOK = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
 
@@ -313,55 +335,73 @@ class TextList(Kind):
         return self.from_value(raw)
 
 
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
-_UNIX_PATH_MAX = 107
+@dataclass(frozen=True)
+class CountList(Kind):
+    """An increasing list of positive counts: an array of integers in TOML, commas elsewhere."""
+
+    metavar: str = "N"
+    label = "list of increasing integers >= 1"
+
+    def from_value(self, value: object) -> tuple[int, ...]:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid("expected an array of integers")
+        counts = tuple(_POSITIVE.from_value(entry) for entry in value)
+        if any(b <= a for a, b in itertools.pairwise(counts)):
+            raise _Invalid("the counts must increase")
+        return counts
+
+    def from_text(self, text: str) -> tuple[int, ...]:
+        return self.from_value([_POSITIVE.from_text(part) for part in text.split(",")
+                                if part.strip()])
+
+    def argparse_options(self) -> dict[str, Any]:
+        return {"metavar": "N[,N...]"}
+
+
+@dataclass(frozen=True)
+class TLSVersion(Kind):
+    """1.2 or 1.3; TOML's bare 1.2 is a float, so numbers are taken as well as strings."""
+
+    metavar: str = "VERSION"
+    label = "1.2 or 1.3"
+
+    def from_value(self, value: object) -> str:
+        if isinstance(value, float):
+            value = repr(value)
+        word = _check_text(value).strip()
+        if word not in ("1.2", "1.3"):
+            raise _Invalid("expected 1.2 or 1.3")
+        return word
 
 
 def check_proxy(entry: str) -> str:
-    """One forwarded_allow_ips entry: an IP address, a CIDR network, "unix" or "*"."""
-    entry = entry.strip()
-    if entry in ("unix", "*"):
-        return entry
+    """One forwarded_allow_ips entry; the proxy module owns the rule."""
     try:
-        ipaddress.ip_network(entry, strict=True)
+        return proxy.check_allow_entry(entry)
     except ValueError as exc:
-        raise _Invalid(f"not an IP address, CIDR network, 'unix' or '*' ({exc})") from None
-    return entry
+        raise _Invalid(str(exc)) from None
+
+
+def check_forwarded_header(name: str) -> str:
+    """One forwarded_headers entry, in its canonical spelling; the proxy module owns the list."""
+    try:
+        return proxy.check_header_name(name)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def check_bind(spec: str) -> str:
-    """Validate one bind address; the sockets module does the binding.
+    """Validate one bind address with the rule the sockets module binds by.
 
     Checking the form here makes a typo a config error (caught by --check-config and by a HUP
     reload before any worker is touched) rather than a failure deep inside startup.
     """
-    if spec.startswith("unix:"):
-        path = spec[len("unix:"):]
-        if not path:
-            raise _Invalid("unix: needs a socket path")
-        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise _Invalid(f"unix socket path is longer than {_UNIX_PATH_MAX} bytes")
-        return spec
-    if spec.startswith("fd://"):
-        number = spec[len("fd://"):]
-        if not number.isascii() or not number.isdigit():
-            raise _Invalid("fd:// needs a file descriptor number")
-        return spec
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host:
-        raise _Invalid("expected HOST:PORT, [IPv6]:PORT, unix:/path or fd://N")
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise _Invalid(f"port {port!r} is not a number from 0 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise _Invalid(f"{host} is not an IPv6 address") from None
-    elif ":" in host:
-        raise _Invalid("an IPv6 address needs brackets: [ADDRESS]:PORT")
-    elif not _HOSTNAME.fullmatch(host):
-        raise _Invalid(f"{host!r} is not a host name or IPv4 address")
+    try:
+        addresses.parse(spec)
+    except addresses.AddressError as exc:
+        raise _Invalid(exc.why) from None
     return spec
 
 
@@ -377,47 +417,19 @@ class Address(Kind):
         return check_bind(text) if text else ""
 
 
-ACCESS_LOG_FORMATS = ("combined", "common", "json")
-# The fields a custom access-log template may name, each with a value of its type. A copy of
-# logs.ACCESS_LOG_FIELDS (config imports nothing of forkserver); a unit test keeps them equal.
-ACCESS_LOG_FIELDS: dict[str, object] = {
-    "time": "", "remote": "", "method": "", "path": "", "query": "", "status": 0, "bytes": 0,
-    "duration_ms": 0.0, "user_agent": "", "referer": "", "request_id": "",
-    "target": "", "version": "", "time_local": "",
-}
-
-
 @dataclass(frozen=True)
 class AccessLogFormat(Kind):
-    """A preset name, or a template of {field}s checked here so a typo fails --check-config."""
+    """A preset name, or a template of {field}s, checked by the access log's own rule so that a
+    typo fails --check-config."""
 
     label = "combined, common, json or a template"
     metavar = "FORMAT"
 
     def from_value(self, value: object) -> str:
-        text = _check_text(value)
-        if text.strip().lower() in ACCESS_LOG_FORMATS:
-            return text.strip().lower()
         try:
-            parsed = list(string.Formatter().parse(text))
-        except ValueError as error:
-            raise _Invalid(f"not a valid template: {error}") from None
-        names = [name for _, name, _, _ in parsed if name is not None]
-        if not names:
-            raise _Invalid(f"expected one of {', '.join(ACCESS_LOG_FORMATS)} or a template "
-                           "with {field}s")
-        for _, name, spec, conversion in parsed:
-            if name is None:
-                continue
-            if name not in ACCESS_LOG_FIELDS:
-                raise _Invalid(f"unknown field {{{name}}}; known: {', '.join(ACCESS_LOG_FIELDS)}")
-            if conversion or (spec and "{" in spec):
-                raise _Invalid(f"{{{name}}}: conversions and nested fields are not supported")
-        try:
-            text.format_map(ACCESS_LOG_FIELDS)
-        except (ValueError, TypeError) as error:
-            raise _Invalid(f"not a valid template: {error}") from None
-        return text
+            return logs.access_log_format(_check_text(value))
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,258 +523,380 @@ _COUNT = Int(minimum=0)
 _HOOK_KIND = Hook()
 _POSITIVE = Int(minimum=1)
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "app", Text(metavar="APP"), "forkserver.demo:app", (),
+def setting(
+    kind: Kind,
+    default: object,
+    flags: tuple[str, ...],
+    help: str,
+    *,
+    positional: bool = False,
+    default_env: str | None = None,
+    default_doc: str | None = None,
+) -> Any:
+    """A field of ``Settings`` that carries its table row (everything but the name) as metadata.
+
+    A callable default is computed when a ``Settings`` is built, never at import.
+    """
+    row = {"kind": kind, "default": default, "flags": flags, "help": help,
+           "positional": positional, "default_env": default_env, "default_doc": default_doc}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata={"setting": row})
+    return dataclasses.field(default=default, metadata={"setting": row})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration: one typed field per setting, each declared once, here.
+
+    ``SETTINGS`` (the rows that generate flags, TOML keys, environment variables, --print-config
+    and the docs) is read off these fields. ``config_file`` is the absolute path of the file that
+    was read, or None. Frozen, so a reload builds a new one.
+    """
+
+    app: str = setting(
+        Text(metavar="APP"), "forkserver.demo:app", (),
         "WSGI application: module:callable, module:factory() (called once, literal arguments "
         "allowed) or a bare module (its 'application', else its 'app').",
         positional=True,
-    ),
-    Setting(
-        "bind", TextList(item=check_bind, metavar="ADDRESS"), ("127.0.0.1:8000",),
+    )
+    bind: tuple[str, ...] = setting(
+        TextList(item=check_bind, metavar="ADDRESS"), ("127.0.0.1:8000",),
         ("-b", "--bind"),
         "Address to listen on: HOST:PORT, [IPv6]:PORT, unix:/path or fd://N. Repeat the flag "
         "for several; the environment variable takes a comma-separated list. Sockets passed by "
         "systemd (LISTEN_FDS) are used automatically.",
-    ),
-    Setting(
-        "workers", _POSITIVE, usable_cpus, ("-w", "--workers"),
+    )
+    workers: int = setting(
+        _POSITIVE, usable_cpus, ("-w", "--workers"),
         "Number of worker processes, each running one request at a time.",
         default_env="WEB_CONCURRENCY",
         default_doc="usable CPUs (affinity and cgroup `cpu.max`); `WEB_CONCURRENCY` if set",
-    ),
-    Setting(
-        "backlog", _POSITIVE, 2048, ("--backlog",),
+    )
+    threads: int = setting(
+        _POSITIVE, 1, ("--threads",),
+        "Threads per worker that run the app. With 1 each worker runs one request at a time in "
+        "its event loop; with more, the loop parks idle connections and hands each complete "
+        "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
+        "HTTP APIs); CPU-bound apps want more workers instead.",
+    )
+    backlog: int = setting(
+        _POSITIVE, 2048, ("--backlog",),
         "Listen queue length: connections the kernel holds until a worker accepts them.",
-    ),
-    Setting(
-        "reuse_port", Bool(), False, ("--reuse-port",),
+    )
+    reuse_port: bool = setting(
+        Bool(), False, ("--reuse-port",),
         "Set SO_REUSEPORT on TCP listeners, so another server can bind the same port.",
-    ),
-    Setting(
-        "keepalive", _SECONDS, 5.0, ("--keepalive",),
+    )
+    keepalive: float = setting(
+        _SECONDS, 5.0, ("--keepalive",),
         "Seconds an idle keep-alive connection stays open waiting for the next request; "
         "0 disables keep-alive.",
-    ),
-    Setting(
-        "keepalive_requests", _POSITIVE, 1000, ("--keepalive-requests",),
+    )
+    keepalive_requests: int = setting(
+        _POSITIVE, 1000, ("--keepalive-requests",),
         "Requests served on one connection before it is closed.",
-    ),
-    Setting(
-        "header_timeout", _POSITIVE_SECONDS, 10.0, ("--header-timeout",),
+    )
+    header_timeout: float = setting(
+        _POSITIVE_SECONDS, 10.0, ("--header-timeout",),
         "Seconds a client has to send a complete request head, so slow clients cannot hold "
         "connections open.",
-    ),
-    Setting(
-        "timeout", _SECONDS, 30.0, ("-t", "--timeout"),
+    )
+    timeout: float = setting(
+        _SECONDS, 30.0, ("-t", "--timeout"),
         "Seconds a worker may spend on one request before the master aborts it; 0 disables.",
-    ),
-    Setting(
-        "graceful_timeout", _SECONDS, 30.0, ("--graceful-timeout",),
+    )
+    graceful_timeout: float = setting(
+        _SECONDS, 30.0, ("--graceful-timeout",),
         "Seconds workers get to finish in-flight requests on shutdown or reload before they "
         "are killed.",
-    ),
-    Setting(
-        "boot_timeout", _SECONDS, 60.0, ("--boot-timeout",),
+    )
+    shutdown_delay: float = setting(
+        _SECONDS, 0.0, ("--shutdown-delay",),
+        "Seconds between TERM and the graceful drain: /readyz turns 503 at once and the server "
+        "keeps serving, with Connection: close, while load balancers stop sending to it. A "
+        "second TERM, or INT or QUIT, cuts it short.",
+    )
+    boot_timeout: float = setting(
+        _SECONDS, 60.0, ("--boot-timeout",),
         "Seconds a new worker has to import the app and become ready before it is killed; "
         "0 disables.",
-    ),
-    Setting(
-        "send_timeout", _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
+    )
+    send_timeout: float = setting(
+        _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
         "Seconds a client may stop reading a response (or, while the app reads a request "
         "body, stop sending it) before the connection is cut off.",
-    ),
-    Setting(
-        "min_body_rate", _COUNT, 8192, ("--min-body-rate",),
+    )
+    min_body_rate: int = setting(
+        _COUNT, 8192, ("--min-body-rate",),
         "Bytes per second a request body streamed to the app must keep up, after "
         "header_timeout of grace; slower uploads get a 408, since the worker waits on them. "
         "0 turns the check off (then only send_timeout and timeout bound them).",
-    ),
-    Setting(
-        "worker_connections", _POSITIVE, 1000, ("--worker-connections",),
+    )
+    worker_connections: int = setting(
+        _POSITIVE, 1000, ("--worker-connections",),
         "Most connections one worker holds at once, busy plus idle keep-alive; at the limit it "
         "stops accepting.",
-    ),
-    Setting(
-        "limit_request_line", _POSITIVE, 8190, ("--limit-request-line",),
+    )
+    limit_request_line: int = setting(
+        _POSITIVE, 8190, ("--limit-request-line",),
         "Longest request line in bytes; longer ones get 414.",
-    ),
-    Setting(
-        "limit_request_fields", _POSITIVE, 100, ("--limit-request-fields",),
+    )
+    limit_request_fields: int = setting(
+        _POSITIVE, 100, ("--limit-request-fields",),
         "Most header fields in one request; more get 431.",
-    ),
-    Setting(
-        "limit_request_field_size", _POSITIVE, 8190, ("--limit-request-field-size",),
+    )
+    limit_request_field_size: int = setting(
+        _POSITIVE, 8190, ("--limit-request-field-size",),
         "Longest header field (name and value) in bytes; longer ones get 431.",
-    ),
-    Setting(
-        "limit_request_body", _COUNT, 100 * 1024 * 1024, ("--limit-request-body",),
+    )
+    limit_request_body: int = setting(
+        _COUNT, 100 * 1024 * 1024, ("--limit-request-body",),
         "Largest request body in bytes; larger ones get 413. 0 means unlimited.",
-    ),
-    Setting(
-        "limit_request_head", _POSITIVE, 64 * 1024, ("--limit-request-head",),
+    )
+    limit_request_head: int = setting(
+        _POSITIVE, 64 * 1024, ("--limit-request-head",),
         "Largest request head in bytes (request line and all header fields); larger ones get "
         "431. It bounds what one connection's unfinished head can hold in memory.",
-    ),
-    Setting(
-        "linger_timeout", _SECONDS, 5.0, ("--linger-timeout",),
+    )
+    linger_timeout: float = setting(
+        _SECONDS, 5.0, ("--linger-timeout",),
         "Seconds a connection is drained (read and discarded) after its last response while "
         "the client is still sending, e.g. a body the app did not read; closing earlier would "
         "make the kernel reset the connection and destroy the response in flight.",
-    ),
-    Setting(
-        "linger_bytes", _COUNT, 16 * 1024 * 1024, ("--linger-bytes",),
+    )
+    linger_bytes: int = setting(
+        _COUNT, 16 * 1024 * 1024, ("--linger-bytes",),
         "Most bytes drained after the last response before the connection is closed anyway; "
         "0 means no draining.",
-    ),
-    Setting(
-        "max_requests", _COUNT, 0, ("--max-requests",),
+    )
+    max_requests: int = setting(
+        _COUNT, 0, ("--max-requests",),
         "Requests a worker serves before it is replaced, to contain memory leaks; 0 disables.",
-    ),
-    Setting(
-        "max_requests_jitter", _COUNT, 0, ("--max-requests-jitter",),
+    )
+    max_requests_jitter: int = setting(
+        _COUNT, 0, ("--max-requests-jitter",),
         "Random extra requests (0 to this) added to max_requests per worker, so workers are "
         "not all replaced at once.",
-    ),
-    Setting(
-        "max_worker_lifetime", _SECONDS, 0.0, ("--max-worker-lifetime",),
+    )
+    max_worker_lifetime: float = setting(
+        _SECONDS, 0.0, ("--max-worker-lifetime",),
         "Seconds after which a worker is replaced (its successor starts first); 0 disables.",
-    ),
-    Setting(
-        "max_worker_memory", _COUNT, 0, ("--max-worker-memory",),
+    )
+    max_worker_memory: int = setting(
+        _COUNT, 0, ("--max-worker-memory",),
         "MiB of memory a worker may use beyond what it shares with the master before it is "
         "replaced; 0 disables.",
-    ),
-    Setting(
-        "memory_check_interval", _POSITIVE_SECONDS, 10.0, ("--memory-check-interval",),
+    )
+    memory_check_interval: float = setting(
+        _POSITIVE_SECONDS, 10.0, ("--memory-check-interval",),
         "Seconds between the master's checks of max_worker_memory.",
-    ),
-    Setting(
-        "preload", Bool(), False, ("--preload",),
+    )
+    preload: bool = setting(
+        Bool(), False, ("--preload",),
         "Import the application in the master before forking: faster worker start and shared "
         "memory, but a reload (HUP) no longer picks up code changes.",
-    ),
-    Setting(
-        "chdir", Text(metavar="DIR"), "", ("--chdir",),
+    )
+    gc_freeze: bool = setting(
+        Bool(), True, ("--gc-freeze",),
+        "With preload: collect garbage, then gc.freeze() in the master right before forking, so "
+        "the workers' collections never write to (and unshare) the preloaded objects.",
+    )
+    refork_after: tuple[int, ...] = setting(
+        CountList(), (), ("--refork-after",),
+        "Request counts (e.g. 50,500) at which the first worker of a generation, warmed up, "
+        "becomes the template the other workers are forked from again, so caches the app built "
+        "lazily are shared. Empty turns it off.",
+    )
+    reload: bool = setting(
+        Bool(), False, ("--reload",),
+        "Development: start a new generation of workers when a source file the app imported "
+        "(or one matching reload_extra_files) changes. Not with preload.",
+    )
+    reload_extra_files: tuple[str, ...] = setting(
+        TextList(metavar="GLOB", allow_empty=True), (), ("--reload-extra-files",),
+        "More files to watch with reload (globs; ** recurses), such as templates.",
+    )
+    chdir: str = setting(
+        Text(metavar="DIR"), "", ("--chdir",),
         "Directory to change to before the application is imported; empty to stay.",
-    ),
-    Setting(
-        "pythonpath", Text(metavar="DIRS"), "", ("--pythonpath",),
+    )
+    pythonpath: str = setting(
+        Text(metavar="DIRS"), "", ("--pythonpath",),
         "Comma-separated directories put in front of sys.path before the application is "
         "imported.",
-    ),
-    Setting(
-        "pidfile", Text(metavar="FILE"), "", ("-p", "--pidfile"),
+    )
+    pidfile: str = setting(
+        Text(metavar="FILE"), "", ("-p", "--pidfile"),
         "File to write the master's PID to; empty for none.",
-    ),
-    Setting(
-        "user", Text(metavar="USER"), "", ("-u", "--user"),
+    )
+    user: str = setting(
+        Text(metavar="USER"), "", ("-u", "--user"),
         "User (name or uid) the workers switch to when started as root; empty to stay.",
-    ),
-    Setting(
-        "group", Text(metavar="GROUP"), "", ("-g", "--group"),
+    )
+    group: str = setting(
+        Text(metavar="GROUP"), "", ("-g", "--group"),
         "Group (name or gid) the workers switch to when started as root; empty for the user's.",
-    ),
-    Setting(
-        "umask", Umask(), None, ("--umask",),
+    )
+    umask: int | None = setting(
+        Umask(), None, ("--umask",),
         "File mode mask for the master and workers, in octal (022); unset keeps the inherited "
         "one.",
-    ),
-    Setting(
-        "proc_name", Text(metavar="NAME"), "forkserver", ("-n", "--proc-name"),
+    )
+    proc_name: str = setting(
+        Text(metavar="NAME"), "forkserver", ("-n", "--proc-name"),
         "Name shown in ps and top for the master and workers.",
-    ),
-    Setting(
-        "log_level", Choice(choices=("debug", "info", "warning", "error", "critical")),
+    )
+    log_level: str = setting(
+        Choice(choices=("debug", "info", "warning", "error", "critical")),
         "info", ("--log-level",),
         "Least severe error-log messages written; debug also shows tracebacks for "
         "configuration and import errors.",
-    ),
-    Setting(
-        "error_log", Text(metavar="FILE"), "-", ("--error-log",),
+    )
+    error_log: str = setting(
+        Text(metavar="FILE"), "-", ("--error-log",),
         "File for the error log; - is stderr. Reopened on USR1.",
-    ),
-    Setting(
-        "access_log", Text(metavar="FILE"), "", ("--access-log",),
+    )
+    error_log_format: str = setting(
+        Choice(choices=("text", "json"), metavar="FORMAT"), "text", ("--error-log-format",),
+        "Error log lines: text ([time] [pid] [LEVEL] message) or json (one object per line: "
+        "time, level, pid, message and the fields the message carries, such as worker_pid, "
+        "slot, generation, exit_code, signal and reason).",
+    )
+    access_log: str = setting(
+        Text(metavar="FILE"), "", ("--access-log",),
         "File for the access log, one line per request; - is stdout, empty turns it off. "
         "Reopened on USR1.",
-    ),
-    Setting(
-        "access_log_format", AccessLogFormat(), "combined", ("--access-log-format",),
+    )
+    access_log_format: str = setting(
+        AccessLogFormat(), "combined", ("--access-log-format",),
         "Access log lines: combined or common (as Apache), json (one object per line: time, "
         "remote, method, path, query, status, bytes, duration_ms, user_agent, referer, "
         "request_id), or a template such as \"{remote} {method} {path} {status} "
         "{duration_ms}\" (also target, version, time_local).",
-    ),
-    Setting(
-        "forwarded_allow_ips",
+    )
+    forwarded_allow_ips: tuple[str, ...] = setting(
         TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True),
         ("127.0.0.1", "::1", "unix"), ("--forwarded-allow-ips",),
         "Peers (IPs, CIDR networks, 'unix' for unix-socket peers, '*' for all) whose "
-        "X-Forwarded-For, X-Forwarded-Proto and Forwarded headers are believed for REMOTE_ADDR "
-        "and wsgi.url_scheme. Headers from anyone else are passed on untouched but never "
-        "trusted. An empty list trusts nobody.",
-    ),
-    Setting(
-        "metrics_bind", Address(), "", ("--metrics-bind",),
-        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus) and "
-        "/status (JSON); empty turns it off. Keep it private: it shows pids and requests.",
-    ),
-    Setting(
-        "on_starting", _HOOK_KIND, "", ("--on-starting",),
+        "forwarding headers (those named by forwarded_headers) are believed for REMOTE_ADDR, "
+        "wsgi.url_scheme and, when a host header is named, HTTP_HOST. Headers from anyone else "
+        "are passed on untouched but never trusted. An empty list trusts nobody.",
+    )
+    forwarded_headers: tuple[str, ...] = setting(
+        TextList(item=check_forwarded_header, metavar="HEADER", allow_empty=True),
+        ("X-Forwarded-For", "X-Forwarded-Proto"), ("--forwarded-headers",),
+        "The forwarding headers the trusted proxies set, and so the only ones read: any of "
+        "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239; read "
+        "instead of X-Forwarded-For when both are named). Name a header only if the proxy "
+        "sets or replaces it on every request, or clients can write it; see docs/proxies.md.",
+    )
+    metrics_bind: str = setting(
+        Address(), "", ("--metrics-bind",),
+        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus), "
+        "/status (JSON) and the probes /livez and /readyz; empty turns it off. /metrics and "
+        "/status answer only a Host naming the listener or loopback. Keep it private: it "
+        "shows pids and requests.",
+    )
+    metrics_token: str = setting(
+        Token(), "", ("--metrics-token",),
+        "Bearer token that /metrics and /status require (Authorization: Bearer TOKEN); empty "
+        "turns the check off. /livez and /readyz never ask for it. Give it in the config file "
+        "or the environment: ps shows the command line.",
+    )
+    status_show_query: bool = setting(
+        Bool(), False, ("--status-show-query",),
+        "Show the query strings of running requests in /status; off by default because query "
+        "strings often carry tokens.",
+    )
+    certfile: str = setting(
+        Text(metavar="FILE"), "", ("--certfile",),
+        "PEM certificate chain, server certificate first; setting it serves TLS on every "
+        "listener. Reloaded on HUP.",
+    )
+    keyfile: str = setting(
+        Text(metavar="FILE"), "", ("--keyfile",),
+        "Unencrypted PEM private key; empty if certfile holds the key too.",
+    )
+    ca_certs: str = setting(
+        Text(metavar="FILE"), "", ("--ca-certs",),
+        "PEM file of the CAs client certificates must chain to; needed unless cert_reqs is none.",
+    )
+    cert_reqs: str = setting(
+        Choice(choices=("none", "optional", "required"), metavar="MODE"), "none",
+        ("--cert-reqs",),
+        "Client certificates: none (not asked for), optional (checked if sent), required "
+        "(mutual TLS).",
+    )
+    ciphers: str = setting(
+        Text(metavar="LIST"), "", ("--ciphers",),
+        "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are fixed); empty keeps OpenSSL's.",
+    )
+    tls_min_version: str = setting(
+        TLSVersion(), "1.2", ("--tls-min-version",),
+        "Oldest TLS version accepted: 1.2 or 1.3.",
+    )
+    proxy_protocol: str = setting(
+        Choice(choices=("off", "v1", "v2", "auto"), metavar="MODE"), "off",
+        ("--proxy-protocol",),
+        "Read a PROXY protocol header (from HAProxy or a network load balancer) before each "
+        "connection's first byte: v1, v2, or auto for either. Every mode but off requires one.",
+    )
+    proxy_allow_ips: tuple[str, ...] = setting(
+        TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True), ("127.0.0.1", "::1"),
+        ("--proxy-allow-ips",),
+        "Peers (IPs, CIDR networks, 'unix', '*') allowed to send a PROXY header; connections "
+        "from anyone else are closed unread.",
+    )
+    on_starting: str = setting(
+        _HOOK_KIND, "", ("--on-starting",),
         "Hook f(settings) in the master before the first workers start.",
-    ),
-    Setting(
-        "when_ready", _HOOK_KIND, "", ("--when-ready",),
+    )
+    when_ready: str = setting(
+        _HOOK_KIND, "", ("--when-ready",),
         "Hook f(settings) in the master once the first workers are all ready.",
-    ),
-    Setting(
-        "pre_fork", _HOOK_KIND, "", ("--pre-fork",),
+    )
+    pre_fork: str = setting(
+        _HOOK_KIND, "", ("--pre-fork",),
         "Hook f(settings, index) in the master just before each worker is forked.",
-    ),
-    Setting(
-        "on_reload", _HOOK_KIND, "", ("--on-reload",),
+    )
+    on_reload: str = setting(
+        _HOOK_KIND, "", ("--on-reload",),
         "Hook f(settings) in the master after a reload (HUP) read new settings.",
-    ),
-    Setting(
-        "on_exit", _HOOK_KIND, "", ("--on-exit",),
+    )
+    on_exit: str = setting(
+        _HOOK_KIND, "", ("--on-exit",),
         "Hook f(settings) in the master as it exits.",
-    ),
-    Setting(
-        "post_fork", _HOOK_KIND, "", ("--post-fork",),
+    )
+    post_fork: str = setting(
+        _HOOK_KIND, "", ("--post-fork",),
         "Hook f(pid) in each worker right after the fork, before loading the app.",
-    ),
-    Setting(
-        "post_worker_init", _HOOK_KIND, "", ("--post-worker-init",),
+    )
+    post_worker_init: str = setting(
+        _HOOK_KIND, "", ("--post-worker-init",),
         "Hook f(pid) in each worker once the app is loaded.",
-    ),
-    Setting(
-        "worker_exit", _HOOK_KIND, "", ("--worker-exit",),
+    )
+    worker_exit: str = setting(
+        _HOOK_KIND, "", ("--worker-exit",),
         "Hook f(pid) in each worker as it exits.",
-    ),
-    Setting(
-        "pre_request", _HOOK_KIND, "", ("--pre-request",),
+    )
+    pre_request: str = setting(
+        _HOOK_KIND, "", ("--pre-request",),
         "Hook f(environ) in the worker before each request.",
-    ),
-    Setting(
-        "post_request", _HOOK_KIND, "", ("--post-request",),
+    )
+    post_request: str = setting(
+        _HOOK_KIND, "", ("--post-request",),
         "Hook f(environ, status_code) in the worker after each request.",
-    ),
-)
+    )
+    config_file: str | None = None
 
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, **f.metadata["setting"])
+    for f in dataclasses.fields(Settings) if "setting" in f.metadata
+)
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 _BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
 
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [(s.name, Any) for s in SETTINGS] + [("config_file", "str | None", None)],
-    frozen=True,
-)
-Settings.__module__ = __name__
-Settings.__doc__ = (
-    "The effective configuration: one attribute per row of SETTINGS, plus ``config_file`` "
-    "(the absolute path of the file that was read, or None). Frozen, so a reload builds a new one."
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -896,7 +1030,23 @@ def resolve(
     for setting in SETTINGS:
         if setting.name not in values:
             values[setting.name] = _default(setting, environ)
-    return Settings(**values, config_file=path)
+    settings = Settings(**values, config_file=path)
+    _check_together(settings)
+    return settings
+
+
+def _check_together(settings: Settings) -> None:
+    """Rules that join several settings. A TLS context is built once here and thrown away, so
+    bad certificate settings fail at startup, in --check-config and in a HUP reload (which then
+    keeps the old generation serving) with one line naming the setting."""
+    if settings.reload and settings.preload:
+        raise ConfigError("reload: cannot be combined with preload (the master would keep "
+                          "serving the code it imported)")
+    if tls.enabled(settings):
+        try:
+            tls.server_context(settings)
+        except tls.TLSConfigError as error:
+            raise ConfigError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------

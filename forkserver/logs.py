@@ -1,6 +1,9 @@
 """The error log (standard `logging`, logger "forkserver") and the access log (`AccessLog`).
 
-One line per event: "[2026-11-24 15:00:00 +0000] [<pid>] [INFO] message". The pid comes from
+One line per event: "[2026-11-24 15:00:00 +0000] [<pid>] [INFO] message", or with
+``error_log_format = "json"`` one JSON object per line: time, level, pid, proc, message, the
+structured fields the call passed (``extra={"worker_pid": pid, "slot": 3}``; see ``FIELDS``),
+and the traceback if any. The pid comes from
 logging's %(process)d, which is evaluated when a record is made, so workers that inherit the
 master's handler across fork still write their own pid. Each process that inherits a file
 handler holds its own descriptor on the same file (opened in append mode, so lines from
@@ -25,9 +28,13 @@ from collections.abc import Callable
 __all__ = [
     "ACCESS_LOG_FIELDS",
     "ACCESS_LOG_FORMATS",
+    "ERROR_LOG_FORMATS",
+    "FIELDS",
     "LOGGER_NAME",
     "AccessLog",
     "ErrorsStream",
+    "JsonFormatter",
+    "access_log_format",
     "check_template",
     "error_stream",
     "get_logger",
@@ -38,6 +45,10 @@ __all__ = [
 LOGGER_NAME = "forkserver"
 _FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S %z"
+ERROR_LOG_FORMATS = ("text", "json")
+# Structured fields a log call may pass with extra={...}; the json format writes each one given.
+# A call may also pass extra={"fields": {...}} for anything else worth a key of its own.
+FIELDS = ("worker_pid", "slot", "generation", "exit_code", "signal", "reason")
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -63,28 +74,73 @@ class _ProcFilter(logging.Filter):
         return True
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: every value goes through the JSON encoder with
+    ensure_ascii, so no message (or app text) can break the line or forge another record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname,
+            "pid": record.process,
+            "proc": getattr(record, "proc", ""),
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                data[name] = value
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            data.update({str(key): value for key, value in extra.items() if key not in data})
+        if record.exc_info:
+            data["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+def _iso_time(created: float) -> str:
+    """ISO 8601 local time with milliseconds and offset: 2026-11-24T15:00:00.123+00:00."""
+    t = time.localtime(created)
+    offset = t.tm_gmtoff
+    sign = "-" if offset < 0 else "+"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    millis = int((created - int(created)) * 1000)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{millis:03d}"
+            f"{sign}{hours:02d}:{minutes:02d}")
+
+
 def get_logger() -> logging.Logger:
     """The server's logger; configured by setup(), usable (stderr, WARNING+) before it."""
     return logging.getLogger(LOGGER_NAME)
 
 
-def setup(level: str = "info", error_log: str = "-", *, proc: str = "master") -> logging.Logger:
+def setup(level: str = "info", error_log: str = "-", *, proc: str = "master",
+          fmt: str = "text") -> logging.Logger:
     """Configure the error log, replacing whatever a previous call installed.
 
-    `error_log` is "-" for stderr or a file path, appended to and created if missing. An unknown
-    level is a ValueError naming it; a file that cannot be opened raises the OSError (which names
-    the path) before any existing handler is removed, so a bad reload keeps the old log working.
+    `error_log` is "-" for stderr or a file path, appended to and created if missing; `fmt` is
+    "text" or "json" (error_log_format). An unknown level or format is a ValueError naming it;
+    a file that cannot be opened raises the OSError (which names the path) before any existing
+    handler is removed, so a bad reload keeps the old log working.
     """
+    global _format
     numeric = _LEVELS.get(level.lower()) if isinstance(level, str) else None
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}: expected one of {', '.join(_LEVELS)}")
+    if fmt not in ERROR_LOG_FORMATS:
+        raise ValueError(f"unknown error log format {fmt!r}: expected one of "
+                         f"{', '.join(ERROR_LOG_FORMATS)}")
     handler: logging.Handler
     if error_log == "-":
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.FileHandler(error_log, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_FORMAT, _DATEFMT)
+    handler.setFormatter(formatter)
     handler.addFilter(_ProcFilter(proc))
+    _format = fmt
 
     logger = get_logger()
     for old in list(logger.handlers):
@@ -140,8 +196,7 @@ def error_stream():
 ACCESS_LOG_FORMATS = ("combined", "common", "json")
 # The names a custom template may use, with a value of each one's type. The "json" format writes
 # the first eleven; "target", "version" and "time_local" (Apache's timestamp, without brackets)
-# are for templates. config.py keeps a copy to check templates without importing this module;
-# tests/unit/test_access_log.py keeps the two equal.
+# are for templates. The settings check a format with access_log_format() below.
 ACCESS_LOG_FIELDS: dict[str, object] = {
     "time": "", "remote": "", "method": "", "path": "", "query": "", "status": 0, "bytes": 0,
     "duration_ms": 0.0, "user_agent": "", "referer": "", "request_id": "",
@@ -158,6 +213,9 @@ _ESCAPES[ord('"')] = '\\"'
 _ESCAPES[ord("\\")] = "\\\\"
 _PLAIN = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*").fullmatch
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+# The error log's format, as setup() last set it: ErrorsStream writes in it too.
+_format = "text"
 
 # Every AccessLog of this process, so that reopen() (USR1) finds them without being told.
 _access_logs: weakref.WeakSet[AccessLog] = weakref.WeakSet()
@@ -198,6 +256,16 @@ def check_template(template: str) -> None:
         template.format_map(ACCESS_LOG_FIELDS)
     except (ValueError, TypeError) as error:
         raise ValueError(f"access log format {template!r}: {error}") from None
+
+
+def access_log_format(text: str) -> str:
+    """The access_log_format setting's rule: a preset (any case, spaces around it allowed),
+    returned as its lower-case name, or a template that check_template accepts, returned as is."""
+    preset = text.strip().lower()
+    if preset in ACCESS_LOG_FORMATS:
+        return preset
+    check_template(text)
+    return text
 
 
 class AccessLog:
@@ -350,17 +418,50 @@ class AccessLog:
 
 class ErrorsStream:
     """``wsgi.errors``: a text stream that always writes to the current error log, so an app's
-    messages land beside the server's and follow it across a USR1 reopen."""
+    messages land beside the server's and follow it across a USR1 reopen.
+
+    With the json format each complete line the app writes becomes one JSON object (level
+    "ERROR", ``source`` "wsgi.errors"), so the log stays one object per line. A write that fails
+    (disk full) is dropped: the request must still get its answer.
+    """
+
+    def __init__(self) -> None:
+        self._partial = ""
 
     def write(self, text: str) -> int:
+        try:
+            if _format == "json":
+                self._write_json(text)
+            else:
+                stream = error_stream()
+                stream.write(text)
+                stream.flush()
+        except (OSError, ValueError):  # disk full, or a stream closed under us
+            pass
+        return len(text)
+
+    def _write_json(self, text: str) -> None:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if not lines:
+            return
         stream = error_stream()
-        written = stream.write(text)
+        for line in lines:
+            record = logging.LogRecord(LOGGER_NAME, logging.ERROR, "wsgi.errors", 0, line,
+                                       None, None)
+            record.proc = "worker"
+            record.fields = {"source": "wsgi.errors"}
+            stream.write(JsonFormatter().format(record) + "\n")
         stream.flush()
-        return written
 
     def writelines(self, lines) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        error_stream().flush()
+        if self._partial and _format == "json":
+            self.write("\n")
+        try:
+            error_stream().flush()
+        except (OSError, ValueError):
+            pass

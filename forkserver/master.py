@@ -1,118 +1,116 @@
 """The master: binds listeners, forks workers and supervises them. It never serves app traffic.
 
 The control plane is one loop in a fixed order (rule 3 of style.md): reap children, act on
-queued signals, read the scoreboard (readiness, timeouts, recycling), fix the worker count, then
-sleep until the nearest deadline or a signal. Signal handlers only record the signal;
-``set_wakeup_fd`` wakes the sleep (rule 2). Reloads and upgrades advance as states of that loop,
-never as sleeps: a new generation is started, and the old one is retired only once every new
-worker has marked itself ready in the scoreboard (rule 8).
+queued signals, apply the supervision policies to every worker (readiness, timeouts, recycling,
+escalation), move a reload or upgrade along, fix the worker count, then sleep until the nearest
+deadline any of those returned, or until a signal. There is no fixed tick. Signal handlers only
+record the signal; ``set_wakeup_fd`` wakes the sleep (rule 2).
+
+The seams: `pool` keeps one record per worker and carries out spawn, retire, abort and kill;
+`supervision` decides, as pure functions, what is due and when to look again; `generations` is
+the HUP/USR2 state machine. This module holds the loop, the signal table, stopping and cleanup.
 """
 
 from __future__ import annotations
 
-import functools
+import enum
 import os
-import random
 import select
 import signal
 import socket
-import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-from forkserver import loader, logs, metrics, sockets, systemd, worker
+from forkserver import generations, loader, logs, metrics, sockets, supervision, systemd
+from forkserver.generations import Generations, load_hooks
+from forkserver.pool import Blueprint, Phase, Pool, WorkerRecord, call_hook
 from forkserver.scoreboard import Reason, Scoreboard, State
+from forkserver.supervision import NEVER, Act, Action, BootOutcome
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-                   signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-KILL_GRACE = 5.0          # after SIGABRT, SIGKILL follows this much later
-QUICK_STOP_GRACE = 2.0
-MAX_BOOT_BACKOFF = 30.0
-RECYCLE_SPACING = 1.0     # at most one worker recycled per second
-BOOT_POLL = 0.05          # how often to look for a booting worker's readiness
+QUICK_STOP_GRACE = 2.0    # after SIGQUIT on a quick stop, SIGKILL follows this much later
 STATUS_INTERVAL = 5.0     # how often systemd's STATUS= line is refreshed
-TICK = 1.0                # the longest the master sleeps without looking at the scoreboard
-
-# Environment handed across a USR2 re-exec (the listeners keep their descriptor numbers).
-ENV_INHERIT_FDS = "FORKSERVER_INHERIT_FDS"
-ENV_OLD_WORKERS = "FORKSERVER_OLD_WORKERS"
-
-MASTER_HOOKS = ("on_starting", "when_ready", "pre_fork", "on_reload", "on_exit")
-WORKER_HOOKS = ("post_fork", "post_worker_init", "worker_exit", "pre_request", "post_request")
+METRICS_POLL = metrics.CONNECTION_TTL / 4  # while a scrape is open, so its TTL is enforced
 
 
-@dataclass
-class WorkerInfo:
-    pid: int
-    index: int                       # scoreboard slot; -1 for workers of a previous image
-    generation: int
-    started: float
-    retiring: Reason = Reason.NONE   # why TERM was sent, if it was
-    recycle: Reason = Reason.NONE    # asked to be replaced; TERM follows once a new one is ready
-    kill_at: float = 0.0             # when to SIGKILL, 0 = not scheduled
-    aborted: bool = False
-    ready: bool = False
-    sigkill_sent: bool = False
+class StopMode(enum.Enum):
+    RUNNING = "running"
+    GRACEFUL = "graceful"    # TERM: stop listening, workers drain up to graceful_timeout
+    QUICK = "quick"          # INT, QUIT: workers quit at once
 
 
-@dataclass
-class Transition:
-    """A reload or upgrade in progress: what to go back to if the new generation fails."""
+# Where each mode may go (an unlisted move raises), and what /readyz would say meanwhile. A
+# shutdown delay fits in as RUNNING -> DELAYING -> GRACEFUL (DELAYING -> QUICK), "shutting down".
+STOP_MOVES: dict[StopMode, frozenset[StopMode]] = {
+    StopMode.RUNNING: frozenset({StopMode.GRACEFUL, StopMode.QUICK}),
+    StopMode.GRACEFUL: frozenset({StopMode.QUICK}),
+    StopMode.QUICK: frozenset(),
+}
+STOP_READINESS: dict[StopMode, str | None] = {
+    StopMode.RUNNING: None,
+    StopMode.GRACEFUL: "draining",
+    StopMode.QUICK: "shutting down",
+}
 
-    kind: str                        # "reload" or "upgrade"
-    old_generation: int
-    old_settings: Any
-    old_target: int
-    old_hooks: dict[str, Callable]
-    started: float = field(default_factory=time.monotonic)
+# The signal table: signal -> (handler method, acted on while stopping). CHLD only wakes the
+# loop, which reaps on every pass; its handler must exist, or it would write nothing.
+SIGNALS: dict[int, tuple[str, bool]] = {
+    signal.SIGTERM: ("_on_term", True),
+    signal.SIGINT: ("_on_quick", True),
+    signal.SIGQUIT: ("_on_quick", True),
+    signal.SIGHUP: ("_on_hup", False),
+    signal.SIGUSR1: ("_on_usr1", False),
+    signal.SIGUSR2: ("_on_usr2", False),
+    signal.SIGTTIN: ("_on_ttin", False),
+    signal.SIGTTOU: ("_on_ttou", False),
+    signal.SIGCHLD: ("", True),
+}
+HANDLED_SIGNALS = tuple(SIGNALS)
 
 
 class Master:
     def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
-        self.settings = settings
-        self.reload = reload
         self.log = logs.get_logger()
         self.pid = os.getpid()
-        self.workers: dict[int, WorkerInfo] = {}
-        self.helpers: dict[int, Callable[[int], None]] = {}   # subprocesses: pid -> on_exit
         self.pending_signals: deque[int] = deque()
-        self.generation = 1
-        self.last_generation = 1           # generation numbers never repeat, even after rollback
-        self.target = settings.workers
         self.listeners: list[socket.socket] = []
         self.bind_specs: list[sockets.BindSpec] = []
         self.scoreboard: Scoreboard | None = None
+        self.pool: Pool | None = None
+        self.outputs = Outputs()
+        self.generations = Generations(settings, reload, self._config_changed)
         self.app: Callable | None = None
-        self.hooks: dict[str, Callable] = {}
-        self.transition: Transition | None = None
-        self.upgrade_check_pid = 0
-        self.stopping: str = ""            # "", "graceful" or "quick"
-        self.stop_deadline = 0.0
+        self.stop_mode = StopMode.RUNNING
         self.exit_code = 0
-        self.ever_ready = False
-        self.boot_failures = 0
-        self.next_spawn = 0.0
-        self.last_recycle = 0.0
+        self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
         self.wake_r = self.wake_w = -1
-        self.announced_generation = 0      # the last generation logged as fully ready
-        self.watchdog = systemd.watchdog_interval(os.environ, self.pid)
-        self.next_watchdog = 0.0
-        self.next_status = 0.0
-        self.totals = metrics.Totals()     # counters of exited workers, so none is ever lost
-        self.restarts: dict[str, int] = {}
-        self.reloads = 0
         self.started = time.monotonic()
-        self.metrics_server: metrics.MetricsServer | None = None
-        self.metrics_listener: tuple[socket.socket, sockets.BindSpec] | None = None
-        self.access_log: logs.AccessLog | None = None
-        self.access_log_config: tuple[str, str] = ("", "")
+
+    @property
+    def settings(self) -> Any:
+        """The current generation's settings."""
+        return self.generations.settings
+
+    @property
+    def hooks(self) -> dict[str, Callable]:
+        return self.generations.hooks
+
+    @property
+    def running(self) -> bool:
+        return self.stop_mode is StopMode.RUNNING
+
+    @property
+    def readiness(self) -> str | None:
+        """None when some worker takes connections; else "booting", "draining", "shutting
+        down" or "no workers" (what /readyz answers)."""
+        reason = STOP_READINESS[self.stop_mode]
+        if reason is not None:
+            return reason
+        return self.pool.readiness() if self.pool is not None else "booting"
 
     # -- startup ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -120,154 +118,65 @@ class Master:
         self.log = logs.setup(settings.log_level, settings.error_log, proc="master")
         if settings.umask is not None:
             os.umask(settings.umask)
-        try:
-            self.hooks = self._load_hooks(settings)
-            self._open_listeners()
-        except (sockets.BindError, ValueError, loader.LoadError) as error:
-            self.log.error("%s", error)
+        if not self._open():
             return 1
-        if settings.preload:
-            try:
-                self.app = loader.load_app(settings.app)
-            except loader.LoadError as error:
-                self.log.error("%s", error)
-                sockets.cleanup(self.listeners, self.bind_specs)
-                return 1
-        try:
-            self._open_observability()
-        except (sockets.BindError, ValueError, OSError) as error:
-            self.log.error("%s", error)
-            sockets.cleanup(self.listeners, self.bind_specs)
-            return 1
-        self._write_pidfile()
-        self.scoreboard = Scoreboard(max(2, 2 * self.target))
+        _write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
+        self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
         self._install_signals()
+        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS, self._in_child)
         self._adopt_old_workers()
-        self._set_title()
+        import setproctitle
+        setproctitle.setproctitle(f"{settings.proc_name}: master [{settings.app}]")
         self.log.info("forkserver master %d starting, app %s, %d workers",
-                      self.pid, settings.app, self.target)
-        self._run_hook("on_starting", settings)
+                      self.pid, settings.app, settings.workers)
+        call_hook(self.hooks, "on_starting", settings)
         try:
             self._loop()
         finally:
             self._cleanup()
-            self._run_hook("on_exit", self.settings)
+            call_hook(self.hooks, "on_exit", self.settings)
         self.log.info("forkserver master %d exiting (%d)", self.pid, self.exit_code)
         return self.exit_code
 
-    def _load_hooks(self, settings: Any) -> dict[str, Callable]:
-        hooks = {}
-        for name in MASTER_HOOKS + WORKER_HOOKS:
-            spec = getattr(settings, name, "")
-            if spec:
-                try:
-                    hooks[name] = loader.load_hook(spec)
-                except loader.LoadError as error:
-                    raise loader.LoadError(f"hook {name}: {error}") from None
-        return hooks
-
-    def _run_hook(self, name: str, *args: Any) -> None:
-        hook = self.hooks.get(name)
-        if hook is not None:
-            try:
-                hook(*args)
-            except Exception:  # a hook must not take the master down
-                self.log.exception("hook %s failed", name)
-
-    def _open_listeners(self) -> None:
+    def _open(self) -> bool:
+        """Hooks, listeners, the preloaded app, metrics and access log; False (logged) if one
+        cannot be had."""
         settings = self.settings
-        self.bind_specs = [sockets.parse_bind(spec) for spec in settings.bind]
-        inherited_fds = os.environ.pop(ENV_INHERIT_FDS, "")
-        systemd_socks = sockets.inherited_sockets(os.environ, self.pid)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
-        if inherited_fds:
-            self.listeners = [sockets.adopt(int(fd), "upgrade") for fd in inherited_fds.split(",")]
-        elif systemd_socks:
-            self.log.info("using %d socket(s) passed by systemd; ignoring bind", len(systemd_socks))
-            self.listeners = systemd_socks
-            self.bind_specs = []
-        else:
-            try:
-                for spec in self.bind_specs:
-                    self.listeners.append(sockets.bind(spec, settings.backlog, settings.reuse_port))
-            except (sockets.BindError, ValueError):
-                sockets.cleanup(self.listeners, self.bind_specs)
-                raise
-        for sock in self.listeners:
-            self.log.info("Listening at: %s (%d)", sockets.describe(sock), self.pid)
+        try:
+            self.generations.hooks = load_hooks(settings)
+            self.listeners, self.bind_specs = _open_listeners(settings, self.pid, self.log)
+        except (sockets.BindError, ValueError, loader.LoadError) as error:
+            self.log.error("%s", error)
+            return False
+        try:
+            if settings.preload:
+                self.app = loader.load_app(settings.app)
+            self.outputs.open(settings, self._snapshot)
+        except (loader.LoadError, sockets.BindError, ValueError, OSError) as error:
+            self.log.error("%s", error)
+            sockets.cleanup(self.listeners, self.bind_specs)
+            return False
+        return True
 
     def _adopt_old_workers(self) -> None:
         """After a USR2 re-exec, the previous image's workers are still our children."""
-        pids = os.environ.pop(ENV_OLD_WORKERS, "")
-        if not pids:
-            return
-        now = time.monotonic()
-        for pid in map(int, pids.split(",")):
-            self.workers[pid] = WorkerInfo(pid=pid, index=-1, generation=0, started=now,
-                                           ready=True)
-        self.ever_ready = True
-        self.transition = Transition("upgrade", 0, self.settings, self.target, self.hooks)
-        self.log.info("upgraded in place: %d old workers drain once the new ones are ready",
-                      len(self.workers))
+        pids = generations.take_old_workers(os.environ)
+        if pids:
+            self.generations.adopt(self.pool, pids, time.monotonic())
 
-    def _open_observability(self) -> None:
-        """The metrics listener (served from this loop, never by workers) and the access log,
-        opened here so every worker inherits the same file."""
-        settings = self.settings
-        if settings.metrics_bind:
-            spec = sockets.parse_bind(settings.metrics_bind)
-            sock = sockets.bind(spec, 64)
-            self.metrics_listener = (sock, spec)
-            self.metrics_server = metrics.MetricsServer(sock, self._snapshot)
-            self.log.info("Metrics at: %s", sockets.describe(sock))
-        self._set_access_log(settings)
-
-    def _set_access_log(self, settings: Any) -> None:
-        """Open the access log the settings ask for (at start, and when a reload changes it).
-        Workers already forked keep the file they inherited; the master's copy can go."""
-        old = self.access_log
-        wanted = (settings.access_log, settings.access_log_format)
-        if old is not None and wanted == self.access_log_config:
-            return
-        self.access_log = (logs.AccessLog(settings.access_log, settings.access_log_format)
-                           if settings.access_log else None)
-        self.access_log_config = wanted
-        if old is not None:
-            old.close()
+    def _config_changed(self, settings: Any) -> None:
+        """A reload (or its rollback) changed the settings: follow their logs."""
+        try:
+            logs.setup(settings.log_level, settings.error_log, proc="master")
+            self.outputs.set_access_log(settings)
+        except (OSError, ValueError) as error:
+            self.log.error("reload: %s; keeping the old log", error)
 
     def _snapshot(self) -> metrics.Snapshot:
-        workers = [(pid, info.index, info.generation) for pid, info in self.workers.items()]
-        return metrics.collect(self.scoreboard, workers, self.totals, self.restarts,
-                               self.reloads, self.started, self.listeners)
-
-    def _write_pidfile(self) -> None:
-        path = self.settings.pidfile
-        if not path:
-            return
-        _write_atomically(path, f"{self.pid}\n", self.pid)
-        if self.metrics_listener is not None:
-            # `forkserver status --pidfile` finds the metrics listener here (its real port,
-            # even when metrics_bind asked for port 0).
-            address = sockets.describe(self.metrics_listener[0]).removeprefix("http://")
-            _write_atomically(path + ".metrics", address + "\n", self.pid)
-
-    def _remove_pidfile(self) -> None:
-        path = self.settings.pidfile
-        if not path:
-            return
-        try:
-            with open(path) as handle:
-                if handle.read().strip() == str(self.pid):
-                    os.unlink(path)
-                    if self.metrics_listener is not None:
-                        os.unlink(path + ".metrics")
-        except OSError:
-            pass
-
-    def _set_title(self) -> None:
-        import setproctitle
-        setproctitle.setproctitle(f"{self.settings.proc_name}: master [{self.settings.app}]")
+        records = self.pool.records
+        workers = [(pid, record.index, record.generation) for pid, record in records.items()]
+        return metrics.collect(self.scoreboard, workers, self.pool.totals, self.pool.restarts,
+                               self.generations.reloads, self.started, self.listeners)
 
     def _install_signals(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -281,83 +190,104 @@ class Master:
         # NO logging, no work: the loop acts on it (a handler can interrupt anything).
         self.pending_signals.append(signum)
 
+    def _in_child(self) -> None:
+        """In a new worker, signals still blocked: undo the master's signal plumbing."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        planned = NEVER
         while True:
+            if supervision.overslept(planned, time.monotonic()):
+                self.quiet_until = supervision.quiet_period(time.monotonic())
             self._reap()
             self._handle_signals()
             now = time.monotonic()
-            self._read_scoreboard(now)
-            if self.stopping:
-                if not self.workers:
-                    return
-                if now >= self.stop_deadline:
-                    for info in self.workers.values():
-                        if not info.sigkill_sent:
-                            self.log.warning("worker %d still running at the deadline; killing",
-                                             info.pid)
-                            info.sigkill_sent = True
-                            self._signal(info.pid, signal.SIGKILL)
-                    self.stop_deadline = now + TICK
-            else:
-                self._advance_transition()
-                self._recycle(now)
-                self._maintain(now)
-            self._tell_systemd(now)
-            self._sleep(self._next_wakeup(now))
+            wake_at = self._supervise(now)
+            if self.running:
+                self.generations.advance(self.pool)
+                self.pool.retire_recycled(self.generations.current)
+                wake_at = min(wake_at, self.pool.maintain(self._blueprint(), now))
+            elif not self.pool:
+                return
+            status_due = self.generations.ever_ready and self.running
+            planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
+            self._sleep(planned)
 
-    def _tell_systemd(self, now: float) -> None:
-        """Watchdog pings at half of WATCHDOG_USEC, and a STATUS line every few seconds."""
-        if self.watchdog and now >= self.next_watchdog:
-            systemd.notify("WATCHDOG=1")
-            self.next_watchdog = now + self.watchdog
-        if now >= self.next_status and self.ever_ready and not self.stopping:
-            self.next_status = now + STATUS_INTERVAL
-            views = [self.scoreboard.read(info.index) for info in self.workers.values()
-                     if info.index >= 0]
-            busy = sum(1 for view in views if view.state == State.BUSY)
-            served = self.totals.requests + sum(view.requests for view in views)
-            systemd.notify(f"STATUS={len(self.workers)} workers ({busy} busy), "
-                           f"{served} requests served")
+    def _blueprint(self) -> Blueprint:
+        return Blueprint(self.settings, self.generations.current, self.listeners, self.app,
+                         self.hooks, self.outputs.access_log, self.pid)
 
-    def _sleep(self, seconds: float) -> None:
+    def _supervise(self, now: float) -> float:
+        """Apply the policies to every worker; returns when the next one is due."""
+        settings = self.settings
+        wake_at = NEVER
+        sample = False
+        if settings.max_worker_memory and self.running:
+            sample = now >= self.next_memory_check
+            if sample:
+                self.next_memory_check = now + settings.memory_check_interval
+            wake_at = self.next_memory_check
+        for record in list(self.pool.records.values()):
+            slot = self.scoreboard.read(record.index) if record.index >= 0 else None
+            memory = _own_memory(record.pid) if sample and record.phase is Phase.READY else None
+            verdict = supervision.supervise(record, slot, settings, now, own_memory=memory,
+                                            quiet_until=self.quiet_until)
+            wake_at = min(wake_at, verdict.wake_at)
+            for action in verdict.actions:
+                wake_at = min(wake_at, self._carry_out(record, action, now))
+        return wake_at
+
+    def _carry_out(self, record: WorkerRecord, action: Action, now: float) -> float:
+        """One action of a verdict; returns when to look at the worker again. A worker whose
+        phase changed is looked at again at once: the rules of its new phase (the timeouts of
+        a worker just ready) were not part of the verdict that moved it."""
+        if action.act is Act.READY:
+            self.pool.mark_ready(record, now)
+            self.generations.worker_ready(self.pool)
+            return now
+        if action.act is Act.ABORT:
+            self.log.error("worker %d %s; aborting", record.pid, action.why)
+            self.pool.abort(record, action.reason, now + supervision.KILL_GRACE)
+            return record.kill_at
+        if action.act is Act.KILL:
+            self.log.error("worker %d %s; sending SIGKILL", record.pid, action.why)
+            self.pool.kill(record, action.reason)  # only its reap is left: SIGCHLD wakes us
+            return NEVER
+        if not self.running:  # Act.RECYCLE: pointless while stopping
+            return NEVER
+        retry_at = supervision.recycle_paced(action.reason, self.pool.last_recycle, now)
+        if retry_at:
+            return retry_at
+        if action.reason in (Reason.LIFETIME, Reason.MEMORY):
+            self.log.info("worker %d %s", record.pid, action.why)
+        self.pool.mark_recycle(record, action.reason, now)
+        return now
+
+    def _sleep(self, wake_at: float) -> None:
+        """Wait for a signal, a scrape, or ``wake_at`` (NEVER: no deadline at all)."""
         if self.pending_signals:
             return
-        server = self.metrics_server
-        readers = [self.wake_r, *server.fds()] if server else [self.wake_r]
-        writers = server.write_fds() if server else []
+        readers, writers = self.outputs.fds()
+        timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
+        if self.outputs.scraped():
+            # A scrape connection is open: its time limit lives in the metrics server.
+            timeout = METRICS_POLL if timeout is None else min(timeout, METRICS_POLL)
         try:
-            ready, writable, _ = select.select(readers, writers, [], max(0.0, seconds))
+            ready, writable, _ = select.select([self.wake_r, *readers], writers, [], timeout)
         except InterruptedError:
             return
-        if server is not None:
-            for fd in ready:
-                if fd != self.wake_r:
-                    server.on_readable(fd)
-            for fd in writable:
-                server.on_writable(fd)
-            server.expire(time.monotonic())
+        self.outputs.serve(ready, writable)
         if self.wake_r in ready:
             try:
                 while os.read(self.wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
-
-    def _next_wakeup(self, now: float) -> float:
-        wake = now + TICK
-        for info in self.workers.values():
-            if info.kill_at:
-                wake = min(wake, info.kill_at)
-            if not info.ready:
-                wake = min(wake, now + BOOT_POLL)  # notice readiness promptly
-        if self.stopping:
-            wake = min(wake, self.stop_deadline)
-        elif self.next_spawn > now:
-            wake = min(wake, self.next_spawn)
-        if self.watchdog:
-            wake = min(wake, self.next_watchdog)
-        return max(0.0, wake - now)
 
     # -- children ---------------------------------------------------------------------------
     def _reap(self) -> None:
@@ -368,397 +298,81 @@ class Master:
                 return
             if pid == 0:
                 return
-            helper = self.helpers.pop(pid, None)
-            if helper is not None:
-                helper(status)
+            check = self.generations.check
+            if check is not None and pid == check.pid:
+                self._upgrade_checked(status)
                 continue
-            info = self.workers.pop(pid, None)
-            if info is not None:
-                self._worker_exited(info, status)
+            exit_ = self.pool.reaped(pid, status)
+            if exit_ is not None and exit_.boot_failed:
+                self._boot_failed(exit_.record)
 
-    def _worker_exited(self, info: WorkerInfo, status: int) -> None:
-        requests = 0
-        if info.index >= 0:
-            view = self.scoreboard.read(info.index)
-            requests = view.requests
-            self.totals.fold(view)
-            self.scoreboard.release(info.index)
-        if os.WIFSIGNALED(status):
-            signum = os.WTERMSIG(status)
-            how = f"killed by {signal.Signals(signum).name}"
-            if signum == signal.SIGKILL and not (info.kill_at or info.sigkill_sent):
-                how += " (not sent by the master: out of memory?)"
-                info.retiring = Reason.OOM
-        else:
-            code = os.WEXITSTATUS(status)
-            how = f"exited with code {code}"
-            if code == worker.EXIT_BOOT_ERROR and not info.ready:
-                self._boot_failed(info)
-                return
-        expected = (info.retiring not in (Reason.NONE, Reason.OOM) or self.stopping) \
-            and not info.aborted
-        reason = info.retiring.name.lower() if info.retiring != Reason.NONE else "crash"
-        self.restarts[reason] = self.restarts.get(reason, 0) + 1
-        if expected:
-            self.log.info("worker %d %s (%s, %d requests)", info.pid, how, reason, requests)
-        else:
-            self.log.error("worker %d %s after %d requests (%s)", info.pid, how, requests,
-                           "timeout" if info.aborted else reason)
-
-    def _boot_failed(self, info: WorkerInfo) -> None:
-        if self.stopping or info.generation != self.generation:
-            self.log.info("worker %d of abandoned generation %d exited", info.pid, info.generation)
+    def _boot_failed(self, record: WorkerRecord) -> None:
+        pool = self.pool
+        outcome, delay = supervision.after_boot_failure(
+            pool.boot_failures + 1, current=record.generation == self.generations.current,
+            stopping=not self.running, reloading=self.generations.reloading,
+            ever_ready=self.generations.ever_ready)
+        if outcome is BootOutcome.IGNORE:
+            self.log.info("worker %d of abandoned generation %d exited", record.pid,
+                          record.generation)
             return
-        self.boot_failures += 1
-        transition = self.transition
-        if transition is not None and info.generation == self.generation \
-                and transition.kind == "reload":
-            self._abandon_reload("a new worker failed to boot")
-            return
-        if not self.ever_ready:
+        pool.boot_failures += 1
+        if outcome is BootOutcome.ABANDON:
+            self.generations.abandon(pool, "a new worker failed to boot")
+        elif outcome is BootOutcome.HALT:
             self.log.error("worker %d failed to boot in the first generation; shutting down",
-                           info.pid)
+                           record.pid)
             self.exit_code = 1
-            self._begin_stop("quick")
-            return
-        delay = min(MAX_BOOT_BACKOFF, 2.0 ** min(self.boot_failures, 5))
-        self.next_spawn = time.monotonic() + delay
-        self.log.error("worker %d failed to boot; next try in %.0fs", info.pid, delay)
-
-    def _serving(self) -> list[WorkerInfo]:
-        """Workers of the current generation that are not on their way out."""
-        return [info for info in self.workers.values()
-                if info.generation == self.generation and info.retiring == Reason.NONE
-                and info.recycle == Reason.NONE]
-
-    def _maintain(self, now: float) -> None:
-        serving = self._serving()
-        missing = self.target - len(serving)
-        while missing > 0 and now >= self.next_spawn:
-            if not self._spawn():
-                break
-            missing -= 1
-        if missing < 0:
-            # Retire the youngest extras first (the oldest are warm).
-            for info in sorted(serving, key=lambda i: i.started, reverse=True)[:-missing]:
-                self._retire(info, Reason.SCALE)
-
-    def _retire(self, info: WorkerInfo, reason: Reason) -> None:
-        if info.retiring == Reason.NONE:
-            info.retiring = reason
-        self._signal(info.pid, signal.SIGTERM)
-
-    def _worker_spec(self, index: int) -> worker.WorkerSpec:
-        settings = self.settings
-        app = self.app
-        load_app: Callable[[], Callable]
-        if app is not None:
-            load_app = lambda: app  # preloaded in the master
+            self._begin_stop(StopMode.QUICK)
         else:
-            load_app = functools.partial(loader.load_app, settings.app)
-        jitter = settings.max_requests_jitter
-        return worker.WorkerSpec(
-            settings=settings, index=index, generation=self.generation,
-            listeners=self.listeners, load_app=load_app, scoreboard=self.scoreboard,
-            master_pid=self.pid, title=f"{settings.proc_name}: worker {index} [{settings.app}]",
-            max_requests=(settings.max_requests + random.randint(0, jitter)
-                          if settings.max_requests else 0),
-            hooks={name: hook for name, hook in self.hooks.items() if name in WORKER_HOOKS},
-            access_log=self.access_log,
-        )
+            pool.next_spawn = time.monotonic() + delay
+            self.log.error("worker %d failed to boot; next try in %.0fs", record.pid, delay)
 
-    def _spawn(self) -> bool:
-        index = self.scoreboard.free_index()
-        if index is None:
-            return False
-        spec = self._worker_spec(index)
-        self._run_hook("pre_fork", self.settings, index)
-        self.scoreboard.claim(index, 0, self.generation)
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as error:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            self.scoreboard.release(index)
-            self.log.error("cannot fork a worker: %s", error)
-            self.next_spawn = time.monotonic() + 1.0
-            return False
-        if pid == 0:
-            self._become_worker(spec)  # never returns
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        self.workers[pid] = WorkerInfo(pid=pid, index=index, generation=self.generation,
-                                       started=time.monotonic())
-        self.log.info("booting worker %d (slot %d, generation %d)", pid, index, self.generation)
-        return True
+    # -- reload (HUP) and upgrade (USR2): see generations -----------------------------------
+    def _on_hup(self) -> None:
+        self.generations.begin(self.pool)
 
-    def _become_worker(self, spec: worker.WorkerSpec) -> None:
-        # Still with signals blocked: undo the master's signal plumbing before anything can
-        # arrive, or a signal meant for this worker would land in the master's wakeup pipe.
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        worker.run(spec)
+    def _on_usr2(self) -> None:
+        self.generations.start_check()
 
-    def _signal(self, pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def _kill_all(self, signum: int) -> None:
-        for pid in list(self.workers):
-            self._signal(pid, signum)
-
-    # -- scoreboard: readiness, timeouts, recycling -----------------------------------------
-    def _read_scoreboard(self, now: float) -> None:
-        timeout = self.settings.timeout
-        boot_timeout = self.settings.boot_timeout
-        for info in list(self.workers.values()):
-            if info.kill_at and now >= info.kill_at and not info.sigkill_sent:
-                self.log.error("worker %d did not exit; sending SIGKILL", info.pid)
-                info.sigkill_sent = True
-                self._signal(info.pid, signal.SIGKILL)
-                continue
-            if info.index < 0:
-                continue  # a previous image's worker: its slot lives in the old scoreboard
-            view = self.scoreboard.read(info.index)
-            if not info.ready:
-                if view.state in (State.IDLE, State.BUSY, State.KEEPALIVE):
-                    self._worker_ready(info)
-                elif (boot_timeout and not info.aborted and view.state == State.BOOTING
-                      and now - info.started > boot_timeout):
-                    self.log.error("worker %d did not boot within %gs; killing", info.pid,
-                                   boot_timeout)
-                    info.aborted = True
-                    info.sigkill_sent = True
-                    self._signal(info.pid, signal.SIGKILL)
-                continue
-            if view.reason != Reason.NONE and info.recycle == Reason.NONE \
-                    and view.state != State.EXITING and info.retiring == Reason.NONE:
-                info.recycle = Reason(view.reason)   # the worker asked to be replaced
-            if (timeout and not info.aborted and view.state == State.BUSY
-                    and view.request_start and now - view.request_start > timeout):
-                self.log.error("worker %d timed out after %.1fs serving %r; aborting",
-                               info.pid, now - view.request_start, view.request_line)
-                info.aborted = True
-                info.retiring = Reason.TIMEOUT
-                info.kill_at = now + KILL_GRACE
-                self._signal(info.pid, signal.SIGABRT)
-
-    def _worker_ready(self, info: WorkerInfo) -> None:
-        info.ready = True
-        self.boot_failures = 0
-        self.ever_ready = True
-        serving = self._serving()
-        if (self.announced_generation != self.generation and len(serving) >= self.target
-                and all(other.ready for other in serving)):
-            self.announced_generation = self.generation
-            self.log.info("%d workers ready (generation %d)", len(serving), self.generation)
-            if self.generation == 1 and self.transition is None:
-                self._run_hook("when_ready", self.settings)
-                systemd.notify("READY=1\nSTATUS=serving")
-
-    def _recycle(self, now: float) -> None:
-        """Replace workers past their request, memory or lifetime limit, one a second: the
-        replacement is started first, and TERM goes out once it is ready."""
-        settings = self.settings
-        serving = self._serving()
-        if settings.max_worker_lifetime:
-            for info in serving:
-                if now - info.started > settings.max_worker_lifetime:
-                    self._mark_recycle(info, Reason.LIFETIME, now)
-        if settings.max_worker_memory and now >= self.next_memory_check:
-            self.next_memory_check = now + settings.memory_check_interval
-            limit = settings.max_worker_memory * 1024 * 1024
-            for info in serving:
-                own = _own_memory(info.pid)
-                if own > limit:
-                    self.log.info("worker %d uses %.1f MiB of its own memory (limit %d MiB)",
-                                  info.pid, own / 1048576, settings.max_worker_memory)
-                    self._mark_recycle(info, Reason.MEMORY, now)
-        pending = [info for info in self.workers.values()
-                   if info.recycle != Reason.NONE and info.retiring == Reason.NONE]
-        if not pending:
-            return
-        ready = [info for info in self._serving() if info.ready]
-        if len(ready) >= self.target:
-            for info in pending:
-                self.log.info("recycling worker %d (%s)", info.pid, info.recycle.name.lower())
-                self._retire(info, info.recycle)
-
-    def _mark_recycle(self, info: WorkerInfo, reason: Reason, now: float) -> None:
-        if info.recycle == Reason.NONE and now - self.last_recycle >= RECYCLE_SPACING:
-            self.last_recycle = now
-            info.recycle = reason
-
-    # -- reload (HUP) and upgrade (USR2) --------------------------------------------------------
-    def _on_sighup(self) -> None:
-        if self.transition is not None:
-            self.log.warning("HUP ignored: a %s is already in progress", self.transition.kind)
-            return
-        old_settings, old_hooks = self.settings, self.hooks
-        if self.reload is not None:
-            try:
-                new_settings = self.reload()
-                new_hooks = self._load_hooks(new_settings)
-            except Exception as error:  # noqa: BLE001 - a bad config must not stop the server
-                self.log.error("reload failed, keeping the running configuration: %s", error)
-                return
-            if list(new_settings.bind) != list(old_settings.bind):
-                self.log.warning("bind changed in the configuration; listeners change only on "
-                                 "restart or USR2")
-            try:
-                logs.setup(new_settings.log_level, new_settings.error_log, proc="master")
-                self._set_access_log(new_settings)
-            except (OSError, ValueError) as error:
-                self.log.error("reload: %s; keeping the old log", error)
-            self.settings, self.hooks = new_settings, new_hooks
-        self.reloads += 1
-        self.transition = Transition("reload", self.generation, old_settings, self.target,
-                                     old_hooks)
-        self.last_generation += 1
-        self.generation = self.last_generation
-        self.target = self.settings.workers
-        self.boot_failures = 0
-        self.next_spawn = 0.0
-        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        self.log.info("HUP: reloading, starting generation %d", self.generation)
-        self._run_hook("on_reload", self.settings)
-
-    def _advance_transition(self) -> None:
-        transition = self.transition
-        if transition is None:
-            return
-        serving = self._serving()
-        if len(serving) < self.target or not all(info.ready for info in serving):
-            return
-        old = [info for info in self.workers.values() if info.generation != self.generation]
-        self.log.info("generation %d ready; retiring %d old workers", self.generation, len(old))
-        for info in old:
-            self._retire(info, Reason.RELOAD)
-        self.transition = None
-        systemd.notify("READY=1\nSTATUS=serving")
-
-    def _abandon_reload(self, why: str) -> None:
-        transition = self.transition
-        self.log.error("reload abandoned (%s); generation %d keeps serving",
-                       why, transition.old_generation)
-        for info in list(self.workers.values()):
-            if info.generation == self.generation:
-                self._retire(info, Reason.RELOAD)
-        self.generation = transition.old_generation
-        self.settings = transition.old_settings
-        try:
-            self._set_access_log(self.settings)
-        except (OSError, ValueError) as error:
-            self.log.error("cannot reopen the access log: %s", error)
-        self.hooks = transition.old_hooks
-        self.target = transition.old_target
-        self.transition = None
-        self.next_spawn = 0.0
-        systemd.notify("READY=1\nSTATUS=serving (reload failed)")
-
-    def _on_sigusr2(self) -> None:
-        if self.transition is not None or self.upgrade_check_pid:
-            self.log.warning("USR2 ignored: a reload or upgrade is already in progress")
-            return
-        argv = self._own_argv()
-        check_argv = [*argv, "--check-config"]
-        output = tempfile.TemporaryFile()  # noqa: SIM115 - read and closed when the check exits
-        try:
-            pid = os.posix_spawn(check_argv[0], check_argv, os.environ,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, output.fileno(), 1),
-                                               (os.POSIX_SPAWN_DUP2, output.fileno(), 2)])
-        except OSError as error:
-            output.close()
-            self.log.error("USR2: cannot start the upgrade check: %s", error)
-            return
-        self.upgrade_check_pid = pid
-        self.helpers[pid] = functools.partial(self._upgrade_checked, output, argv)
-        self.log.info("USR2: checking that the new code loads (pid %d)", pid)
-
-    def _own_argv(self) -> list[str]:
-        """How this master was started: the process title has overwritten the visible argv."""
-        return [sys.executable, *sys.orig_argv[1:]]
-
-    def _upgrade_checked(self, output: Any, argv: list[str], status: int) -> None:
-        self.upgrade_check_pid = 0
-        output.seek(0)
-        text = output.read().decode(errors="replace").strip()
-        output.close()
-        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-            last = text.splitlines()[-1] if text else f"status {status}"
-            self.log.error("USR2: upgrade check failed, keeping the running master: %s", last)
-            return
-        if self.stopping:
-            return
-        self._exec_upgrade(argv)
-
-    def _exec_upgrade(self, argv: list[str]) -> None:
-        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        self.log.info("USR2: re-executing the master in place (pid %d stays)", self.pid)
-        fds = []
-        for sock in self.listeners:
-            sock.set_inheritable(True)
-            fds.append(str(sock.fileno()))
-        env = dict(os.environ)
-        env[ENV_INHERIT_FDS] = ",".join(fds)
-        env[ENV_OLD_WORKERS] = ",".join(str(pid) for pid in self.workers)
-        for handler in self.log.handlers:
-            handler.flush()
-        # Signals stay blocked across exec; the new image unblocks them once it handles them.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        signal.set_wakeup_fd(-1)
-        try:
-            os.execve(argv[0], argv, env)
-        except OSError as error:
-            signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            for sock in self.listeners:
-                sock.set_inheritable(False)
-            self.log.error("USR2: exec failed, keeping the running master: %s", error)
+    def _upgrade_checked(self, status: int) -> None:
+        argv = self.generations.checked(status, go=self.running)
+        if argv is not None:
+            error = generations.exec_image(argv, self.listeners, list(self.pool.records),
+                                           HANDLED_SIGNALS, self.wake_w)
+            self.generations.exec_failed(error)
 
     # -- signals ----------------------------------------------------------------------------
     def _handle_signals(self) -> None:
         while self.pending_signals:
-            signum = self.pending_signals.popleft()
-            if signum == signal.SIGCHLD:
-                continue  # the loop reaps on every pass
-            if self.stopping and signum not in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
-                continue
-            handler = getattr(self, f"_on_{signal.Signals(signum).name.lower()}", None)
-            if handler is not None:
-                handler()
+            name, while_stopping = SIGNALS[self.pending_signals.popleft()]
+            if name and (self.running or while_stopping):
+                getattr(self, name)()
 
-    def _on_sigterm(self) -> None:
-        self._begin_stop("graceful")
+    def _on_term(self) -> None:
+        self._begin_stop(StopMode.GRACEFUL)
 
-    def _on_sigint(self) -> None:
-        self._begin_stop("quick")
+    def _on_quick(self) -> None:
+        self._begin_stop(StopMode.QUICK)
 
-    _on_sigquit = _on_sigint
-
-    def _on_sigusr1(self) -> None:
+    def _on_usr1(self) -> None:
         logs.reopen()
         self.log.info("USR1: log files reopened")
-        self._kill_all(signal.SIGUSR1)
+        self.pool.signal_all(signal.SIGUSR1)
 
-    def _on_sigttin(self) -> None:
-        self.target += 1
-        self.log.info("TTIN: %d workers", self.target)
+    def _on_ttin(self) -> None:
+        self.pool.target += 1
+        self.log.info("TTIN: %d workers", self.pool.target)
 
-    def _on_sigttou(self) -> None:
-        if self.target > 1:
-            self.target -= 1
-            self.log.info("TTOU: %d workers", self.target)
+    def _on_ttou(self) -> None:
+        if self.pool.target > 1:
+            self.pool.target -= 1
+            self.log.info("TTOU: %d workers", self.pool.target)
 
-    def _begin_stop(self, how: str) -> None:
-        if self.stopping == "quick" or self.stopping == how:
-            return
-        self.stopping = how
+    def _begin_stop(self, mode: StopMode) -> None:
+        if mode not in STOP_MOVES[self.stop_mode]:
+            return  # already stopping this way, or a harder one
+        self.stop_mode = mode
         now = time.monotonic()
         systemd.notify("STOPPING=1")
         # Stop listening now: new clients are refused at once instead of waiting in a backlog
@@ -766,42 +380,185 @@ class Master:
         # their own copies (systemd's copy, if any, keeps the socket for the next start).
         sockets.cleanup(self.listeners, self.bind_specs)
         self.listeners = []
-        if how == "graceful":
-            self.log.info("graceful shutdown: draining workers (up to %gs)",
-                          self.settings.graceful_timeout)
-            self.stop_deadline = now + self.settings.graceful_timeout
-            for info in self.workers.values():
-                if info.retiring == Reason.NONE:
-                    info.retiring = Reason.SHUTDOWN
-            self._kill_all(signal.SIGTERM)
+        if mode is StopMode.GRACEFUL:
+            grace = self.settings.graceful_timeout
+            self.log.info("graceful shutdown: draining workers (up to %gs)", grace)
+            self.pool.retire_all(Reason.SHUTDOWN, now + grace, signal.SIGTERM)
         else:
             self.log.info("quick shutdown")
-            self.stop_deadline = now + QUICK_STOP_GRACE
-            self._kill_all(signal.SIGQUIT)
+            self.pool.retire_all(Reason.SHUTDOWN, now + QUICK_STOP_GRACE, signal.SIGQUIT)
 
     # -- exit -------------------------------------------------------------------------------
     def _cleanup(self) -> None:
         # Make sure no child outlives us even on an unexpected error in the loop.
-        for pid in [*self.workers, *self.helpers]:
-            self._signal(pid, signal.SIGKILL)
+        pids = list(self.pool.records) if self.pool is not None else []
+        if self.generations.check is not None:
+            pids.append(self.generations.check.pid)
+        for pid in pids:
             try:
+                os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except ChildProcessError:
+            except (ProcessLookupError, ChildProcessError):
                 pass
         sockets.cleanup(self.listeners, self.bind_specs)
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            sock, spec = self.metrics_listener
-            sockets.cleanup([sock], [spec])
-        if self.access_log is not None:
-            self.access_log.close()
-        self._remove_pidfile()
+        self.outputs.close()
+        _remove_pidfile(self.settings.pidfile, self.pid)
         if self.scoreboard is not None:
             self.scoreboard.close()
         signal.set_wakeup_fd(-1)
         # A second TERM while the interpreter winds down must not turn a clean exit into a
         # death by signal: keep them pending until the process is gone.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
+class Outputs:
+    """What the master tells the world besides serving: the metrics listener, answered from
+    the master's own loop so a scrape works while every worker is busy; the access log, opened
+    here so every worker inherits the same file; systemd's watchdog and status line."""
+
+    def __init__(self) -> None:
+        self.server: metrics.MetricsServer | None = None
+        self.listener: tuple[socket.socket, sockets.BindSpec] | None = None
+        self.access_log: logs.AccessLog | None = None
+        self.access_log_config: tuple[str, str] = ("", "")
+        self.watchdog = systemd.watchdog_interval(os.environ, os.getpid())
+        self.next_watchdog = 0.0
+        # STATUS= lines only mean something under systemd; elsewhere they cost wakeups.
+        self.status_lines = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.next_status = 0.0
+
+    def tell_systemd(self, now: float, pool: Pool, status_due: bool) -> float:
+        """Watchdog pings at half of WATCHDOG_USEC, and (once serving) a STATUS line every few
+        seconds; returns when the next one is due."""
+        wake_at = NEVER
+        if self.watchdog:
+            if now >= self.next_watchdog:
+                systemd.notify("WATCHDOG=1")
+                self.next_watchdog = now + self.watchdog
+            wake_at = self.next_watchdog
+        if status_due and self.status_lines:
+            if now >= self.next_status:
+                self.next_status = now + STATUS_INTERVAL
+                views = [pool.scoreboard.read(record.index)
+                         for record in pool.records.values() if record.index >= 0]
+                busy = sum(1 for view in views if view.state == State.BUSY)
+                served = pool.totals.requests + sum(view.requests for view in views)
+                systemd.notify(f"STATUS={len(pool)} workers ({busy} busy), "
+                               f"{served} requests served")
+            wake_at = min(wake_at, self.next_status)
+        return wake_at
+
+    def open(self, settings: Any, snapshot: Callable[[], metrics.Snapshot]) -> None:
+        if settings.metrics_bind:
+            spec = sockets.parse_bind(settings.metrics_bind)
+            sock = sockets.bind(spec, 64)
+            self.listener = (sock, spec)
+            self.server = metrics.MetricsServer(sock, snapshot)
+            logs.get_logger().info("Metrics at: %s", sockets.describe(sock))
+        self.set_access_log(settings)
+
+    def set_access_log(self, settings: Any) -> None:
+        """Open the access log the settings ask for (at start, and when a reload changes it).
+        Workers already forked keep the file they inherited; the master's copy can go."""
+        old = self.access_log
+        wanted = (settings.access_log, settings.access_log_format)
+        if old is not None and wanted == self.access_log_config:
+            return
+        self.access_log = (logs.AccessLog(settings.access_log, settings.access_log_format)
+                           if settings.access_log else None)
+        self.access_log_config = wanted
+        if old is not None:
+            old.close()
+
+    def metrics_address(self) -> str:
+        """HOST:PORT of the metrics listener (its real port), or "" without one."""
+        if self.listener is None:
+            return ""
+        return sockets.describe(self.listener[0]).removeprefix("http://")
+
+    def fds(self) -> tuple[list[int], list[int]]:
+        """What to select() on for reading and for writing."""
+        if self.server is None:
+            return [], []
+        return self.server.fds(), self.server.write_fds()
+
+    def scraped(self) -> bool:
+        """A scrape connection is open (fds() holds more than the listener, or output waits)."""
+        return self.server is not None and (len(self.server.fds()) > 1
+                                            or bool(self.server.write_fds()))
+
+    def serve(self, readable: list[int], writable: list[int]) -> None:
+        server = self.server
+        if server is None:
+            return
+        own = set(server.fds())
+        for fd in readable:
+            if fd in own:
+                server.on_readable(fd)
+        for fd in writable:
+            server.on_writable(fd)
+        server.expire(time.monotonic())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            sock, spec = self.listener
+            sockets.cleanup([sock], [spec])
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+# -- startup helpers (no master state) ------------------------------------------------------
+def _open_listeners(settings: Any, pid: int, log: Any) -> tuple[list[socket.socket],
+                                                                list[sockets.BindSpec]]:
+    """The listeners: handed over by a previous image (USR2), passed by systemd, or bound."""
+    specs = [sockets.parse_bind(spec) for spec in settings.bind]
+    inherited = generations.take_inherited_fds(os.environ)
+    systemd_socks = sockets.inherited_sockets(os.environ, pid)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listeners: list[socket.socket] = []
+    if inherited:
+        listeners = [sockets.adopt(fd, "upgrade") for fd in inherited]
+    elif systemd_socks:
+        log.info("using %d socket(s) passed by systemd; ignoring bind", len(systemd_socks))
+        listeners, specs = systemd_socks, []
+    else:
+        try:
+            for spec in specs:
+                listeners.append(sockets.bind(spec, settings.backlog, settings.reuse_port))
+        except (sockets.BindError, ValueError):
+            sockets.cleanup(listeners, specs)
+            raise
+    for sock in listeners:
+        log.info("Listening at: %s (%d)", sockets.describe(sock), pid)
+    return listeners, specs
+
+
+def _write_pidfile(path: str, pid: int, metrics_address: str) -> None:
+    if not path:
+        return
+    _write_atomically(path, f"{pid}\n", pid)
+    if metrics_address:
+        # `forkserver status --pidfile` finds the metrics listener here (its real port,
+        # even when metrics_bind asked for port 0).
+        _write_atomically(path + ".metrics", metrics_address + "\n", pid)
+
+
+def _remove_pidfile(path: str, pid: int) -> None:
+    if not path:
+        return
+    try:
+        with open(path) as handle:
+            if handle.read().strip() != str(pid):
+                return
+        os.unlink(path)
+    except OSError:
+        return
+    try:
+        os.unlink(path + ".metrics")
+    except FileNotFoundError:
+        pass
 
 
 def _write_atomically(path: str, text: str, pid: int) -> None:

@@ -1,14 +1,18 @@
-"""Trusted proxies: when to believe Forwarded / X-Forwarded-* headers, and what they say.
+"""Trusted proxies: which forwarding headers are believed, from whom, and what they say.
 
 Any client can send ``X-Forwarded-For: 10.0.0.1``. Such a header only means something when the
 hop that added it is one we trust, so a header is read from the right (the entry our peer
 added) leftwards, and only while each hop that added an entry is itself a trusted proxy. The
 first address that is not trusted is the client; nothing to its left is looked at, because it
-came from that client and may be made up.
+came from that client and may be made up. A malformed entry ends the walk at the last good hop.
 
-``Forwarded`` (RFC 7239) wins over the ``X-Forwarded-*`` pair when present. A proxy must
-therefore set or clear *every* header this module reads: a header it passes through untouched
-comes straight from the client.
+Two settings decide: ``forwarded_allow_ips`` names the peers, ``forwarded_headers`` the headers
+those peers are known to set (``HEADERS`` lists the ones understood). Only named headers are
+read at all: the default is ``X-Forwarded-For`` and ``X-Forwarded-Proto``, what nginx and
+HAProxy set in their usual configurations. ``Forwarded`` (RFC 7239) and ``X-Forwarded-Host``
+count only when named, because a proxy that does not set them passes the client's own copy
+through untouched; the host is never changed unless a host header is named. When both
+``Forwarded`` and ``X-Forwarded-For`` are named, ``Forwarded`` is read.
 
 Called for every request, so the common case (no forwarding header, or an untrusted peer)
 costs a dict lookup and one pass over the header names. This module imports nothing else of
@@ -21,7 +25,8 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-__all__ = ["TrustedProxies"]
+__all__ = ["DEFAULT_HEADERS", "HEADERS", "TrustedProxies", "check_allow_entry",
+           "check_header_name"]
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,7 +34,11 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _FORWARDED = "FORWARDED"
 _XFF = "X-FORWARDED-FOR"
 _XFP = "X-FORWARDED-PROTO"
-_NAMES = frozenset((_FORWARDED, _XFF, _XFP))
+_XFH = "X-FORWARDED-HOST"
+# The headers forwarded_headers may name, in their usual spelling.
+HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded")
+DEFAULT_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto")
+_CANONICAL = {name.upper(): name for name in HEADERS}
 _SCHEMES = frozenset(("http", "https"))
 
 # Bounds the per-process memo of trusts(): a scan of many client addresses must not grow it
@@ -66,17 +75,36 @@ def _address(text: str) -> _IPAddress | None:
         return None
 
 
+def check_allow_entry(entry: str) -> str:
+    """One forwarded_allow_ips entry (IP, CIDR network, "unix" or "*"), stripped; ValueError
+    naming it otherwise."""
+    entry = entry.strip()
+    if entry not in ("*", "unix"):
+        _network(entry)
+    return entry
+
+
+def check_header_name(name: str) -> str:
+    """One forwarded_headers entry in its usual spelling; ValueError naming it otherwise."""
+    canonical = _CANONICAL.get(name.strip().upper())
+    if canonical is None:
+        raise ValueError(f"unknown forwarding header {name.strip()!r}; known: "
+                         f"{', '.join(HEADERS)}")
+    return canonical
+
+
 class TrustedProxies:
-    """The peers whose forwarding headers are believed.
+    """The peers whose forwarding headers are believed, and which headers.
 
     ``allow`` holds IPv4/IPv6 addresses and CIDR networks, ``"unix"`` for peers on a unix
     socket (a local proxy such as nginx on the same machine), and ``"*"`` to trust every peer
     (only right when nothing but the proxy can reach the server). Blank entries are skipped,
     so a comma-separated setting split naively still works. A bad entry raises ValueError
-    naming it: a typo here silently changes who may claim to be whom.
+    naming it: a typo here silently changes who may claim to be whom. ``headers`` names the
+    headers those peers set (see ``HEADERS``); any other is never read.
     """
 
-    def __init__(self, allow: list[str]) -> None:
+    def __init__(self, allow: Iterable[str], headers: Iterable[str] = DEFAULT_HEADERS) -> None:
         self._everyone = False
         self._unix = False
         networks: list[_IPNetwork] = []
@@ -91,11 +119,14 @@ class TrustedProxies:
             else:
                 networks.append(_network(entry))
         self._networks = tuple(networks)
+        self._names = frozenset(check_header_name(name).upper() for name in headers)
         self._cache: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         parts = (["*"] if self._everyone else []) + (["unix"] if self._unix else [])
-        return f"TrustedProxies({parts + [str(net) for net in self._networks]!r})"
+        names = sorted(_CANONICAL[name] for name in self._names)
+        return (f"TrustedProxies({parts + [str(net) for net in self._networks]!r}, "
+                f"headers={names!r})")
 
     def trusts(self, peer: str) -> bool:
         """Whether `peer` (an IP address string; "" for a unix socket peer) is a trusted proxy."""
@@ -131,26 +162,21 @@ class TrustedProxies:
 
         `headers` are (UPPER-CASED NAME, value) pairs as the parser yields them. None means
         "no trustworthy value": keep the socket's own. An untrusted peer always gets
-        (peer, None, None), whatever its headers say.
+        (peer, None, None), whatever its headers say, and so does a header nobody named.
         """
         if not self.trusts(peer):
             return peer, None, None
-        forwarded: list[str] = []
-        xff: list[str] = []
-        xfp: list[str] = []
+        named: dict[str, list[str]] = {}
         for name, value in headers:
-            if name in _NAMES:
-                if name == _FORWARDED:
-                    forwarded.append(value)
-                elif name == _XFF:
-                    xff.append(value)
-                else:
-                    xfp.append(value)
-        if forwarded:
-            return self._from_forwarded(peer, forwarded)
-        if not xff and not xfp:
+            if name in self._names:
+                named.setdefault(name, []).append(value)
+        if not named:
             return peer, None, None
-        return self._from_x_forwarded(peer, xff), _last_scheme(xfp), None
+        if _FORWARDED in named:
+            return self._from_forwarded(peer, named[_FORWARDED])
+        remote = self._from_x_forwarded(peer, named[_XFF]) if _XFF in named else peer
+        scheme = _last_scheme(named.get(_XFP, []))
+        return remote, scheme, _last_host(named.get(_XFH, []))
 
     # -- Forwarded ---------------------------------------------------------------------------
     def _from_forwarded(self, peer: str, lines: list[str]
@@ -214,6 +240,14 @@ def _last_scheme(lines: list[str]) -> str | None:
         return None
     scheme = lines[-1].rsplit(",", 1)[-1].strip().lower()
     return scheme if scheme in _SCHEMES else None
+
+
+def _last_host(lines: list[str]) -> str | None:
+    # As for the scheme, only the rightmost value is our peer's; it must look like a Host value.
+    if not lines:
+        return None
+    host = lines[-1].rsplit(",", 1)[-1].strip()
+    return host if _HOST.fullmatch(host) else None
 
 
 def _xff_address(item: str) -> _IPAddress | None:

@@ -1,4 +1,4 @@
-"""Listening sockets: parse bind specs, bind them, or take them over from systemd or an fd.
+"""Listening sockets: bind the specs of ``forkserver.addresses``, or adopt inherited ones.
 
 The master calls this before the first fork so every worker inherits the same listeners. All
 sockets returned here are non-blocking (workers multiplex them with epoll) and close-on-exec:
@@ -13,7 +13,9 @@ import os
 import socket
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from forkserver import addresses
+from forkserver.addresses import BindSpec
 
 __all__ = [
     "BindError",
@@ -26,7 +28,6 @@ __all__ = [
     "parse_bind",
 ]
 
-_FORMS = "expected HOST:PORT, [IPV6]:PORT, unix:/PATH or fd://N"
 _SD_LISTEN_FDS_START = 3  # systemd passes sockets from fd 3 upwards (sd_listen_fds(3))
 
 # Unix socket files this process created, by path, with their (device, inode). cleanup() removes
@@ -43,56 +44,9 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-@dataclass(frozen=True)
-class BindSpec:
-    """One parsed bind address. Fields that do not apply to `kind` keep their defaults."""
-
-    kind: str  # "tcp" | "unix" | "fd"
-    host: str = ""
-    port: int = 0
-    path: str = ""
-    fd: int = -1
-
-    def __str__(self) -> str:
-        # The user's own notation, so error messages name what they typed.
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        if self.kind == "fd":
-            return f"fd://{self.fd}"
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def _parse_port(text: str, spec: str) -> int:
-    # int() alone would accept "+80", " 80" and "8_0"; a port is plain digits.
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise ValueError(f"invalid bind {spec!r}: port must be a number 0-65535")
-    return int(text)
-
-
 def parse_bind(spec: str) -> BindSpec:
-    """Parse one bind spec; ValueError with a one-line message naming it otherwise."""
-    if spec.startswith("unix:"):
-        path = spec[len("unix:"):]
-        if not path or "\0" in path:
-            raise ValueError(f"invalid bind {spec!r}: unix: needs a socket path")
-        return BindSpec(kind="unix", path=path)
-    if spec.startswith("fd://"):
-        text = spec[len("fd://"):]
-        if not text.isascii() or not text.isdigit():
-            raise ValueError(f"invalid bind {spec!r}: fd:// needs a file descriptor number")
-        return BindSpec(kind="fd", fd=int(text))
-    if spec.startswith("["):
-        host, sep, port = spec[1:].partition("]:")
-        if not sep or not host or ":" not in host:
-            raise ValueError(f"invalid bind {spec!r}: {_FORMS}")
-        return BindSpec(kind="tcp", host=host, port=_parse_port(port, spec))
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host or ":" in host or any(c.isspace() for c in host):
-        # A bare IPv6 address ("::1:8000") is ambiguous, hence the bracket rule.
-        raise ValueError(f"invalid bind {spec!r}: {_FORMS}")
-    return BindSpec(kind="tcp", host=host, port=_parse_port(port, spec))
+    """Parse one bind spec (see ``forkserver.addresses``); ValueError with one line otherwise."""
+    return addresses.parse(spec)
 
 
 def _listen(sock: socket.socket, backlog: int) -> socket.socket:
@@ -247,16 +201,8 @@ def inherited_names(environ: Mapping[str, str], pid: int) -> list[str]:
 
 def describe(sock: socket.socket) -> str:
     """A human-readable address for logs: http://HOST:PORT, http://[V6]:PORT or unix:PATH."""
-    name = sock.getsockname()
-    if sock.family == socket.AF_INET:
-        return f"http://{name[0]}:{name[1]}"
-    if sock.family == socket.AF_INET6:
-        return f"http://[{name[0]}]:{name[1]}"
-    if sock.family == socket.AF_UNIX:
-        if isinstance(name, bytes):  # abstract namespace: leading NUL, shown as "@"
-            return "unix:@" + name[1:].decode("utf-8", "replace")
-        return f"unix:{name}"
-    return f"{sock.family.name}:{name}"
+    name = addresses.sockname(sock)
+    return f"http://{name}" if sock.family in (socket.AF_INET, socket.AF_INET6) else name
 
 
 def cleanup(socks: list[socket.socket], specs: list[BindSpec]) -> None:

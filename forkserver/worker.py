@@ -20,6 +20,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -97,6 +98,9 @@ class WorkerSpec:
     max_requests: int  # settings.max_requests plus this worker's jitter; 0: no limit
     hooks: dict[str, Callable]  # the worker-side hooks, already imported
     access_log: logs.AccessLog | None  # opened by the master; None: off
+    tls_context: ssl.SSLContext | None  # built once per generation by the master; None: plain
+    reload_dir: str | None  # with `reload`: where the worker reports the module files it imported
+    notify_fd: int  # write end of the master's wakeup pipe (readiness, recycle requests); -1: none
 
 
 class Connection:

@@ -1,8 +1,10 @@
 """Start, probe, measure and stop a server process for the load drivers (run.py, bench.py).
 
-Both forkserver and gunicorn print ``Listening at: http://HOST:PORT (PID)`` when bound, so one
-helper serves both: the server binds port 0, and the real port is read from its log instead of
-being guessed in advance (no race with other programs picking the same free port).
+forkserver, gunicorn and load/prefork.py print ``Listening at: http://HOST:PORT (PID)`` when
+bound, so one helper serves them all: the server binds port 0, and the real port is read from
+its log instead of being guessed in advance (no race with other programs picking the same free
+port). A server that cannot bind port 0 and report it (granian) gets a ``fixed_port`` from
+``free_port()`` instead.
 
 Stopping is checked, not assumed: every PID the master had as a child is remembered, and after
 the master exits any of them still alive is killed by PID and reported as a leftover.
@@ -14,6 +16,8 @@ import http.client
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -23,12 +27,19 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTEN_RE = re.compile(r"Listening at: http://(127\.0\.0\.1|\[::1\]):(\d+) \(")
+LISTEN_RE = re.compile(r"Listening at: https?://(127\.0\.0\.1|\[::1\]):(\d+) \(")
 POLL = 0.05
 
 
 class ServerError(Exception):
     """The server did not start, did not stop, or left processes behind."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now, for servers that cannot bind port 0 and say which they got."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 @dataclass
@@ -49,6 +60,8 @@ class ManagedServer:
     probe_path: str = "/"
     env: Mapping[str, str] | None = None
     cwd: Path = ROOT
+    fixed_port: int = 0  # the port given on the command line; 0: read it from the log
+    scheme: str = "http"
     proc: subprocess.Popen | None = None
     host: str = ""
     port: int = 0
@@ -57,7 +70,7 @@ class ManagedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def log(self) -> str:
         try:
@@ -82,10 +95,13 @@ class ManagedServer:
         self._remember(self.proc.pid)
         deadline = time.monotonic() + timeout
         try:
-            match = self._wait_for(LISTEN_RE, 1, deadline)
-            self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
-            if ":" in self.host:
-                self.host = f"[{self.host}]"
+            if self.fixed_port:
+                self.host, self.port = "127.0.0.1", self.fixed_port
+            else:
+                match = self._wait_for(LISTEN_RE, 1, deadline)
+                self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+                if ":" in self.host:
+                    self.host = f"[{self.host}]"
             self._wait_for(re.compile(self.ready_pattern), self.ready_count, deadline)
             self._wait_for_probe(deadline)
         except BaseException:
@@ -112,7 +128,14 @@ class ManagedServer:
         last = ""
         while time.monotonic() < deadline:
             self._check_alive("probing")
-            conn = http.client.HTTPConnection(self.host.strip("[]"), self.port, timeout=2.0)
+            if self.scheme == "https":
+                # A throwaway certificate made for the run: the probe checks the server
+                # answers, not who it is.
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    self.host.strip("[]"), self.port, timeout=2.0,
+                    context=ssl._create_unverified_context())
+            else:
+                conn = http.client.HTTPConnection(self.host.strip("[]"), self.port, timeout=2.0)
             try:
                 conn.request("GET", self.probe_path)
                 response = conn.getresponse()
@@ -139,14 +162,20 @@ class ManagedServer:
             pass
 
     def worker_pids(self) -> list[int]:
-        """The master's current children (workers), remembered for the leftover check."""
+        """The master's current children (workers).
+
+        Every descendant is remembered for the leftover check, grandchildren included (a
+        worker forked by another worker, as forkserver's refork does).
+        """
         if self.proc is None:
             return []
         try:
-            children = psutil.Process(self.proc.pid).children()
+            master = psutil.Process(self.proc.pid)
+            children = master.children()
+            descendants = master.children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        for child in children:
+        for child in descendants:
             self._remember(child.pid)
         return [child.pid for child in children]
 
@@ -160,6 +189,45 @@ class ManagedServer:
         workers = [one(pid) for pid in self.worker_pids()]
         return {"master": one(self.proc.pid) if self.proc else 0,
                 "workers": workers, "workers_sum": sum(workers)}
+
+    def _tree(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            master = psutil.Process(self.proc.pid)
+            return [master, *master.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the whole process tree (master and every worker).
+
+        Read before and after a run, the difference over the requests served is the server's
+        CPU per request. A process that exits between two readings takes its share with it;
+        the benchmarks recycle no workers while they measure.
+        """
+        total = 0.0
+        for proc in self._tree():
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    def pss(self) -> dict[str, object]:
+        """Proportional set size in bytes of each process of the tree, by PID, and the total.
+
+        PSS divides each shared page among the processes mapping it, so the tree's sum is what
+        the server really costs in memory, copy-on-write sharing included.
+        """
+        sizes: dict[str, int] = {}
+        for proc in self._tree():
+            try:
+                sizes[str(proc.pid)] = proc.memory_full_info().pss
+            except psutil.NoSuchProcess:
+                continue
+        return {"processes": sizes, "total": sum(sizes.values())}
 
     def stop(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
         """Stop gracefully and return the master's exit status.

@@ -31,12 +31,14 @@ __all__ = [
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",  # RFC 9110 name; "Payload Too Large" in RFC 7231
     414: "URI Too Long",
     417: "Expectation Failed",
+    421: "Misdirected Request",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -45,27 +47,30 @@ REASONS = {
 }
 
 
-def simple_response(status: int, content_type: bytes, body: bytes, *, extra: bytes = b"",
-                    head_only: bool = False) -> bytes:
+def simple_response(status: int, content_type: bytes, body: bytes, *, reason: str = "",
+                    extra: bytes = b"", head_only: bool = False) -> bytes:
     """A complete response the server writes itself (never the app's): status line, type,
     length, ``extra`` header lines (each ending in CRLF) and ``Connection: close``.
 
     The one place such bytes are built: the worker's error answers and the metrics listener's
-    pages both come from here. ``head_only`` leaves the body out (a HEAD request).
+    pages both come from here. ``reason`` defaults to the one in REASONS; ``head_only`` leaves
+    the body out (a HEAD request).
     """
+    reason = reason or REASONS[status]
     head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close"
-            b"\r\n\r\n" % (status, REASONS[status].encode("ascii"), content_type, len(body),
-                             extra))
+            b"\r\n\r\n" % (status, reason.encode("ascii"), content_type, len(body), extra))
     return head if head_only else head + body
 
 
-def plain_response(status: int, *, extra: bytes = b"", head_only: bool = False) -> bytes:
+def plain_response(status: int, *, reason: str = "", extra: bytes = b"",
+                   head_only: bool = False) -> bytes:
     """An error page: ``<status> <reason>`` as text/plain. "Connection: close" because after
     an error the connection is not reused: the request framing may be unknown, so nothing that
     follows can be trusted."""
-    text = f"{status} {REASONS[status]}\n".encode("ascii")
-    return simple_response(status, b"text/plain; charset=utf-8", text, extra=extra,
-                           head_only=head_only)
+    reason = reason or REASONS[status]
+    text = f"{status} {reason}\n".encode("ascii")
+    return simple_response(status, b"text/plain; charset=utf-8", text, reason=reason,
+                           extra=extra, head_only=head_only)
 
 
 class HTTPError(Exception):
@@ -82,9 +87,11 @@ class HTTPError(Exception):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        # Each subclass gets its own bytes, even when it inherits its status.
-        cls.reason = REASONS[cls.status]
-        cls._response = plain_response(cls.status)
+        # Each subclass gets its own bytes, even when it inherits its status. Its reason is
+        # the one in REASONS unless it names its own.
+        if "reason" not in cls.__dict__:
+            cls.reason = REASONS[cls.status]
+        cls._response = plain_response(cls.status, reason=cls.reason)
         cls._before_end = cls._response.index(b"\r\n\r\n") + 2
 
     def response(self, date: bytes = b"") -> bytes:

@@ -127,15 +127,21 @@ _TOKEN = f"[{_TCHAR}]+"
 _TARGET = r"[\x21\x22\x24-\x7e]+"
 # field-value = *field-content; allowed octets are HTAB, SP, VCHAR and obs-text. The OWS around
 # the value is trimmed afterwards with str.strip, which keeps the pattern free of backtracking.
-_VALUE = r"[\t\x20-\x7e\x80-\xff]*"
+_VALUE_CHAR = r"[\t\x20-\x7e\x80-\xff]"
+_VALUE = f"{_VALUE_CHAR}*"
 _VERSION = r"HTTP/[0-9]\.[0-9]"
 
 # request-line = method SP request-target SP HTTP-version
 _REQUEST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})")
 # field-line = field-name ":" OWS field-value OWS
 _FIELD_LINE = re.compile(f"({_TOKEN}):({_VALUE})")
-# A whole head (request line and field lines, each with its CRLF): one pass validates all of it.
-_WHOLE_HEAD = re.compile(f"{_TOKEN} {_TARGET} {_VERSION}\r\n(?:{_TOKEN}:{_VALUE}\r\n)*")
+# The fast path for a head complete in the buffer takes its request line with its CRLF, then
+# every field line in one findall: anchored at a line start, each match is one whole line. The
+# lines are all valid exactly when there are as many matches as LFs. OWS before the value goes
+# to a possessive [ \t]*+ (no backtracking into it); a line with OWS after its value does not
+# match, so the rare head that has one takes the line-by-line path, which trims it.
+_FIRST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})\r\n")
+_FIELD_LINES = re.compile(f"(?m)^({_TOKEN}):[ \t]*+({_VALUE_CHAR}*+)(?<![ \t])\r\n")
 
 # chunk = chunk-size [ chunk-ext ] CRLF
 # chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
@@ -168,6 +174,15 @@ _VERSIONS["HTTP/1.0"] = ("HTTP/1.0", 0)
 
 # Header names the head checks care about, mapped to a small code for one dict lookup per field.
 _HOST_FIELD, _LENGTH_FIELD, _CODING_FIELD, _CONNECTION_FIELD, _EXPECT_FIELD = range(5)
+# Field name as received -> the upper-case name it is stored under; bounded so that a hostile
+# client cannot grow it without end. The stored names are then the same str objects request
+# after request, whose hashes are computed once.
+_FIELD_KEYS: dict[str, str] = {}
+_FIELD_KEYS_MAX = 1024
+# Host values that passed _HOST: a server sees the same few again and again. Bounded like
+# _FIELD_KEYS; a miss only costs the match.
+_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS_MAX = 256
 _SPECIAL_FIELDS = {
     "HOST": _HOST_FIELD,
     "CONTENT-LENGTH": _LENGTH_FIELD,
@@ -383,12 +398,12 @@ class RequestParser(_Stream):
         """Begin the next request; bytes already buffered (pipelined) are kept."""
         self._go(_S_HEAD)
         self._request = None
-        self._fields = []
         self._lines = 0
         self._head_used = 0
         self._skipped_empty = False
         self._scan = self._pos
-        self.trailers = []
+        if self.trailers:  # a fresh list only when the last one was handed out filled
+            self.trailers = []
 
     def eof(self) -> None:
         """The peer shut down its sending side.
@@ -473,6 +488,9 @@ class RequestParser(_Stream):
         if self._request is None:
             buf = self._buf
             pos = self._pos
+            if pos == len(buf):  # nothing buffered: what the line path would conclude, sooner
+                self._scan = pos
+                return self._need_data()
             if not self._skipped_empty and buf.startswith(b"\r\n", pos):
                 # RFC 9112 section 2.2: ignore at least one empty line before a request line.
                 # Exactly one is tolerated; a second one fails as an empty request line.
@@ -492,28 +510,32 @@ class RequestParser(_Stream):
         ``end`` is just past the CRLF of the last head line; the empty line follows it.
         """
         text = self._buf[start:end].decode("latin-1")
-        if _WHOLE_HEAD.fullmatch(text) is None:
+        first = _FIRST_LINE.match(text)
+        if first is None:
             return None
-        lines = text.split("\r\n")
-        lines.pop()  # "" after the final CRLF
+        fields_at = first.end()
+        pairs = _FIELD_LINES.findall(text, fields_at)
         if (
-            len(lines[0]) > self._max_line
-            or len(lines) > self._max_fields + 1
+            len(pairs) != text.count("\n", fields_at)
+            or fields_at - 2 > self._max_line
+            or len(pairs) > self._max_fields
             or end + 2 - start > self._head_cap
         ):
             return None
-        limit = self._max_field_size
-        fields = []
-        append = fields.append
-        for i in range(1, len(lines)):
-            line = lines[i]
-            if len(line) > limit:
-                return None
-            name, _, value = line.partition(":")
-            if "_" not in name:
-                append((name.upper(), value.strip(" \t")))
-        method, target, version = lines[0].split(" ")
-        request = _new_request(method, target, version)
+        if end - fields_at > self._max_field_size + 2 and max(
+            map(len, text[fields_at:].split("\r\n"))
+        ) > self._max_field_size:
+            return None
+        keys = _FIELD_KEYS
+        try:  # every name seen before and kept: the usual case
+            fields = [(keys[name], value) for name, value in pairs]
+        except KeyError:
+            fields = [
+                (key, value)
+                for name, value in pairs
+                if (key := keys.get(name) or _field_key(name)) is not None
+            ]
+        request = _new_request(*first.groups())
         self._pos = end + 2
         return self._finish_head(request, fields)
 
@@ -534,7 +556,9 @@ class RequestParser(_Stream):
             if line is None:
                 return self._need_data()
             if not line:
-                return self._finish_head(self._request, self._fields)
+                fields = self._fields
+                self._fields = []  # the request keeps this list; the next head gets its own
+                return self._finish_head(self._request, fields)
             self._head_used += len(line) + 2
             self._add_field(line, self._fields)
 
@@ -559,10 +583,9 @@ class RequestParser(_Stream):
         if match is None:
             raise BadRequest(_field_line_problem(line))
         name, value = match.groups()
-        # Names with "_" are dropped: in a CGI-style environ "X_Y" and "X-Y" collide, and a
-        # proxy that vets one spelling would let the other through.
-        if "_" not in name:
-            fields.append((name.upper(), value.strip(" \t")))
+        key = _FIELD_KEYS.get(name) or _field_key(name)
+        if key is not None:
+            fields.append((key, value.strip(" \t")))
 
     def _finish_head(self, request: Request, fields: list[tuple[str, str]]) -> Request:
         """Head-wide checks and framing (RFC 9112 section 6); moves to the body state."""
@@ -705,8 +728,11 @@ def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int
             raise BadRequest("more than one Host field")
         if minor:
             raise BadRequest("missing Host field")
-    elif _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
-        raise BadRequest("invalid Host field")
+    elif host not in _VALID_HOSTS:
+        if _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
+            raise BadRequest("invalid Host field")
+        if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
+            _VALID_HOSTS.add(host)  # type: ignore[arg-type]
     if request.target[0] == "/" or "://" not in request.target:
         request.host = host
     # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
@@ -757,6 +783,18 @@ def _keeps_alive(connection: str | None, minor: int) -> bool:
     if "close" in tokens:
         return False
     return minor == 1 or "keep-alive" in tokens
+
+
+def _field_key(name: str) -> str | None:
+    """The upper-case name a field is stored under, or None if the field is dropped."""
+    # Names with "_" are dropped: in a CGI-style environ "X_Y" and "X-Y" collide, and a proxy
+    # that vets one spelling would let the other through.
+    if "_" in name:
+        return None
+    key = name.upper()
+    if len(_FIELD_KEYS) < _FIELD_KEYS_MAX:
+        _FIELD_KEYS[name] = key
+    return key
 
 
 def _check_codings(codings: str) -> bool:

@@ -5,35 +5,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
 from tests.conftest import LISTEN_RE, READY_RE, ROOT, Server
+from tests.ops._proxies import Nginx, free_port, nginx_main_config, running
 
 DEPLOY_NGINX = ROOT / "deploy" / "nginx.conf"
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
-    if found is None:
-        pytest.skip("nginx not found (install the Debian package 'nginx-light')")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def site_config(backends: list[str], port: int) -> str:
@@ -47,63 +31,6 @@ def site_config(backends: list[str], port: int) -> str:
     assert (blocks, listens, v6) == (1, 1, 1) and upstreams >= 2, \
         "deploy/nginx.conf changed shape: update site_config()"
     return text
-
-
-def main_config(prefix: Path, site: Path) -> str:
-    """A throwaway nginx.conf: everything nginx writes stays under `prefix`."""
-    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach tmp_path
-    temp = "".join(f"    {kind}_temp_path {prefix}/{kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (f"{user}worker_processes 1;\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/error.log info;\n"
-            "events { worker_connections 256; }\n"
-            f"http {{\n    access_log {prefix}/access.log;\n{temp}    include {site};\n}}\n")
-
-
-class Nginx:
-    def __init__(self, prefix: Path, conf: Path) -> None:
-        self.prefix = prefix
-        self.argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf),
-                     "-e", str(prefix / "error.log")]
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def test_config(self) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.argv, "-t"], capture_output=True, text=True, timeout=30)
-
-    def start(self, port: int) -> Nginx:
-        self.port = port
-        self.proc = subprocess.Popen([*self.argv, "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nginx exited ({self.proc.returncode}):\n{self.errors()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"nginx did not listen on {port}:\n{self.errors()}")
-
-    def errors(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        self.proc.send_signal(signal.SIGTERM)  # fast shutdown
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        _gone, alive = psutil.wait_procs(children, timeout=5)
-        for child in alive:
-            child.kill()
-        assert not alive, f"nginx workers left behind: {[c.pid for c in alive]}"
 
 
 class GroupServer(Server):
@@ -163,13 +90,9 @@ def nginx(tmp_path, backends):
     site = prefix / "forkserver.conf"
     site.write_text(site_config([f"127.0.0.1:{s.port}" for s in backends], port))
     conf = prefix / "nginx.conf"
-    conf.write_text(main_config(prefix, site))
-    server = Nginx(prefix, conf)
-    checked = server.test_config()
-    assert checked.returncode == 0, checked.stderr
-    server.start(port)
-    yield server
-    server.stop()
+    conf.write_text(nginx_main_config(prefix, site))
+    with running(Nginx(prefix, conf), port) as server:
+        yield server
 
 
 def test_shipped_config_passes_nginx_t(tmp_path):
@@ -177,7 +100,7 @@ def test_shipped_config_passes_nginx_t(tmp_path):
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     conf = prefix / "nginx.conf"
-    conf.write_text(main_config(prefix, DEPLOY_NGINX))
+    conf.write_text(nginx_main_config(prefix, DEPLOY_NGINX))
     result = Nginx(prefix, conf).test_config()
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr

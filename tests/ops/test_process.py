@@ -1,4 +1,7 @@
-"""Process-level behaviour: respawn, graceful stop, boot failures, config errors."""
+"""The master process's own life: respawn, stops, boot failures, config errors, pidfile, titles.
+
+Stopping with requests in flight under a live load is in test_operations.py; timeouts, hooks
+and log reopening in test_supervision.py."""
 
 from __future__ import annotations
 
@@ -6,10 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
+import pytest
 import requests
 
 from tests.conftest import ROOT, ResponseReader, Server
@@ -39,25 +42,6 @@ def test_killed_worker_is_respawned_and_server_keeps_answering(server):
         assert requests.get(f"{server.url}/", timeout=10).status_code == 200
 
 
-def test_term_lets_a_slow_request_finish_then_exits_zero(server):
-    result = {}
-
-    def slow_request():
-        result["response"] = requests.get(f"{server.url}/slow?s=1.5", timeout=20)
-
-    thread = threading.Thread(target=slow_request)
-    thread.start()
-    time.sleep(0.5)  # the request is now inside the app's 1.5 s sleep
-    workers = server.worker_pids()
-    code = server.stop(signal.SIGTERM)
-    thread.join(20)
-    assert code == 0
-    assert result["response"].status_code == 200
-    assert result["response"].text == "slept"
-    for pid in workers:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-
-
 def test_quick_shutdown_with_int(server):
     workers = server.worker_pids()
     assert server.stop(signal.SIGINT) == 0
@@ -65,28 +49,38 @@ def test_quick_shutdown_with_int(server):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_bad_app_import_exits_non_zero_naming_the_module(tmp_path):
-    server = Server(tmp_path, "tests.apps.bad_import:app", wait_ready=False)
+BROKEN_HOOK = "def post_fork(pid):\n    raise RuntimeError('post_fork hook breaks on purpose')\n"
+
+
+@pytest.mark.parametrize("app, args, culprit", [
+    ("tests.apps.bad_import:app", (), "module_that_does_not_exist_xyz"),
+    ("tests.apps.basic:app", ("--post-fork", "brokenhook:post_fork"),
+     "post_fork hook breaks on purpose"),
+], ids=["app import", "worker hook"])
+def test_a_first_generation_that_cannot_boot_stops_the_master(tmp_path, app, args, culprit):
+    """No fork loop: the master exits non-zero, the log names the cause, nothing is left."""
+    (tmp_path / "brokenhook.py").write_text(BROKEN_HOOK)
+    server = Server(tmp_path, app, *args, wait_ready=False,
+                    env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
     server.start()
     code = server.wait_exit(30)
     assert code != 0
     log = server.log()
-    assert "module_that_does_not_exist_xyz" in log
+    assert culprit in log
     assert "Traceback" not in log
+    assert "failed to boot in the first generation; shutting down" in log
     assert not server._kill_leftovers()
 
 
-def test_bad_app_with_preload_exits_with_one_line(tmp_path):
-    result = run_cli("tests.apps.bad_import:app", "--preload", "--bind", "127.0.0.1:0")
+@pytest.mark.parametrize("app, culprit", [
+    ("tests.apps.bad_import:app", "module_that_does_not_exist_xyz"),
+    ("no_such_module_abc:app", "no_such_module_abc"),
+], ids=["missing import inside the app", "missing app module"])
+def test_a_preloaded_app_that_cannot_load_is_named_without_a_traceback(app, culprit):
+    result = run_cli(app, "--preload", "--bind", "127.0.0.1:0")
     assert result.returncode != 0
-    assert "module_that_does_not_exist_xyz" in result.stderr
+    assert culprit in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_missing_module_exits_non_zero(tmp_path):
-    result = run_cli("no_such_module_abc:app", "--preload", "--bind", "127.0.0.1:0")
-    assert result.returncode != 0
-    assert "no_such_module_abc" in result.stderr
 
 
 def test_unknown_config_key_names_the_key(tmp_path):
@@ -103,6 +97,7 @@ def test_bind_failure_is_one_line(server):
     assert result.returncode != 0
     assert str(server.port) in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_pidfile_written_and_removed(server_factory, tmp_path):

@@ -217,13 +217,6 @@ def test_settings_defaults_and_accepted_values(tmp_path):
         AccessLog("-", resolved.access_log_format).close()  # what config accepts, logs takes
 
 
-def test_config_keeps_the_same_field_list_as_logs():
-    assert config.ACCESS_LOG_FIELDS == logs.ACCESS_LOG_FIELDS
-    assert {k: type(v) for k, v in config.ACCESS_LOG_FIELDS.items()} == {
-        k: type(v) for k, v in logs.ACCESS_LOG_FIELDS.items()}
-    assert config.ACCESS_LOG_FORMATS == logs.ACCESS_LOG_FORMATS
-
-
 # ----------------------------------------------------------------------------------- time
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,52 @@ def test_settings_has_one_field_per_setting_and_is_frozen(tmp_path):
     assert settings.config_file is None
 
 
+# What each kind's values are, for the check that every field is typed by its kind.
+KIND_TYPES = {
+    config.Int: int, config.Seconds: float, config.Bool: bool, config.Text: str,
+    config.Choice: str, config.Hook: str, config.Address: str, config.AccessLogFormat: str,
+    config.Token: str, config.TextList: tuple[str, ...], config.Umask: int | None,
+    config.CountList: tuple[int, ...], config.TLSVersion: str,
+}
+
+
+def test_every_field_is_typed_as_its_kind_parses():
+    hints = typing.get_type_hints(config.Settings)
+    assert hints["config_file"] == str | None
+    for s in config.SETTINGS:
+        assert hints[s.name] == KIND_TYPES[type(s.kind)], s.name
+
+
+def test_settings_can_be_built_from_its_field_defaults():
+    # A computed default (workers) is computed when built, never at import.
+    built = config.Settings()
+    assert built.workers == config.usable_cpus()
+    assert built.keepalive == 5.0 and built.bind == ("127.0.0.1:8000",)
+
+
+def test_new_settings_defaults(tmp_path):
+    settings = load(tmp_path)
+    assert settings.forwarded_headers == ("X-Forwarded-For", "X-Forwarded-Proto")
+    assert (settings.metrics_token, settings.status_show_query) == ("", False)
+    assert (settings.error_log_format, settings.shutdown_delay) == ("text", 0.0)
+
+
+def test_forwarded_headers_are_canonical_and_unknown_names_are_errors(tmp_path):
+    settings = load(tmp_path, ["--forwarded-headers", "forwarded",
+                               "--forwarded-headers", "x-forwarded-host"])
+    assert settings.forwarded_headers == ("Forwarded", "X-Forwarded-Host")
+    assert load(tmp_path, env={"FORKSERVER_FORWARDED_HEADERS": ""}).forwarded_headers == ()
+    message = error_of(tmp_path, toml='forwarded_headers = ["X-Real-IP"]')
+    assert message.startswith('forwarded_headers = ["X-Real-IP"] in forkserver.toml: ')
+    assert "unknown forwarding header 'X-Real-IP'" in message
+
+
+@pytest.mark.parametrize("token", ["a b", "tok\"en", "Bearer:x", "é"])
+def test_metrics_token_must_be_a_bearer_token(tmp_path, token):
+    message = error_of(tmp_path, env={"FORKSERVER_METRICS_TOKEN": token})
+    assert message.startswith("metrics_token = ") and "bearer token" in message
+
+
 def test_defaults(tmp_path):
     settings = load(tmp_path, env={"WEB_CONCURRENCY": "3"})
     assert settings.app == "forkserver.demo:app"
@@ -96,8 +145,10 @@ def sample(setting: config.Setting):
     if isinstance(kind, config.Choice):
         return next(c for c in kind.choices if c != setting.default)
     if isinstance(kind, config.TextList):
-        if setting.name == "forwarded_allow_ips":
+        if setting.name in ("forwarded_allow_ips", "proxy_allow_ips"):
             return ("10.0.0.0/8", "unix")
+        if setting.name == "forwarded_headers":
+            return ("Forwarded", "X-Forwarded-Host")
         return ("127.0.0.1:9001", "unix:/tmp/fs.sock")
     if isinstance(kind, config.Address):
         return "127.0.0.1:9100"
@@ -107,9 +158,47 @@ def sample(setting: config.Setting):
         return 0o027
     if isinstance(kind, config.Hook):
         return "pkg.hooks:on_event"
+    if isinstance(kind, config.Token):
+        return "s3cr3t-Token_1~"
+    if isinstance(kind, config.CountList):
+        return (50, 500)
+    if isinstance(kind, config.TLSVersion):
+        return "1.3"
+    if setting.name in TLS_FILES:
+        return str(tls_files()[setting.name])
     if isinstance(kind, config.Text):
         return "pkg.mod:application" if setting.name == "app" else "some dir/value.x"
     pytest.fail(f"no sample for {setting.name} of kind {kind!r}")
+
+
+# TLS file settings are checked by building a context, so their samples are real files made
+# by trustme, and a setting that needs a partner (a key needs a certificate) gets it from the
+# environment in every source.
+TLS_FILES = {"certfile", "keyfile", "ca_certs"}
+
+
+@functools.cache
+def tls_files() -> dict[str, Path]:
+    import trustme
+
+    folder = Path(tempfile.mkdtemp(prefix="fs-config-tls-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    paths = {"certfile": folder / "combined.pem", "cert_only": folder / "cert.pem",
+             "keyfile": folder / "key.pem", "ca_certs": folder / "ca.pem"}
+    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["certfile"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert_only"]))
+    cert.private_key_pem.write_to_path(str(paths["keyfile"]))
+    ca.cert_pem.write_to_path(str(paths["ca_certs"]))
+    return paths
+
+
+def partner_env(setting: config.Setting) -> dict[str, str]:
+    if setting.name == "keyfile":
+        return {"FORKSERVER_CERTFILE": str(tls_files()["cert_only"])}
+    if setting.name == "ca_certs":
+        return {"FORKSERVER_CERTFILE": str(tls_files()["certfile"])}
+    return {}
 
 
 def as_toml(value) -> str:
@@ -129,7 +218,7 @@ def as_text(setting: config.Setting, value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "off"
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(map(str, value))
     return str(value)
 
 
@@ -138,6 +227,8 @@ def as_argv(setting: config.Setting, flag: str, value) -> list[str]:
         return [value]
     if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
+    if isinstance(setting.kind, config.CountList):
+        return [flag, as_text(setting, value)]
     if isinstance(value, tuple):
         return [part for item in value for part in (flag, item)]
     return [flag, as_text(setting, value)]
@@ -147,17 +238,18 @@ def as_argv(setting: config.Setting, flag: str, value) -> list[str]:
 def test_every_setting_round_trips_through_toml_env_and_cli(setting, tmp_path):
     value = sample(setting)
     (tmp_path / "file").mkdir()
-    from_file = load(tmp_path / "file", toml=f"{setting.name} = {as_toml(value)}\n")
-    from_env = load(tmp_path, env={setting.env: as_text(setting, value)})
+    partner = partner_env(setting)
+    from_file = load(tmp_path / "file", toml=f"{setting.name} = {as_toml(value)}\n", env=partner)
+    from_env = load(tmp_path, env={**partner, setting.env: as_text(setting, value)})
     assert getattr(from_file, setting.name) == value
     assert getattr(from_env, setting.name) == value
     flags = [f for f in setting.flags if not isinstance(value, bool) or f.startswith("--")]
     for flag in flags or [None]:
-        from_cli = load(tmp_path, argv=as_argv(setting, flag, value))
+        from_cli = load(tmp_path, argv=as_argv(setting, flag, value), env=partner)
         assert getattr(from_cli, setting.name) == value, flag
     # --print-config writes it back in a form the file loader accepts.
     (tmp_path / "printed.toml").write_text(config.to_toml(from_env), encoding="utf-8")
-    again = load(tmp_path, argv=["-c", "printed.toml"])
+    again = load(tmp_path, argv=["-c", "printed.toml"], env=partner)
     assert getattr(again, setting.name) == value
 
 
@@ -672,3 +764,37 @@ def test_every_forkserver_variable_named_in_the_package_is_a_setting_or_reserved
             ):
                 unknown.add(f"{path.name}: {node.value}")
     assert unknown == set()
+
+
+# ------------------------------------------------------------ rules joining several settings
+
+
+def test_reload_with_preload_is_refused_in_one_line(tmp_path):
+    message = error_of(tmp_path, argv=["--reload", "--preload"])
+    assert message.startswith("reload: cannot be combined with preload")
+
+
+def test_bad_tls_settings_fail_in_one_line_naming_the_setting(tmp_path):
+    missing = tmp_path / "nope.pem"
+    assert error_of(tmp_path, argv=["--certfile", str(missing)]).startswith("certfile")
+    # A key that does not belong to the certificate.
+    other = tmp_path / "other-key.pem"
+    import trustme
+
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(str(other))
+    message = error_of(tmp_path, argv=["--certfile", str(tls_files()["cert_only"]),
+                                       "--keyfile", str(other)])
+    assert message.startswith("keyfile"), message
+    good = load(tmp_path, argv=["--certfile", str(tls_files()["certfile"]),
+                                "--tls-min-version", "1.3"])
+    assert good.tls_min_version == "1.3"
+
+
+def test_tls_min_version_may_be_a_bare_toml_number(tmp_path):
+    assert load(tmp_path, toml="tls_min_version = 1.3\n").tls_min_version == "1.3"
+    assert "expected 1.2 or 1.3" in error_of(tmp_path, toml="tls_min_version = 1.1\n")
+
+
+def test_refork_after_counts_must_increase(tmp_path):
+    assert load(tmp_path, toml="refork_after = [50, 500]\n").refork_after == (50, 500)
+    assert "must increase" in error_of(tmp_path, env={"FORKSERVER_REFORK_AFTER": "500,50"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ def restore_logger():
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
+    logs._format = "text"
 
 
 def _lines(path) -> list[str]:
@@ -158,3 +160,101 @@ def test_a_forked_child_logs_its_own_pid(tmp_path):
     os.waitpid(pid, 0)
     pids = {LINE.match(line).group(4): int(LINE.match(line).group(2)) for line in _lines(path)}
     assert pids == {"from master": os.getpid(), "from worker": pid}
+
+
+# -- error_log_format = "json" -------------------------------------------------------------
+
+
+def test_json_lines_carry_time_level_pid_message_and_fields(tmp_path):
+    path = tmp_path / "error.log"
+    logger = logs.setup("info", str(path), fmt="json")
+    logger.error("worker %d exited with code %d", 4321, 3,
+                 extra={"worker_pid": 4321, "slot": 2, "generation": 5, "exit_code": 3,
+                        "reason": "crash"})
+    logger.warning("worker %d killed by %s", 4322, "SIGKILL",
+                   extra={"worker_pid": 4322, "signal": "SIGKILL",
+                          "fields": {"rss_mib": 812}})
+    first, second = (json.loads(line) for line in _lines(path))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", first["time"])
+    assert first == {"time": first["time"], "level": "ERROR", "pid": os.getpid(),
+                     "proc": "master", "message": "worker 4321 exited with code 3",
+                     "worker_pid": 4321, "slot": 2, "generation": 5, "exit_code": 3,
+                     "reason": "crash"}
+    assert (second["signal"], second["rss_mib"], second["level"]) == ("SIGKILL", 812, "WARNING")
+    assert "exit_code" not in second  # only the fields the call gave
+
+
+def test_json_escapes_everything_and_stays_one_line_per_record(tmp_path):
+    path = tmp_path / "error.log"
+    logger = logs.setup("info", str(path), fmt="json")
+    hostile = 'evil\n[2026-01-01 00:00:00 +0000] [1] [INFO] forged "quote" \\ \x1b[31m caf\xe9'
+    logger.info("got %s", hostile)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        logger.exception("request failed")
+    lines = _lines(path)
+    assert len(lines) == 2  # one line each, whatever the message and traceback hold
+    assert all(line.isascii() for line in lines)
+    first, second = (json.loads(line) for line in lines)
+    assert first["message"] == "got " + hostile
+    assert second["message"] == "request failed"
+    assert second["traceback"].startswith("Traceback") and "boom" in second["traceback"]
+
+
+def test_unknown_error_log_format_is_refused_by_name():
+    with pytest.raises(ValueError, match="'xml'"):
+        logs.setup("info", "-", fmt="xml")
+
+
+def test_wsgi_errors_become_json_records_line_by_line(tmp_path):
+    path = tmp_path / "error.log"
+    logs.setup("info", str(path), fmt="json")
+    stream = logs.ErrorsStream()
+    assert stream.write("first part, ") == len("first part, ")
+    stream.write("same line\nsecond line\nunfinished")
+    lines = _lines(path)
+    assert [json.loads(line)["message"] for line in lines] == [
+        "first part, same line", "second line"]
+    stream.flush()
+    records = [json.loads(line) for line in _lines(path)]
+    assert records[-1]["message"] == "unfinished"
+    assert {r["source"] for r in records} == {"wsgi.errors"}
+    assert {r["level"] for r in records} == {"ERROR"}
+
+
+def test_text_format_writes_wsgi_errors_as_given(tmp_path):
+    path = tmp_path / "error.log"
+    logs.setup("info", str(path))
+    logs.ErrorsStream().write("plain text\n")
+    assert _lines(path) == ["plain text"]
+
+
+def test_a_failing_error_log_never_fails_the_app(monkeypatch):
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logs, "error_stream", lambda: Full())
+    for fmt in ("text", "json"):
+        monkeypatch.setattr(logs, "_format", fmt)
+        stream = logs.ErrorsStream()
+        assert stream.write("a line\n") == len("a line\n")
+        stream.flush()
+
+
+def test_json_from_a_forked_child_carries_its_own_pid(tmp_path):
+    path = tmp_path / "error.log"
+    logs.setup("info", str(path), fmt="json", proc="master")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            logs.get_logger().info("from the child")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    [record] = [json.loads(line) for line in _lines(path)]
+    assert record["pid"] == pid and record["message"] == "from the child"

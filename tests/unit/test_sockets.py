@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from forkserver import sockets
+from forkserver import addresses, sockets
 from forkserver.sockets import BindError, BindSpec, bind, cleanup, describe, parse_bind
 
 
@@ -302,3 +302,50 @@ def test_inherited_sockets_from_fd_3(tmp_path):
     assert out[0] == f"3 AF_INET http://127.0.0.1:{port}"
     assert out[1] == f"4 AF_UNIX unix:{tmp_path / 'act.sock'}"
     assert out[2] == "['web', '']"
+
+
+# -- forkserver.addresses: the one parser and formatter ----------------------------------------
+
+@pytest.mark.parametrize("text, why", [
+    ("::1:8000", "an IPv6 address needs brackets: [ADDRESS]:PORT"),
+    ("[zz::1]:80", "[zz::1] is not an IPv6 address"),
+    ("host:99999", "port '99999' is not a number from 0 to 65535"),
+    ("unix:/" + "a" * 120, "unix socket path is longer than 107 bytes"),
+    ("unix:/a\0b", "unix: needs a socket path"),
+    ("my host:80", "'my host' is not a host name or IPv4 address"),
+])
+def test_address_errors_say_why_without_repeating_the_spec(text, why):
+    with pytest.raises(addresses.AddressError) as info:
+        addresses.parse(text)
+    assert info.value.why == why
+    assert str(info.value) == f"invalid bind {text!r}: {why}"
+
+
+def test_sockname_writes_the_bind_notation(tmp_path):
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        assert addresses.sockname(tcp) == f"127.0.0.1:{tcp.getsockname()[1]}"
+        assert str(parse_bind(addresses.sockname(tcp))) == addresses.sockname(tcp)
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(tmp_path / "s"))
+        assert addresses.sockname(unix) == f"unix:{tmp_path / 's'}"
+    with socket.socket(socket.AF_UNIX) as abstract:
+        abstract.bind(b"\0forkserver-test-abstract")
+        assert addresses.sockname(abstract) == "unix:@forkserver-test-abstract"
+
+
+@needs_ipv6
+def test_sockname_brackets_ipv6():
+    with socket.socket(socket.AF_INET6) as tcp:
+        tcp.bind(("::1", 0))
+        assert addresses.sockname(tcp) == f"[::1]:{tcp.getsockname()[1]}"
+        assert addresses.endpoint(tcp) == ("::1", str(tcp.getsockname()[1]))
+
+
+def test_endpoint_for_the_environ(tmp_path):
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        assert addresses.endpoint(tcp) == ("127.0.0.1", str(tcp.getsockname()[1]))
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(tmp_path / "s"))
+        assert addresses.endpoint(unix) == (str(tmp_path / "s"), "")

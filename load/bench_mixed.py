@@ -1,0 +1,340 @@
+"""Head-of-line benchmark: fast keep-alive clients beside slow ones (``make bench-mixed``).
+
+    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 3 minutes
+    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1.5 minutes
+
+The scenario of issues 12 and 13: 40 keep-alive clients (wrk -t1 -c40) ask for ``/hello`` while
+2 clients loop on ``/slow?ms=50``, an I/O-bound endpoint (``time.sleep(0.05)``), all on
+``load.apps:app``. A server that keeps a connection on a busy worker makes its fast clients wait
+behind the slow request; the fast clients' rate, p50 and p99 show how much.
+
+Placement matters (issue 13): if the slow clients connected first, the kernel would park the fast
+connections on the idle workers and the problem would hide. So the fast clients connect first,
+all at once, and hold their first request for one second (load/wrk_held.lua), the slow clients
+connect half a second later, and the fast clients' figures cover only the time after the hold,
+with the slow clients running throughout.
+
+Rows: forkserver ``-w 2 --threads 4`` and gunicorn gthread ``-w 2 --threads 4``; forkserver
+``-w 2``; forkserver ``-w 4`` (handoff as built) and ``-w 4 --handoff-delay 0``; gunicorn sync
+``-w 4``. Then hello-world keep-alive without slow clients for the threaded pair and the
+handoff pair. A row whose forkserver flags the build under test lacks (``forkserver --help``)
+is reported as "not supported by this build". Writes ``load/results/bench-mixed.md`` and
+``bench-mixed.json``.
+
+Exit status: 0 after a complete run, 1 when a server failed, 3 when setup failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the ``load`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from load import bench_env
+from load.contenders import Contender, gunicorn_common_flags, start_command
+from load.servers import ROOT, ManagedServer, ServerError
+from load.wrk import WRK_SCRIPT, WrkResult, finish_wrk, run_wrk, start_wrk, wrk_command
+
+APP = "load.apps:app"
+FAST_PATH = "/hello"
+SLOW_PATH = "/slow?ms=50"
+FAST_CLIENTS = 40
+SLOW_CLIENTS = 2
+HOLD_S = 1.0  # the fast clients' first requests wait this long (placement, see above)
+SLOW_AFTER_S = 0.5  # the slow clients connect this long after the fast ones
+HELD_SCRIPT = ROOT / "load" / "wrk_held.lua"
+
+GTHREAD = "gunicorn gthread -w 2 --threads 4"
+SYNC = "gunicorn sync -w 4"
+THREADED = "forkserver -w 2 --threads 4"
+HANDOFF = "forkserver -w 4"
+NO_HANDOFF = "forkserver -w 4 --handoff-delay 0"
+
+MIXED_ROWS = (
+    Contender(THREADED, "forkserver", 2, threads=4),
+    Contender(GTHREAD, "gunicorn-gthread", 2, threads=4),
+    Contender("forkserver -w 2", "forkserver", 2),
+    Contender(HANDOFF, "forkserver", 4),
+    Contender(NO_HANDOFF, "forkserver", 4, extra=("--handoff-delay", "0")),
+    Contender(SYNC, "gunicorn-sync", 4),
+)
+HELLO_ROWS = (MIXED_ROWS[0], MIXED_ROWS[1], MIXED_ROWS[3], MIXED_ROWS[4])
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_SETUP = 3
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One run of one row: the fast clients' figures and the slow clients' rate."""
+
+    row: str
+    scenario: str  # "mixed" or "hello"
+    round: int
+    fast_rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    slow_rps: float | None
+
+
+def held_command(wrk: str, url: str, duration: float) -> list[str]:
+    argv = wrk_command(wrk, url + FAST_PATH, FAST_CLIENTS, HOLD_S + duration)
+    argv[argv.index(str(WRK_SCRIPT))] = str(HELD_SCRIPT)
+    return [*argv, "--", str(int(HOLD_S * 1000)), str(FAST_CLIENTS)]
+
+
+def _after_hold(result: WrkResult, duration: float) -> float:
+    """Requests per second over the time after the hold (wrk divides by the whole run)."""
+    return result.requests / max(result.seconds - HOLD_S, duration / 2)
+
+
+def run_once(wrk: str, server: ManagedServer, scenario: str, duration: float,
+             round_no: int) -> Outcome:
+    fast = start_wrk(held_command(wrk, server.url, duration))
+    slow = None
+    try:
+        if scenario == "mixed":
+            time.sleep(SLOW_AFTER_S)
+            slow = start_wrk(wrk_command(wrk, server.url + SLOW_PATH, SLOW_CLIENTS,
+                                         HOLD_S - SLOW_AFTER_S + duration))
+        fast_result = finish_wrk(fast, HOLD_S + duration + 60)
+        slow_result = finish_wrk(slow, duration + 60) if slow else None
+    finally:
+        for proc in (fast, slow):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return Outcome(server.name, scenario, round_no, _after_hold(fast_result, duration),
+                   fast_result.p50_ms, fast_result.p99_ms,
+                   fast_result.error_total + (slow_result.error_total if slow_result else 0),
+                   slow_result.rps if slow_result else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+@dataclass(frozen=True)
+class Summary:
+    row: str
+    scenario: str
+    fast_rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    slow_rps: float | None
+
+
+def summarize(outcomes: list[Outcome]) -> dict[tuple[str, str], Summary]:
+    groups: dict[tuple[str, str], list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault((o.row, o.scenario), []).append(o)
+    return {key: Summary(key[0], key[1], statistics.median(o.fast_rps for o in group),
+                         statistics.median(o.p50_ms for o in group),
+                         statistics.median(o.p99_ms for o in group),
+                         sum(o.errors for o in group),
+                         statistics.median(o.slow_rps for o in group)
+                         if all(o.slow_rps is not None for o in group) else None)
+            for key, group in groups.items()}
+
+
+def check_targets(s: dict[tuple[str, str], Summary]) -> list[tuple[str, str, str]]:
+    """Issue 12's and 13's targets, same run."""
+    def ratio(a: str, b: str, scenario: str = "mixed") -> float | None:
+        mine, theirs = s.get((a, scenario)), s.get((b, scenario))
+        return mine.fast_rps / theirs.fast_rps if mine and theirs and theirs.fast_rps else None
+
+    def p99(a: str, b: str) -> tuple[str, str]:
+        mine, theirs = s.get((a, "mixed")), s.get((b, "mixed"))
+        if not mine or not theirs:
+            return ("n/a", "n/a")
+        return (f"{mine.p99_ms:.1f} vs {theirs.p99_ms:.1f} ms",
+                "met" if mine.p99_ms <= theirs.p99_ms else "NOT met")
+
+    def at_least(target: str, value: float | None, limit: float) -> tuple[str, str, str]:
+        if value is None:
+            return (target, "n/a", "n/a")
+        return (target, f"{value:.2f}x", "met" if value >= limit else "NOT met")
+
+    return [
+        at_least(f"mixed: {THREADED} fast rate >= 2x {GTHREAD}", ratio(THREADED, GTHREAD), 2.0),
+        (f"mixed: {THREADED} fast p99 <= {GTHREAD}", *p99(THREADED, GTHREAD)),
+        at_least(f"hello: {THREADED} >= 2x {GTHREAD}", ratio(THREADED, GTHREAD, "hello"), 2.0),
+        at_least(f"mixed: {HANDOFF} fast rate >= 3x {SYNC}", ratio(HANDOFF, SYNC), 3.0),
+        (f"mixed: {HANDOFF} fast p99 <= {SYNC}", *p99(HANDOFF, SYNC)),
+        at_least(f"hello: {HANDOFF} within 5% of {NO_HANDOFF}",
+                 ratio(HANDOFF, NO_HANDOFF, "hello"), 0.95),
+    ]
+
+
+def render_markdown(summaries: dict[tuple[str, str], Summary], unsupported: dict[str, str],
+                    info: dict[str, str], duration: float, rounds: int,
+                    problems: list[str], notes: list[str] | None = None,
+                    scenarios: tuple[str, ...] = ("mixed", "hello")) -> str:
+    lines = ["# forkserver head-of-line benchmark", ""]
+    if problems:
+        lines += [f"**Incomplete run ({'; '.join(problems)[:200]}).**", ""]
+    lines += [
+        f"{info['date']} on {info['machine']}.", "", bench_env.versions_line(info), "",
+        (f"App `{APP}`. Fast clients: `wrk -t1 -c{FAST_CLIENTS}` on `{FAST_PATH}` "
+         f"(keep-alive), connected first, measured for {duration:g} s after a {HOLD_S:g} s "
+         f"hold. Slow clients (mixed scenario only): `wrk -t1 -c{SLOW_CLIENTS}` looping on "
+         f"`{SLOW_PATH}` (sleeps 50 ms), connected {SLOW_AFTER_S:g} s after the fast ones. "
+         f"Median of {rounds} run(s). Ratios: the fast clients' requests/s over gunicorn "
+         "gthread's (`-w 2 --threads 4`) in the same scenario and run. Errors: wrk's socket "
+         "errors plus non-2xx/3xx responses, fast and slow clients."),
+        "",
+        *[f"Note: {note}.\n" for note in notes or []],
+    ]
+    for scenario, title, rows in (("mixed", "Fast clients beside 2 slow clients", MIXED_ROWS),
+                                  ("hello", "Hello world, keep-alive, no slow clients",
+                                   HELLO_ROWS)):
+        if scenario not in scenarios:
+            continue
+        base = summaries.get((GTHREAD, scenario))
+        slow_head = " slow req/s |" if scenario == "mixed" else ""
+        lines += [f"## {title}", "", bench_env.caption(info), "",
+                  f"| server | x gthread | fast req/s | p50 (ms) | p99 (ms) |{slow_head} errors |",
+                  "|---|---:|---:|---:|---:|" + ("---:|" if slow_head else "") + "---:|"]
+        for row in rows:
+            if row.label in unsupported:
+                lines.append(f"| {row.label} | {unsupported[row.label]} |" + " |" * (
+                    5 if slow_head else 4))
+                continue
+            s = summaries.get((row.label, scenario))
+            if s is None:
+                continue
+            x = f"{s.fast_rps / base.fast_rps:.2f}" if base and base.fast_rps else "-"
+            slow = (f" {s.slow_rps:.1f} |" if s.slow_rps is not None else " - |") \
+                if slow_head else ""
+            lines.append(f"| {row.label} | {x} | {s.fast_rps:,.0f} | {s.p50_ms:.2f} | "
+                         f"{s.p99_ms:.2f} |{slow} {s.errors} |")
+        lines.append("")
+    lines += ["## Targets (issues 12, 13)", "", "| target | measured | verdict |",
+              "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in check_targets(summaries)]
+    return "\n".join([*lines, ""])
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fast keep-alive clients beside slow ones: head-of-line blocking.")
+    parser.add_argument("--quick", action="store_true", help="4 s runs instead of 10 s")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds measured per run (default: 10; 4 with --quick)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per row, order rotated; the median is reported (default: 1)")
+    parser.add_argument("--scenarios", nargs="+", choices=("mixed", "hello"),
+                        default=["mixed", "hello"])
+    parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                        help="only the rows whose label contains one of these words")
+    parser.add_argument("--results-dir", type=Path, default=bench_env.RESULTS)
+    parser.add_argument("--no-install", action="store_true",
+                        help="install nothing; fail if wrk or the bench venv is missing")
+    return parser
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _selected(rows: tuple[Contender, ...], words: list[str] | None) -> list[Contender]:
+    return [r for r in rows if not words or any(w in r.label for w in words)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    duration = args.duration or (4.0 if args.quick else 10.0)
+    if duration <= 0 or args.rounds < 1:
+        print("bench_mixed.py: --duration and --rounds must be positive", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        wrk = bench_env.ensure_wrk(not args.no_install)
+        python, _ = bench_env.ensure_bench_venv(not args.no_install, reinstall=False)
+    except (bench_env.SetupError, subprocess.CalledProcessError) as exc:
+        print(f"bench_mixed.py: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    results: Path = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    forkserver_help = bench_env.help_text(python, "forkserver")
+    gunicorn_extra = gunicorn_common_flags(bench_env.help_text(python, "gunicorn"))
+    plan = {scenario: _selected(MIXED_ROWS if scenario == "mixed" else HELLO_ROWS, args.rows)
+            for scenario in args.scenarios}
+    unsupported = {}
+    if not bench_env.supports(forkserver_help, "--handoff-delay"):
+        print(f"note: this build has no --handoff-delay: '{HANDOFF}' runs without handoff",
+              flush=True)
+    for row in {r.label: r for rows in plan.values() for r in rows}.values():
+        lacking = [f for f in row.needs_flags() if not bench_env.supports(forkserver_help, f)]
+        if lacking:
+            unsupported[row.label] = f"not supported by this build (no {', '.join(lacking)})"
+            print(f"{row.label}: {unsupported[row.label]}", flush=True)
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    outcomes: list[Outcome] = []
+    problems: list[str] = []
+    try:
+        for round_no in range(args.rounds):
+            for scenario, rows in plan.items():
+                runnable = [r for r in rows if r.label not in unsupported]
+                shift = round_no % max(len(runnable), 1)
+                for row in runnable[shift:] + runnable[:shift]:
+                    outcomes.append(measure_row(row, scenario, round_no, python, wrk, results,
+                                                gunicorn_extra, duration))
+    except KeyboardInterrupt:
+        problems.append("interrupted")
+    except (ServerError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        problems.append(str(exc))
+    info = bench_env.machine_info(python, wrk)
+    (results / "bench-mixed.json").write_text(json.dumps(
+        {"info": info, "duration": duration, "unsupported": unsupported,
+         "handoff": bench_env.supports(forkserver_help, "--handoff-delay"),
+         "outcomes": [asdict(o) for o in outcomes]}, indent=1))
+    if not bench_env.supports(forkserver_help, "--handoff-delay"):
+        notes = [f"this build has no connection handoff: '{HANDOFF}' ran without it"]
+    else:
+        notes = []
+    markdown = render_markdown(summarize(outcomes), unsupported, info, duration, args.rounds,
+                               problems, notes, tuple(args.scenarios))
+    (results / "bench-mixed.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {results / 'bench-mixed.md'}")
+    if problems:
+        print("bench_mixed.py: " + "\n".join(problems), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def measure_row(row: Contender, scenario: str, round_no: int, python: Path, wrk: str,
+                results: Path, gunicorn_extra: list[str], duration: float) -> Outcome:
+    """Start the row's server, warm it up, run the scenario once, stop it."""
+    slug = row.label.replace(" ", "_").replace("-", "")
+    server = start_command(row, python, APP, results / f"mixed_{slug}.log", gunicorn_extra)
+    server.start()
+    try:
+        run_wrk(wrk, server.url + FAST_PATH, 10, 1)  # warm-up
+        outcome = run_once(wrk, server, scenario, duration, round_no)
+    finally:
+        server.stop()
+    slow = f", slow {outcome.slow_rps:.1f} req/s" if outcome.slow_rps is not None else ""
+    print(f"{scenario:>5} {row.label:<36} fast {outcome.fast_rps:>9,.0f} req/s  "
+          f"p50 {outcome.p50_ms:6.2f}  p99 {outcome.p99_ms:7.2f} ms{slow}"
+          f"{f', {outcome.errors} errors' if outcome.errors else ''}", flush=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    sys.exit(main())

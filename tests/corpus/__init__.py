@@ -1,0 +1,1 @@
+"""Test data shared by the unit and the live suites (see http_verdicts.py)."""
