@@ -79,6 +79,7 @@ _NEXT: tuple[frozenset[Phase], ...] = (
 # Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
 HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER
 KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
+EMPTY_INPUT = wsgi.EMPTY_INPUT
 
 
 @dataclass(frozen=True)
@@ -613,13 +614,17 @@ class Worker:
                     # A Request: PAUSED cannot come, every exchange ends with start_next().
                     conn.request = event
                     conn.body = body = wsgi.open_body(conn, event)
-                if not body.preread():
+                if body is not EMPTY_INPUT and not body.preread():
                     if conn.phase is not BODY:
                         self._go(conn, BODY)
                     return
                 request = conn.request
                 conn.request = conn.body = None
-                self._go(conn, BUSY)
+                if conn.phase is not BUSY:  # (the one hot move, inlined from _go)
+                    if conn.phase is IDLE:
+                        del self.idle[conn.fd]
+                    conn.phase = BUSY  # BUSY follows every phase but LINGER (see _NEXT)
+                    conn.deadline = _NEVER
                 verdict = self.requests.dispatch(conn, request, body)
                 if verdict is not KEEP:
                     self._end(conn, verdict)

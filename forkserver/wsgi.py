@@ -481,7 +481,8 @@ class Exchange:
         if self.status is None:
             raise AppError("the application returned without calling start_response")
         request = self.request
-        if self.keep_alive and not self.body.small_rest():
+        body = self.body
+        if self.keep_alive and not body.complete and not body.small_rest():
             # The app answers without reading a body (or one held back behind 100-continue)
             # that is too large to read and drop: say close, then drain it (LINGER).
             self.keep_alive = False
@@ -616,7 +617,10 @@ def handle(app: Callable, channel: Channel, request: Request, body: Body | Empty
     try:
         try:
             exchange.run(app, environ)
-            exchange.verdict = exchange.conclude()
+            if body.complete:  # the usual case, decided here without a call
+                exchange.verdict = KEEP if exchange.response.keep_alive else CLOSE
+            else:
+                exchange.verdict = exchange.conclude()
         except ClientDisconnected:
             raise
         except HTTPError as error:

@@ -737,9 +737,13 @@ def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int
         request.host = host
     # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
 
-    request.content_length, request.chunked = _framing(length_value, codings, minor, max_body)
+    if length_value is None and codings is None:  # the usual GET: no body
+        request.content_length, request.chunked = None, False
+    else:
+        request.content_length, request.chunked = _framing(length_value, codings, minor,
+                                                           max_body)
     request.expect_continue = expect is not None and _expects_continue(expect, minor)
-    request.keep_alive = _keeps_alive(connection, minor)
+    request.keep_alive = minor == 1 if connection is None else _keeps_alive(connection, minor)
 
 
 def _framing(length_value: str | None, codings: str | None, minor: int,
@@ -774,9 +778,7 @@ def _expects_continue(expect: str, minor: int) -> bool:
     return expect_continue
 
 
-def _keeps_alive(connection: str | None, minor: int) -> bool:
-    if connection is None:
-        return minor == 1
+def _keeps_alive(connection: str, minor: int) -> bool:
     tokens = connection.lower().split(",")
     if len(tokens) > 1:
         tokens = [token.strip(" \t") for token in tokens]
