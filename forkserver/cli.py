@@ -337,8 +337,78 @@ def _mib(size: object) -> str:
     return f"{int(size or 0) / 1048576:.1f}"
 
 
+RUNNING_SHOWN = 8  # requests listed per worker; more are summed up in one line
+_COLUMNS = (f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'THREADS':>7} {'REQUESTS':>9} {'FOR':>7} "
+            f"{'USS MiB':>8} {'PSS MiB':>8} {'CONN':>5}  REQUEST")
+# Where the FOR and REQUEST columns end and begin, for a worker's further running requests.
+_FOR_END = _COLUMNS.index("FOR") + len("FOR")
+_REQUEST_AT = _COLUMNS.rindex("REQUEST")
+
+
+def _running(worker: dict) -> list[tuple[float, str]]:
+    """(seconds, request) of each request a worker runs, oldest first; a server without
+    per-thread records gives its one current request."""
+    running = worker.get("running")
+    if isinstance(running, list):
+        return [(float(r.get("seconds", 0)), str(r.get("request", ""))) for r in running]
+    if worker.get("state") == "busy" and worker.get("current_request"):
+        return [(float(worker.get("busy_seconds", 0)), str(worker["current_request"]))]
+    return []
+
+
+def _worker_lines(w: dict) -> list[str]:
+    """A worker's row, then one line per further running request (at most RUNNING_SHOWN)."""
+    running = _running(w)
+    threads = int(w.get("threads", 1))
+    first_for, first = (_duration(running[0][0]), running[0][1]) if running else ("-", "")
+    lines = [
+        f"{_printable(w.get('pid', '?')):>7} {_printable(w.get('generation', '?')):>4} "
+        f"{_printable(w.get('state', '?'), 9):<9} {f'{len(running)}/{threads}':>7} "
+        f"{int(w.get('requests', 0)):>9} {first_for:>7} "
+        f"{_mib(w.get('uss')):>8} {_mib(w.get('pss')):>8} {int(w.get('connections', 0)):>5}  "
+        f"{_printable(first, 60)}".rstrip()
+    ]
+    for seconds, request in running[1:RUNNING_SHOWN]:
+        lines.append(f"{_duration(seconds):>{_FOR_END}}{'':{_REQUEST_AT - _FOR_END}}"
+                     f"{_printable(request, 60)}")
+    if len(running) > RUNNING_SHOWN:
+        lines.append(f"{'':{_REQUEST_AT}}... and {len(running) - RUNNING_SHOWN} more")
+    return lines
+
+
+def _memory_line(master: dict, workers: list, totals: dict) -> str:
+    """The server's memory: PSS adds up, so it leads; USS and RSS follow."""
+    memory = totals.get("memory", {})
+    parts = [f"master {_mib(master.get('pss'))}",
+             f"workers {_mib(sum(int(w.get('pss') or 0) for w in workers))}"]
+    parts += [f"{_printable(p.get('role', '?'), 12)} {_mib(p.get('pss'))}"
+              for p in master.get("others", [])]
+    return (f"memory: {_mib(memory.get('pss'))} MiB PSS in all ({', '.join(parts)}); "
+            f"USS {_mib(memory.get('uss'))} MiB, RSS {_mib(memory.get('rss'))} MiB")
+
+
+def _summary(workers: list, totals: dict) -> list[str]:
+    states = totals.get("workers", {})
+    by_state = ", ".join(f"{n} {_printable(state)}" for state, n in states.items() if n)
+    responses = ", ".join(f"{_printable(k)} {n}" for k, n in totals.get("responses", {}).items()
+                          if n)
+    busy = int(totals.get("busy_threads", totals.get("in_flight", 0)))
+    threads = int(totals.get("threads", len(workers)))
+    handoffs = totals.get("handoffs", {})
+    handed = ""
+    if handoffs.get("sent") or handoffs.get("adopted"):
+        handed = (f"; {int(handoffs.get('sent', 0))} connections handed off, "
+                  f"{int(handoffs.get('adopted', 0))} adopted")
+    serving = (f"{len(workers)} workers ({by_state or 'none'}); {busy} of {threads} threads "
+               f"busy; {int(totals.get('connections', 0))} connections open")
+    served = (f"{int(totals.get('requests', 0))} requests ({responses or 'none'}); "
+              f"{_mib(totals.get('sent_bytes'))} MiB sent{handed}")
+    return [serving, served]
+
+
 def format_status(data: dict) -> str:
-    """The table ``forkserver status`` prints: a header, one row per worker, a summary line."""
+    """The table ``forkserver status`` prints: a header, one row per worker (and a line per
+    further running request of a threaded worker), a summary line."""
     master = data.get("master", {})
     totals = data.get("totals", {})
     workers = data.get("workers", [])
@@ -350,29 +420,12 @@ def format_status(data: dict) -> str:
          f"{int(master.get('reloads', 0))} reloads, "
          f"{sum(int(n) for n in restarts.values())} worker restarts"),
         f"scoreboard: {keys}   (_ idle, W busy, K keep-alive, S starting, G exiting)",
+        _memory_line(master, workers, totals),
         "",
-        (f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'REQUESTS':>9} {'FOR':>7} {'RSS MiB':>8} "
-         f"{'CONN':>5}  REQUEST"),
+        _COLUMNS,
     ]
     for w in workers:
-        busy = w.get("state") == "busy" and w.get("current_request")
-        lines.append(
-            f"{_printable(w.get('pid', '?')):>7} {_printable(w.get('generation', '?')):>4} "
-            f"{_printable(w.get('state', '?'), 9):<9} {int(w.get('requests', 0)):>9} "
-            f"{_duration(w.get('busy_seconds', 0)) if busy else '-':>7} "
-            f"{_mib(w.get('rss')):>8} {int(w.get('connections', 0)):>5}  "
-            f"{_printable(w.get('current_request', ''), 60) if busy else ''}".rstrip()
-        )
-    states = totals.get("workers", {})
-    by_state = ", ".join(f"{n} {_printable(state)}" for state, n in states.items() if n)
-    responses = ", ".join(f"{_printable(k)} {n}" for k, n in totals.get("responses", {}).items()
-                          if n)
+        lines.extend(_worker_lines(w))
     lines.append("")
-    lines.append(
-        f"{len(workers)} workers ({by_state or 'none'}); "
-        f"{int(totals.get('in_flight', 0))} in flight; "
-        f"{int(totals.get('requests', 0))} requests ({responses or 'none'}); "
-        f"{int(totals.get('connections', 0))} connections open; "
-        f"{_mib(totals.get('sent_bytes'))} MiB sent"
-    )
+    lines.extend(_summary(workers, totals))
     return "\n".join(lines) + "\n"

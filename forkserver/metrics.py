@@ -3,9 +3,12 @@
 The master is the only process that sees every worker, so it is the one that answers: a scrape
 still works when every worker is busy or hung, which is exactly when it matters. Three parts:
 
-* ``collect`` turns the scoreboard, psutil readings and the master's own counters into one
+* ``collect`` turns the scoreboard, memory readings (``memory.Sampler``: RSS, USS, PSS per
+  process, each read at most once per interval) and the master's own counters into one
   ``Snapshot``. Counters of exited workers live in ``Totals`` (the master folds a dead worker's
   final slot in before it reuses the slot), so the totals never go back when workers restart.
+  A threaded worker's counters are the sum of its threads' records; "in flight" counts busy
+  threads, not busy workers.
 * ``render_prometheus`` and ``render_status`` are pure functions of a snapshot.
 * ``MetricsServer`` is a tiny non-blocking HTTP/1.1 listener that the master drives from its own
   select loop. It accepts only ``GET``/``HEAD`` of four paths, with small limits, one request per
@@ -27,7 +30,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +38,23 @@ import psutil
 
 from forkserver import addresses
 from forkserver.http.parser import NEED_DATA, HTTPError, Limits, Request, RequestParser
-from forkserver.scoreboard import DURATION_BUCKETS, Reason, Scoreboard, SlotView, State
+from forkserver.memory import Reading, Sampler
+from forkserver.memory import total as memory_total
+from forkserver.scoreboard import (
+    DURATION_BUCKETS,
+    HANDOFF_WAIT_BUCKETS,
+    Reason,
+    Scoreboard,
+    SlotView,
+    State,
+    ThreadState,
+)
 
 __all__ = [
     "ListenerSample",
     "MetricsServer",
+    "ProcessSample",
+    "Running",
     "Snapshot",
     "Totals",
     "WorkerSample",
@@ -62,6 +77,8 @@ _STATE_NAMES = {
     State.EXITING: "exiting",
 }
 UNKNOWN = "unknown"  # a worker without a readable slot (one of the image before a USR2 upgrade)
+ZERO_MEMORY = Reading(0, 0, 0)
+MEMORY_KINDS = Reading._fields  # rss, uss, pss
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +94,19 @@ class Totals:
         self.status_counts = [0] * len(STATUS_CLASSES)
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
+        self.handoffs_sent = 0
+        self.handoffs_adopted = 0
+        self.handoff_wait_buckets = [0] * len(HANDOFF_WAIT_BUCKETS)
+        self.handoff_wait_sum = 0.0
         self.workers = 0  # how many slots were folded in
 
     def fold(self, view: SlotView) -> None:
         """Add a dead worker's final slot; call it once per worker, before the slot is released."""
+        self.add(view)
+        self.workers += 1
+
+    def add(self, view: SlotView) -> None:
+        """Add a slot's counters (``fold`` for the dead; ``collect`` for the living, on a copy)."""
         self.requests += view.requests
         self.sent_bytes += view.bytes_sent
         for i, count in enumerate(view.status_counts):
@@ -88,7 +114,26 @@ class Totals:
         for i, count in enumerate(view.duration_buckets):
             self.duration_buckets[i] += count
         self.duration_sum += view.duration_sum
-        self.workers += 1
+        self.handoffs_sent += view.handoffs_sent
+        self.handoffs_adopted += view.handoffs_adopted
+        for i, count in enumerate(view.handoff_wait_buckets):
+            self.handoff_wait_buckets[i] += count
+        self.handoff_wait_sum += view.handoff_wait_sum
+
+    def copy(self) -> Totals:
+        other = Totals()
+        for name, value in vars(self).items():
+            setattr(other, name, list(value) if isinstance(value, list) else value)
+        return other
+
+
+@dataclass(frozen=True)
+class Running:
+    """A request being run by one of a worker's threads."""
+
+    thread: int  # 0 .. threads - 1
+    request: str  # "METHOD /path" (a single-threaded worker's full request line)
+    seconds: float  # since it started
 
 
 @dataclass(frozen=True)
@@ -103,13 +148,29 @@ class WorkerSample:
     requests: int
     sent_bytes: int
     connections: int
-    current_request: str  # request line of the running request, "" when none
-    busy_seconds: float  # how long the current request has been running; 0 when none
+    current_request: str  # request line of the (oldest) running request, "" when none
+    busy_seconds: float  # how long that request has been running; 0 when none
     age_seconds: float  # since the master started it
     heartbeat_age: float  # since the worker last showed a sign of life
-    rss: int
-    own_memory: int  # rss minus pages shared with other processes (what recycling looks at)
+    memory: Reading  # rss, uss (its own pages), pss (its fair share); zeros when unread
     cpu_seconds: float  # user + system
+    threads: int = 1  # application threads
+    running: tuple[Running, ...] = ()  # one per busy thread, oldest first
+    handoffs_sent: int = 0
+    handoffs_adopted: int = 0
+
+    @property
+    def busy_threads(self) -> int:
+        return len(self.running)
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """A process of the server that serves no requests (the mold of a refork)."""
+
+    role: str
+    pid: int
+    memory: Reading
 
 
 @dataclass(frozen=True)
@@ -126,8 +187,8 @@ class Snapshot:
     """Everything /metrics and /status show, taken at one moment by ``collect``.
 
     Counters include the workers that have exited (``Totals``). ``duration_buckets`` holds one
-    plain count per bucket of ``scoreboard.DURATION_BUCKETS``; Prometheus' cumulative form is
-    made when rendering.
+    plain count per bucket of ``scoreboard.DURATION_BUCKETS`` (``handoff_wait_buckets`` of
+    ``HANDOFF_WAIT_BUCKETS``); Prometheus' cumulative form is made when rendering.
     """
 
     master_pid: int
@@ -142,10 +203,15 @@ class Snapshot:
     sent_bytes: int
     duration_buckets: tuple[int, ...]
     duration_sum: float
-    master_rss: int = 0
+    master_memory: Reading = ZERO_MEMORY
     # Why the master itself says the server must not get traffic ("draining", "shutting
     # down"), or None when it has nothing against it; /readyz adds what the workers show.
     not_ready: str | None = None
+    others: tuple[ProcessSample, ...] = ()  # the mold, when there is one
+    handoffs_sent: int = 0
+    handoffs_adopted: int = 0
+    handoff_wait_buckets: tuple[int, ...] = (0,) * len(HANDOFF_WAIT_BUCKETS)
+    handoff_wait_sum: float = 0.0
     workers_by_state: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,12 +222,29 @@ class Snapshot:
 
     @property
     def in_flight(self) -> int:
-        """Requests being run right now: a worker runs one at a time, so its BUSY state is one."""
-        return self.workers_by_state["busy"]
+        """Requests being run right now: one per busy thread."""
+        return sum(worker.busy_threads for worker in self.workers)
+
+    @property
+    def threads(self) -> int:
+        """Application threads of the workers that have a slot."""
+        return sum(worker.threads for worker in self.workers if worker.index >= 0)
 
     @property
     def connections(self) -> int:
         return sum(worker.connections for worker in self.workers)
+
+    @property
+    def memory(self) -> Reading:
+        """The whole server: master, workers and the other processes (PSS is what adds up)."""
+        return memory_total([self.master_memory, *(w.memory for w in self.workers),
+                             *(p.memory for p in self.others)])
+
+
+# Readings taken when the master passes none (an older master, or a test): the same cache
+# rule, at the default memory_check_interval.
+FALLBACK_INTERVAL = 10.0
+_fallback = Sampler(FALLBACK_INTERVAL)
 
 
 def collect(
@@ -173,59 +256,83 @@ def collect(
     started: float,
     listeners: list[socket.socket],
     not_ready: str | None = None,
+    readings: Mapping[int, Reading] | None = None,
+    others: Mapping[int, str] | None = None,
 ) -> Snapshot:
     """Take a snapshot. ``workers`` holds (pid, slot index or -1, generation) per live worker.
 
     ``started`` is the master's start as a ``time.monotonic()`` value; ``not_ready`` is the
     master's reason to refuse traffic ("draining", "shutting down"), None when it has none.
-    Runs in the master's loop, so it only reads shared memory, /proc (through psutil) and socket
-    options: no waiting.
+    ``others`` names the server's other processes by pid ({pid: "mold"}). ``readings`` is the
+    master's memory.Sampler output for its own pid, the workers and ``others``; without it they
+    are read here through a cache of the same kind. Runs in the master's loop, so it only reads
+    shared memory, /proc (through psutil) and socket options: no waiting.
     """
     now = time.monotonic()
-    requests = totals.requests
-    sent_bytes = totals.sent_bytes
-    status_counts = list(totals.status_counts)
-    buckets = list(totals.duration_buckets)
-    duration_sum = totals.duration_sum
-    samples = []
-    for pid, index, generation in workers:
-        rss, own, cpu = _process_usage(pid)
-        if index < 0:
-            samples.append(WorkerSample(pid, index, generation, UNKNOWN, "", 0, 0, 0, "", 0.0,
-                                        0.0, 0.0, rss, own, cpu))
-            continue
-        view = scoreboard.read(index)
-        requests += view.requests
-        sent_bytes += view.bytes_sent
-        for i, count in enumerate(view.status_counts):
-            status_counts[i] += count
-        for i, count in enumerate(view.duration_buckets):
-            buckets[i] += count
-        duration_sum += view.duration_sum
-        samples.append(_sample(pid, index, generation, view, now, rss, own, cpu))
-    samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
+    master_pid = os.getpid()
+    others = dict(others or {})
+    if readings is None:
+        pids = [master_pid, *(pid for pid, _index, _gen in workers), *others]
+        readings = _fallback.readings(pids, now)
+    sums = totals.copy()  # plus every live worker's counters, added by _samples
+    samples = _samples(scoreboard, workers, readings, sums, now)
     return Snapshot(
-        master_pid=os.getpid(),
+        master_pid=master_pid,
         time=time.time(),
         uptime=max(0.0, now - started),
         reloads=reloads,
         restarts={**dict.fromkeys(RESTART_REASONS, 0), **restarts},
         workers=tuple(samples),
         listeners=tuple(s for s in map(listen_backlog, listeners) if s is not None),
-        requests=requests,
-        responses=dict(zip(STATUS_CLASSES, status_counts)),
-        sent_bytes=sent_bytes,
-        duration_buckets=tuple(buckets),
-        duration_sum=duration_sum,
-        master_rss=_process_usage(os.getpid())[0],
+        requests=sums.requests,
+        responses=dict(zip(STATUS_CLASSES, sums.status_counts)),
+        sent_bytes=sums.sent_bytes,
+        duration_buckets=tuple(sums.duration_buckets),
+        duration_sum=sums.duration_sum,
+        master_memory=readings.get(master_pid, ZERO_MEMORY),
         not_ready=not_ready,
+        others=tuple(ProcessSample(role, pid, readings.get(pid, ZERO_MEMORY))
+                     for pid, role in sorted(others.items())),
+        handoffs_sent=sums.handoffs_sent,
+        handoffs_adopted=sums.handoffs_adopted,
+        handoff_wait_buckets=tuple(sums.handoff_wait_buckets),
+        handoff_wait_sum=sums.handoff_wait_sum,
     )
 
 
-def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, rss: int,
-            own: int, cpu: float) -> WorkerSample:
+def _samples(scoreboard: Scoreboard, workers: list[tuple[int, int, int]],
+             readings: Mapping[int, Reading], sums: Totals, now: float) -> list[WorkerSample]:
+    """The live workers, in slot order (those without a slot last); adds their counters."""
+    samples = []
+    for pid, index, generation in workers:
+        usage = readings.get(pid, ZERO_MEMORY)
+        cpu = _cpu_seconds(pid)
+        if index < 0:
+            samples.append(WorkerSample(pid, index, generation, UNKNOWN, "", 0, 0, 0, "", 0.0,
+                                        0.0, 0.0, usage, cpu))
+            continue
+        view = scoreboard.read(index)
+        sums.add(view)
+        samples.append(_sample(pid, index, generation, view, now, usage, cpu))
+    samples.sort(key=lambda s: (s.index < 0, s.index, s.pid))
+    return samples
+
+
+def _running(view: SlotView, now: float) -> tuple[Running, ...]:
+    """The requests a worker runs, oldest first."""
+    if view.threads:
+        busy = [Running(t.number, f"{t.method} {t.path}", max(0.0, now - t.request_start))
+                for t in view.threads if t.state is ThreadState.BUSY and t.request_start > 0]
+        return tuple(sorted(busy, key=lambda r: -r.seconds))
+    if view.state is State.BUSY and view.request_start > 0:
+        return (Running(0, view.request_line, max(0.0, now - view.request_start)),)
+    return ()
+
+
+def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, usage: Reading,
+            cpu: float) -> WorkerSample:
     """One worker from its scoreboard slot and its process readings."""
-    running = view.state is State.BUSY and view.request_start > 0
+    running = _running(view, now)
     return WorkerSample(
         pid=pid,
         index=index,
@@ -235,31 +342,26 @@ def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, r
         requests=view.requests,
         sent_bytes=view.bytes_sent,
         connections=view.connections,
-        current_request=view.request_line if running else "",
-        busy_seconds=max(0.0, now - view.request_start) if running else 0.0,
+        current_request=running[0].request if running else "",
+        busy_seconds=running[0].seconds if running else 0.0,
         age_seconds=max(0.0, now - view.booted_at) if view.booted_at else 0.0,
         heartbeat_age=max(0.0, now - view.heartbeat) if view.heartbeat else 0.0,
-        rss=rss,
-        own_memory=own,
+        memory=usage,
         cpu_seconds=cpu,
+        threads=view.thread_count,
+        running=running,
+        handoffs_sent=view.handoffs_sent,
+        handoffs_adopted=view.handoffs_adopted,
     )
 
 
-def _process_usage(pid: int) -> tuple[int, int, float]:
-    """(rss, own memory, cpu seconds) of a process; zeros if it is gone or unreadable.
-
-    "Own" subtracts the pages the process shares (with the master, after fork or preload), the
-    same measure max_worker_memory recycles on.
-    """
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process; 0 if it is gone or unreadable."""
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            memory = proc.memory_info()
-            cpu = proc.cpu_times()
+        cpu = psutil.Process(pid).cpu_times()
     except psutil.Error:
-        return 0, 0, 0.0
-    rss = memory.rss
-    return rss, max(0, rss - getattr(memory, "shared", 0)), cpu.user + cpu.system
+        return 0.0
+    return cpu.user + cpu.system
 
 
 # The head of Linux's struct tcp_info (include/uapi/linux/tcp.h), which is all that is read:
@@ -321,12 +423,28 @@ _METRICS = {
     "forkserver_responses_total": ("counter", "Responses sent, by status class."),
     "forkserver_request_duration_seconds": (
         "histogram", "Time from the start of the application call to the end of the response."),
-    "forkserver_requests_in_flight": ("gauge", "Requests being run by a worker right now."),
+    "forkserver_requests_in_flight": (
+        "gauge", "Requests being run right now (one per busy thread)."),
     "forkserver_workers": ("gauge", "Worker processes, by state."),
+    "forkserver_threads": ("gauge", "Application threads of all workers, by state."),
+    "forkserver_worker_threads": ("gauge", "Application threads of each worker."),
+    "forkserver_worker_threads_busy": (
+        "gauge", "Application threads of each worker running a request."),
     "forkserver_connections_open": ("gauge", "Client connections held open by the workers."),
-    "forkserver_worker_resident_memory_bytes": ("gauge", "Resident memory of each worker."),
-    "forkserver_worker_own_memory_bytes": (
-        "gauge", "Resident memory of each worker not shared with other processes."),
+    "forkserver_handoffs_sent_total": (
+        "counter", "Keep-alive connections a busy worker handed to another worker."),
+    "forkserver_handoffs_adopted_total": (
+        "counter", "Connections a worker took over from another worker."),
+    "forkserver_handoff_wait_seconds": (
+        "histogram", "Time from a handed-off connection being ready to its adopter serving it."),
+    "forkserver_worker_memory_bytes": (
+        "gauge", ("Memory of each worker: rss (resident), uss (its own pages), pss (its share "
+                  "of every page it maps).")),
+    "forkserver_process_memory_bytes": (
+        "gauge", "Memory of the master and of the other processes that serve no requests."),
+    "forkserver_memory_bytes": (
+        "gauge", ("Memory of the whole server (master, workers, others); pss is the one that "
+                  "adds up to what the server uses.")),
     "forkserver_worker_cpu_seconds_total": (
         "counter", "CPU time (user and system) of each worker."),
     "forkserver_worker_restarts_total": ("counter", "Workers that exited, by reason."),
@@ -338,48 +456,87 @@ _METRICS = {
     "forkserver_sent_bytes_total": ("counter", "Response bytes sent to clients."),
 }
 
+_Sample = tuple[str, str, float]  # suffix, labels, value
+
+
+def _histogram(bounds: tuple[float, ...], counts: tuple[int, ...], total: float
+               ) -> list[_Sample]:
+    cumulative = 0
+    samples = []
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        samples.append(("_bucket", f'{{le="{_number(bound)}"}}', cumulative))
+    return [*samples, ("_sum", "", total), ("_count", "", cumulative)]
+
+
+def _memory(labels: str, reading: Reading) -> list[_Sample]:
+    return [("", f'{{{labels}kind="{kind}"}}', value)
+            for kind, value in zip(MEMORY_KINDS, reading)]
+
+
+def _traffic(snapshot: Snapshot) -> dict[str, list[_Sample]]:
+    busy = snapshot.in_flight
+    return {
+        "forkserver_requests_total": [("", "", snapshot.requests)],
+        "forkserver_responses_total": [("", f'{{class="{k}"}}', n)
+                                       for k, n in snapshot.responses.items()],
+        "forkserver_request_duration_seconds": _histogram(
+            DURATION_BUCKETS, snapshot.duration_buckets, snapshot.duration_sum),
+        "forkserver_requests_in_flight": [("", "", busy)],
+        "forkserver_workers": [("", f'{{state="{s}"}}', n)
+                               for s, n in snapshot.workers_by_state.items()],
+        "forkserver_threads": [("", '{state="busy"}', busy),
+                               ("", '{state="idle"}', max(0, snapshot.threads - busy))],
+        "forkserver_connections_open": [("", "", snapshot.connections)],
+        "forkserver_handoffs_sent_total": [("", "", snapshot.handoffs_sent)],
+        "forkserver_handoffs_adopted_total": [("", "", snapshot.handoffs_adopted)],
+        "forkserver_handoff_wait_seconds": _histogram(
+            HANDOFF_WAIT_BUCKETS, snapshot.handoff_wait_buckets, snapshot.handoff_wait_sum),
+    }
+
+
+def _processes(snapshot: Snapshot) -> dict[str, list[_Sample]]:
+    workers = snapshot.workers
+    others = [("master", snapshot.master_pid, snapshot.master_memory),
+              *((p.role, p.pid, p.memory) for p in snapshot.others)]
+    return {
+        "forkserver_worker_threads": [("", f'{{pid="{w.pid}"}}', w.threads) for w in workers],
+        "forkserver_worker_threads_busy": [("", f'{{pid="{w.pid}"}}', w.busy_threads)
+                                           for w in workers],
+        "forkserver_worker_memory_bytes": [sample for w in workers
+                                           for sample in _memory(f'pid="{w.pid}",', w.memory)],
+        "forkserver_process_memory_bytes": [
+            sample for role, pid, reading in others
+            for sample in _memory(f'process="{_label(role)}",pid="{pid}",', reading)],
+        "forkserver_memory_bytes": _memory("", snapshot.memory),
+        "forkserver_worker_cpu_seconds_total": [("", f'{{pid="{w.pid}"}}', w.cpu_seconds)
+                                                for w in workers],
+    }
+
+
+def _server(snapshot: Snapshot) -> dict[str, list[_Sample]]:
+    return {
+        "forkserver_worker_restarts_total": [("", f'{{reason="{_label(r)}"}}', n)
+                                             for r, n in snapshot.restarts.items()],
+        "forkserver_reloads_total": [("", "", snapshot.reloads)],
+        "forkserver_uptime_seconds": [("", "", round(snapshot.uptime, 3))],
+        "forkserver_listen_backlog": [("", f'{{listener="{_label(s.name)}"}}', s.queued)
+                                      for s in snapshot.listeners],
+        "forkserver_listen_backlog_max": [("", f'{{listener="{_label(s.name)}"}}', s.max)
+                                          for s in snapshot.listeners],
+        "forkserver_sent_bytes_total": [("", "", snapshot.sent_bytes)],
+    }
+
 
 def render_prometheus(snapshot: Snapshot) -> bytes:
-    """The Prometheus text exposition format, version 0.0.4."""
+    """The Prometheus text exposition format, version 0.0.4; families in _METRICS' order."""
+    families = {**_traffic(snapshot), **_processes(snapshot), **_server(snapshot)}
     out: list[str] = []
-
-    def family(name: str, samples: list[tuple[str, str, float]]) -> None:
-        kind, help_text = _METRICS[name]
+    for name, (kind, help_text) in _METRICS.items():
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
+        for suffix, labels, value in families[name]:
             out.append(f"{name}{suffix}{labels} {_number(value)}")
-
-    family("forkserver_requests_total", [("", "", snapshot.requests)])
-    family("forkserver_responses_total",
-           [("", f'{{class="{k}"}}', n) for k, n in snapshot.responses.items()])
-    cumulative = 0
-    buckets = []
-    for bound, count in zip(DURATION_BUCKETS, snapshot.duration_buckets):
-        cumulative += count
-        buckets.append(("_bucket", f'{{le="{_number(bound)}"}}', cumulative))
-    family("forkserver_request_duration_seconds", [
-        *buckets, ("_sum", "", snapshot.duration_sum), ("_count", "", cumulative),
-    ])
-    family("forkserver_requests_in_flight", [("", "", snapshot.in_flight)])
-    family("forkserver_workers",
-           [("", f'{{state="{s}"}}', n) for s, n in snapshot.workers_by_state.items()])
-    family("forkserver_connections_open", [("", "", snapshot.connections)])
-    family("forkserver_worker_resident_memory_bytes",
-           [("", f'{{pid="{w.pid}"}}', w.rss) for w in snapshot.workers])
-    family("forkserver_worker_own_memory_bytes",
-           [("", f'{{pid="{w.pid}"}}', w.own_memory) for w in snapshot.workers])
-    family("forkserver_worker_cpu_seconds_total",
-           [("", f'{{pid="{w.pid}"}}', w.cpu_seconds) for w in snapshot.workers])
-    family("forkserver_worker_restarts_total",
-           [("", f'{{reason="{_label(r)}"}}', n) for r, n in snapshot.restarts.items()])
-    family("forkserver_reloads_total", [("", "", snapshot.reloads)])
-    family("forkserver_uptime_seconds", [("", "", round(snapshot.uptime, 3))])
-    family("forkserver_listen_backlog",
-           [("", f'{{listener="{_label(s.name)}"}}', s.queued) for s in snapshot.listeners])
-    family("forkserver_listen_backlog_max",
-           [("", f'{{listener="{_label(s.name)}"}}', s.max) for s in snapshot.listeners])
-    family("forkserver_sent_bytes_total", [("", "", snapshot.sent_bytes)])
     out.append("")
     return "\n".join(out).encode("utf-8")
 
@@ -409,54 +566,81 @@ def not_ready(snapshot: Snapshot) -> str | None:
     return "booting" if "booting" in states else "draining"
 
 
+def _memory_json(reading: Reading) -> dict[str, int]:
+    return dict(zip(MEMORY_KINDS, reading))
+
+
+def _worker_json(w: WorkerSample, show_query: bool) -> dict[str, Any]:
+    def shown(line: str) -> str:
+        return line if show_query else without_query(line)
+
+    return {
+        "pid": w.pid,
+        "slot": w.index,
+        "generation": w.generation,
+        "state": w.state,
+        "retiring": w.reason,
+        "requests": w.requests,
+        "current_request": shown(w.current_request),
+        "busy_seconds": round(w.busy_seconds, 3),
+        "threads": w.threads,
+        "busy_threads": w.busy_threads,
+        "running": [{"thread": r.thread, "request": shown(r.request),
+                     "seconds": round(r.seconds, 3)} for r in w.running],
+        "age_seconds": round(w.age_seconds, 3),
+        "heartbeat_age": round(w.heartbeat_age, 3),
+        **_memory_json(w.memory),
+        "cpu_seconds": round(w.cpu_seconds, 3),
+        "connections": w.connections,
+        "sent_bytes": w.sent_bytes,
+        "handoffs_sent": w.handoffs_sent,
+        "handoffs_adopted": w.handoffs_adopted,
+    }
+
+
+def _buckets_json(bounds: tuple[float, ...], counts: tuple[int, ...]) -> dict[str, int]:
+    return {_number(bound): count for bound, count in zip(bounds, counts)}
+
+
 def render_status(snapshot: Snapshot, show_query: bool = False) -> bytes:
     """/status: the master, one entry per worker, and the totals, as one JSON object.
 
-    Query strings are cut from the running requests unless ``show_query``.
+    Query strings are cut from the running requests unless ``show_query`` (a threaded worker's
+    threads never record them).
     """
-    workers = [
-        {
-            "pid": w.pid,
-            "slot": w.index,
-            "generation": w.generation,
-            "state": w.state,
-            "retiring": w.reason,
-            "requests": w.requests,
-            "current_request": (w.current_request if show_query
-                                else without_query(w.current_request)),
-            "busy_seconds": round(w.busy_seconds, 3),
-            "age_seconds": round(w.age_seconds, 3),
-            "heartbeat_age": round(w.heartbeat_age, 3),
-            "rss": w.rss,
-            "own_memory": w.own_memory,
-            "cpu_seconds": round(w.cpu_seconds, 3),
-            "connections": w.connections,
-            "sent_bytes": w.sent_bytes,
-        }
-        for w in snapshot.workers
-    ]
     data = {
         "master": {
             "pid": snapshot.master_pid,
             "time": round(snapshot.time, 3),
             "uptime": round(snapshot.uptime, 3),
-            "rss": snapshot.master_rss,
+            **_memory_json(snapshot.master_memory),
             "reloads": snapshot.reloads,
             "restarts": snapshot.restarts,
             "listeners": [{"name": s.name, "queued": s.queued, "max": s.max}
                           for s in snapshot.listeners],
+            "others": [{"role": p.role, "pid": p.pid, **_memory_json(p.memory)}
+                       for p in snapshot.others],
         },
-        "workers": workers,
+        "workers": [_worker_json(w, show_query) for w in snapshot.workers],
         "totals": {
             "requests": snapshot.requests,
             "responses": snapshot.responses,
             "sent_bytes": snapshot.sent_bytes,
             "in_flight": snapshot.in_flight,
+            "threads": snapshot.threads,
+            "busy_threads": snapshot.in_flight,
             "connections": snapshot.connections,
             "workers": snapshot.workers_by_state,
+            "memory": _memory_json(snapshot.memory),
             "duration_sum": round(snapshot.duration_sum, 6),
-            "duration_buckets": {_number(bound): count for bound, count
-                                 in zip(DURATION_BUCKETS, snapshot.duration_buckets)},
+            "duration_buckets": _buckets_json(DURATION_BUCKETS, snapshot.duration_buckets),
+            "handoffs": {
+                "sent": snapshot.handoffs_sent,
+                "adopted": snapshot.handoffs_adopted,
+                "wait_sum": round(snapshot.handoff_wait_sum, 6),
+                "wait_buckets": _buckets_json(HANDOFF_WAIT_BUCKETS,
+                                              snapshot.handoff_wait_buckets),
+            },
         },
     }
     return json.dumps(data, ensure_ascii=True, indent=1).encode("ascii") + b"\n"

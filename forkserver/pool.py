@@ -123,6 +123,7 @@ def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard) -> wor
                       if settings.max_requests else 0),
         hooks={name: hook for name, hook in blueprint.hooks.items() if name in WORKER_HOOKS},
         access_log=blueprint.access_log,
+        tls_context=None, reload_dir=None, notify_fd=-1,  # wired by the master's next step
     )
 
 

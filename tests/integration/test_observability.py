@@ -128,7 +128,10 @@ def test_counters_match_the_requests_sent_even_across_a_worker_kill(server_facto
     pids = server.worker_pids()
     assert len(pids) == 2
     for pid in pids:
-        assert samples[("forkserver_worker_resident_memory_bytes", (("pid", str(pid)),))] > 0
+        memory = {kind: samples[("forkserver_worker_memory_bytes",
+                                 (("kind", kind), ("pid", str(pid))))]
+                  for kind in ("rss", "uss", "pss")}
+        assert 0 < memory["uss"] <= memory["pss"] <= memory["rss"], memory
         assert ("forkserver_worker_cpu_seconds_total", (("pid", str(pid)),)) in samples
 
     victim = pids[0]
@@ -154,6 +157,29 @@ def test_counters_match_the_requests_sent_even_across_a_worker_kill(server_facto
     samples = metrics.wait_for(lambda s: requests_total(s) == 35, "35 requests")
     assert samples[("forkserver_responses_total", (("class", "2xx"),))] == 30
     assert samples[("forkserver_request_duration_seconds_count", ())] == 35
+
+
+def test_memory_of_the_whole_server(server_factory, short_dir):
+    """PSS of master and workers adds up to the server's total; the master reads each process
+    at most once per memory_check_interval, so two scrapes in a row show the same reading."""
+    server, metrics = start(server_factory, short_dir, "--memory-check-interval", "60")
+    status = metrics.status()
+    master, workers, totals = status["master"], status["workers"], status["totals"]
+    assert 0 < master["uss"] <= master["pss"] <= master["rss"]
+    assert len(workers) == 2
+    for kind in ("rss", "uss", "pss"):
+        assert totals["memory"][kind] == master[kind] + sum(w[kind] for w in workers)
+    # Forked from the master, the workers share its pages: each owns less than it maps.
+    for worker in workers:
+        assert worker["uss"] < worker["pss"] < worker["rss"]
+    samples = metrics.samples()
+    server_pss = samples[("forkserver_memory_bytes", (("kind", "pss"),))]
+    assert server_pss == totals["memory"]["pss"]  # the same cached readings
+    master_pss = samples[("forkserver_process_memory_bytes",
+                          (("kind", "pss"), ("pid", str(server.pid)), ("process", "master")))]
+    assert master_pss > 0
+    again = metrics.status()
+    assert [w["pss"] for w in again["workers"]] == [w["pss"] for w in workers]
 
 
 def test_tcp_metrics_listener_and_listen_backlog(server_factory, tmp_path):
@@ -258,6 +284,9 @@ def test_status_shows_the_busy_worker_and_metrics_answer_while_it_is(server_fact
         assert time.monotonic() - started < 0.5
         assert samples[("forkserver_requests_in_flight", ())] == 1
         assert samples[("forkserver_workers", (("state", "busy"),))] == 1
+        assert samples[("forkserver_threads", (("state", "busy"),))] == 1
+        assert samples[("forkserver_worker_threads_busy", (("pid", str(worker["pid"])),))] == 1
+        assert worker["busy_threads"] == 1 and worker["running"][0]["request"] == "GET /slow"
     finally:
         thread.join(20)
     assert result["r"].text == "slept"
@@ -391,8 +420,12 @@ def test_status_command_against_a_running_server(server_factory, short_dir):
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in pids]
     assert len(rows) == 2
     for row in rows:
-        assert row[1] == "1" and row[2] in ("idle", "keepalive")
-    assert sum(int(row[3]) for row in rows) == 3
+        assert row[1] == "1" and row[2] in ("idle", "keepalive") and row[3] == "0/1"
+        uss, pss = float(row[6]), float(row[7])
+        assert 0 < uss <= pss
+    assert sum(int(row[4]) for row in rows) == 3
+    assert lines[2].startswith("memory: ") and "MiB PSS in all (master " in lines[2]
+    assert "0 of 2 threads busy" in lines[-2]
     assert "3 requests (2xx 3)" in lines[-1]
 
     watched = subprocess.run([*argv, "--watch", "--count", "2"], cwd=ROOT, env=env,

@@ -18,9 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import config, metrics
+from forkserver.memory import Reading
 from forkserver.metrics import (
     ListenerSample,
     MetricsServer,
+    Running,
     Snapshot,
     Totals,
     WorkerSample,
@@ -28,7 +30,7 @@ from forkserver.metrics import (
     render_prometheus,
     render_status,
 )
-from forkserver.scoreboard import DURATION_BUCKETS, Reason, State
+from forkserver.scoreboard import DURATION_BUCKETS, HANDOFF_WAIT_BUCKETS, Reason, State
 from tests.conftest import read_until_closed as read_all
 
 # -------------------------------------------------------------- scoreboard duration histogram
@@ -130,11 +132,13 @@ def test_collect_adds_live_slots_to_the_totals_of_dead_workers(board):
                                      "exiting": 0, "unknown": 1}
     first, second, old = snap.workers
     assert (first.pid, first.index, first.state, first.requests) == (me, 0, "idle", 2)
-    assert first.rss > 0 and first.own_memory <= first.rss and first.cpu_seconds > 0
+    assert 0 < first.memory.uss <= first.memory.pss <= first.memory.rss
+    assert first.cpu_seconds > 0
     assert first.current_request == "" and first.busy_seconds == 0.0
     assert (second.state, second.current_request) == ("busy", "GET /slow?s=2")
     assert 0 <= second.busy_seconds < 5
-    assert second.rss == 0  # no such process: zeros, not an error
+    assert second.memory == (0, 0, 0)  # no such process: zeros, not an error
+    assert snap.master_memory.pss > 0 and snap.memory.pss >= snap.master_memory.pss
     assert (old.index, old.state, old.requests) == (-1, "unknown", 0)
 
 
@@ -217,15 +221,95 @@ def test_collect_reports_tcp_listeners_only(board, tmp_path):
         assert [(s.queued, s.max) for s in snap.listeners] == [(0, 16)]
 
 
+def test_collect_with_a_threaded_worker_and_handoffs(board):
+    board.claim(0, 4001, 1)
+    w = board.writer(0)
+    w.set_state(State.KEEPALIVE)
+    t = w.thread_writers(4)
+    t[0].request_finished(200, 10, 0.01)
+    t[3].request_finished(500, 5, 0.2)
+    t[1].request_started("GET", "/first?secret=1")
+    time.sleep(0.01)
+    t[2].request_started("POST", "/second")
+    w.handoff_sent(2)
+    w.handoff_adopted(0.002)
+    totals = Totals()
+    board.claim(1, 4002, 1)  # a dead worker that had handed off and adopted
+    dead = board.writer(1)
+    dead.handoff_sent()
+    dead.handoff_adopted(2.0)
+    totals.fold(board.read(1))
+    board.release(1)
+    readings = {4001: Reading(30, 10, 20), os.getpid(): Reading(50, 40, 45), 4003: Reading(9, 1, 3)}
+    snap = collect(board, [(4001, 0, 1)], totals, {}, 0, time.monotonic(), [],
+                   readings=readings, others={4003: "mold"})
+    (worker,) = snap.workers
+    assert (worker.state, worker.threads, worker.busy_threads) == ("busy", 4, 2)
+    assert [(r.thread, r.request) for r in worker.running] == [(1, "GET /first"),
+                                                               (2, "POST /second")]
+    assert worker.running[0].seconds >= worker.running[1].seconds
+    assert (worker.current_request, worker.busy_seconds) == ("GET /first",
+                                                             worker.running[0].seconds)
+    assert (snap.in_flight, snap.threads, snap.requests, snap.sent_bytes) == (2, 4, 2, 15)
+    assert snap.responses["5xx"] == 1
+    assert (worker.handoffs_sent, worker.handoffs_adopted) == (2, 1)
+    assert (snap.handoffs_sent, snap.handoffs_adopted) == (3, 2)
+    assert snap.handoff_wait_buckets[HANDOFF_WAIT_BUCKETS.index(0.0025)] == 1
+    assert snap.handoff_wait_buckets[-1] == 1
+    assert snap.handoff_wait_sum == pytest.approx(2.002)
+    # The master's readings are used as given: no process 4001 exists to be read.
+    assert worker.memory == Reading(30, 10, 20) and snap.master_memory == Reading(50, 40, 45)
+    assert [(p.role, p.pid, p.memory) for p in snap.others] == [("mold", 4003, (9, 1, 3))]
+    assert snap.memory == Reading(89, 51, 68)
+    fams = families(render_prometheus(snap))
+    assert samples(fams["forkserver_requests_in_flight"]) == {
+        ("forkserver_requests_in_flight", ()): 2}
+    assert samples(fams["forkserver_threads"]) == {
+        ("forkserver_threads", (("state", "busy"),)): 2,
+        ("forkserver_threads", (("state", "idle"),)): 2}
+    assert samples(fams["forkserver_worker_threads"]) == {
+        ("forkserver_worker_threads", (("pid", "4001"),)): 4}
+    process = samples(fams["forkserver_process_memory_bytes"])
+    assert process[("forkserver_process_memory_bytes",
+                    (("kind", "pss"), ("pid", "4003"), ("process", "mold")))] == 3
+    assert samples(fams["forkserver_handoffs_sent"]) == {("forkserver_handoffs_sent_total", ()): 3}
+    wait = fams["forkserver_handoff_wait_seconds"]
+    buckets = [(s.labels["le"], s.value) for s in wait.samples if s.name.endswith("_bucket")]
+    assert [le for le, _ in buckets] == [metrics._number(b) for b in HANDOFF_WAIT_BUCKETS]
+    assert dict(buckets)["0.0025"] == 1 and dict(buckets)["+Inf"] == 2
+    data = json.loads(render_status(snap))
+    (entry,) = data["workers"]
+    assert entry["running"][0]["request"] == "GET /first" and entry["busy_threads"] == 2
+    assert data["totals"]["handoffs"]["adopted"] == 2
+    assert data["master"]["others"] == [{"role": "mold", "pid": 4003, "rss": 9, "uss": 1,
+                                         "pss": 3}]
+
+
+def test_collect_reads_memory_itself_through_a_cache_when_given_none(board, monkeypatch):
+    calls = []
+
+    def fake_read(pid):
+        calls.append(pid)
+        return Reading(3, 2, 1)
+
+    monkeypatch.setattr(metrics, "_fallback", metrics.Sampler(60.0, fake_read))
+    board.claim(0, 5001, 1)
+    for _ in range(3):
+        snap = collect(board, [(5001, 0, 1)], Totals(), {}, 0, time.monotonic(), [])
+    assert sorted(calls) == sorted([os.getpid(), 5001])  # once each, not once per scrape
+    assert snap.workers[0].memory == Reading(3, 2, 1) and snap.memory == Reading(6, 4, 2)
+
+
 # ------------------------------------------------------------------------------ rendering
 
 
 def make_snapshot(**changes) -> Snapshot:
     workers = (
         WorkerSample(101, 0, 1, "busy", "", 12, 3000, 2, "GET /slow?s=2", 1.5, 60.0, 0.1,
-                     25 * 2**20, 5 * 2**20, 1.25),
+                     Reading(25 * 2**20, 5 * 2**20, 9 * 2**20), 1.25,
+                     running=(Running(0, "GET /slow?s=2", 1.5),)),
         WorkerSample(102, 1, 1, "idle", "requests", 7, 700, 0, "", 0.0, 60.0, 0.2,
-                     24 * 2**20, 4 * 2**20, 0.5),
+                     Reading(24 * 2**20, 4 * 2**20, 8 * 2**20), 0.5),
     )
     values = {
         "master_pid": 100, "time": 1_800_000_000.0, "uptime": 3725.5, "reloads": 2,
@@ -233,7 +317,7 @@ def make_snapshot(**changes) -> Snapshot:
         "listeners": (ListenerSample("127.0.0.1:8000", 4, 2048),),
         "requests": 42, "responses": {"1xx": 0, "2xx": 30, "3xx": 2, "4xx": 9, "5xx": 1},
         "sent_bytes": 123456, "duration_buckets": (10, 5, 5, 5, 5, 4, 3, 2, 1, 1, 0, 1),
-        "duration_sum": 31.5, "master_rss": 30 * 2**20,
+        "duration_sum": 31.5, "master_memory": Reading(30 * 2**20, 20 * 2**20, 25 * 2**20),
     }
     values.update(changes)
     return Snapshot(**values)
@@ -258,8 +342,15 @@ def test_prometheus_text_parses_and_has_every_family():
         "forkserver_requests_in_flight": "gauge",
         "forkserver_workers": "gauge",
         "forkserver_connections_open": "gauge",
-        "forkserver_worker_resident_memory_bytes": "gauge",
-        "forkserver_worker_own_memory_bytes": "gauge",
+        "forkserver_threads": "gauge",
+        "forkserver_worker_threads": "gauge",
+        "forkserver_worker_threads_busy": "gauge",
+        "forkserver_handoffs_sent": "counter",
+        "forkserver_handoffs_adopted": "counter",
+        "forkserver_handoff_wait_seconds": "histogram",
+        "forkserver_worker_memory_bytes": "gauge",
+        "forkserver_process_memory_bytes": "gauge",
+        "forkserver_memory_bytes": "gauge",
         "forkserver_worker_cpu_seconds": "counter",
         "forkserver_worker_restarts": "counter",
         "forkserver_reloads": "counter",
@@ -293,8 +384,25 @@ def test_prometheus_values():
                                                       "exiting"}
     assert samples(fams["forkserver_connections_open"]) == {
         ("forkserver_connections_open", ()): 2}
-    rss = samples(fams["forkserver_worker_resident_memory_bytes"])
-    assert rss[("forkserver_worker_resident_memory_bytes", (("pid", "101"),))] == 25 * 2**20
+    memory = samples(fams["forkserver_worker_memory_bytes"])
+    name = "forkserver_worker_memory_bytes"
+    assert memory[(name, (("kind", "rss"), ("pid", "101")))] == 25 * 2**20
+    assert memory[(name, (("kind", "uss"), ("pid", "101")))] == 5 * 2**20
+    assert memory[(name, (("kind", "pss"), ("pid", "102")))] == 8 * 2**20
+    assert len(memory) == 6
+    master = samples(fams["forkserver_process_memory_bytes"])
+    assert master == {("forkserver_process_memory_bytes",
+                       (("kind", kind), ("pid", "100"), ("process", "master"))): value * 2**20
+                      for kind, value in (("rss", 30), ("uss", 20), ("pss", 25))}
+    server = samples(fams["forkserver_memory_bytes"])
+    assert server[("forkserver_memory_bytes", (("kind", "pss"),))] == (25 + 9 + 8) * 2**20
+    assert server[("forkserver_memory_bytes", (("kind", "uss"),))] == (20 + 5 + 4) * 2**20
+    threads = samples(fams["forkserver_threads"])
+    assert threads == {("forkserver_threads", (("state", "busy"),)): 1,
+                       ("forkserver_threads", (("state", "idle"),)): 1}
+    busy = samples(fams["forkserver_worker_threads_busy"])
+    assert busy == {("forkserver_worker_threads_busy", (("pid", "101"),)): 1,
+                    ("forkserver_worker_threads_busy", (("pid", "102"),)): 0}
     cpu = samples(fams["forkserver_worker_cpu_seconds"])
     assert cpu[("forkserver_worker_cpu_seconds_total", (("pid", "102"),))] == 0.5
     restarts = samples(fams["forkserver_worker_restarts"])
@@ -337,7 +445,8 @@ def test_prometheus_label_values_are_escaped():
 def test_prometheus_with_no_workers_and_special_floats():
     snap = make_snapshot(workers=(), listeners=(), duration_sum=float("inf"))
     fams = families(render_prometheus(snap))
-    assert fams["forkserver_worker_resident_memory_bytes"].samples == []
+    assert fams["forkserver_worker_memory_bytes"].samples == []
+    assert fams["forkserver_worker_threads_busy"].samples == []
     assert math.isinf(samples(fams["forkserver_request_duration_seconds"])[
         ("forkserver_request_duration_seconds_sum", ())])
     assert metrics._number(float("nan")) == "NaN" and metrics._number(float("-inf")) == "-Inf"
@@ -351,16 +460,24 @@ def test_status_json():
     assert data["master"]["listeners"] == [{"name": "127.0.0.1:8000", "queued": 4, "max": 2048}]
     busy, idle = data["workers"]
     for key in ("pid", "generation", "state", "requests", "current_request", "busy_seconds",
-                "rss", "connections"):
+                "rss", "uss", "pss", "connections", "threads", "busy_threads", "running"):
         assert key in busy
     assert (busy["pid"], busy["state"], busy["current_request"], busy["busy_seconds"]) == (
         101, "busy", "GET /slow", 1.5)  # query strings may carry tokens: cut by default
-    assert (idle["state"], idle["retiring"], idle["rss"]) == ("idle", "requests", 24 * 2**20)
+    assert busy["running"] == [{"thread": 0, "request": "GET /slow", "seconds": 1.5}]
+    assert (busy["threads"], busy["busy_threads"]) == (1, 1)
+    assert (idle["state"], idle["retiring"], idle["rss"], idle["uss"], idle["pss"]) == (
+        "idle", "requests", 24 * 2**20, 4 * 2**20, 8 * 2**20)
+    assert data["master"]["pss"] == 25 * 2**20 and data["master"]["others"] == []
     totals = data["totals"]
     assert totals["requests"] == 42 and totals["in_flight"] == 1 and totals["connections"] == 2
     assert totals["responses"]["2xx"] == 30
     assert totals["workers"]["busy"] == 1
     assert totals["duration_buckets"]["+Inf"] == 1 and totals["duration_buckets"]["0.005"] == 10
+    assert (totals["threads"], totals["busy_threads"]) == (2, 1)
+    assert totals["memory"] == {"rss": (30 + 25 + 24) * 2**20, "uss": (20 + 5 + 4) * 2**20,
+                                "pss": (25 + 9 + 8) * 2**20}
+    assert totals["handoffs"]["sent"] == 0 and totals["handoffs"]["wait_buckets"]["+Inf"] == 0
 
 
 # --------------------------------------------------------------------------- the listener
@@ -572,7 +689,8 @@ def test_unix_socket_listener(tmp_path):
 def test_an_answer_larger_than_the_socket_buffer_still_arrives(use_write_fds):
     # ~2 MB of text: more than one send() can take, so the rest goes out later, through
     # on_writable() when the master selects for writing, else through expire().
-    many = tuple(WorkerSample(1000 + i, i, 1, "idle", "", i, 0, 0, "", 0.0, 1.0, 0.0, i, i, 0.0)
+    many = tuple(WorkerSample(1000 + i, i, 1, "idle", "", i, 0, 0, "", 0.0, 1.0, 0.0,
+                                Reading(i, i, i), 0.0)
                  for i in range(20000))
     expected = render_prometheus(make_snapshot(workers=many))
     h = Harness(snapshot=lambda: make_snapshot(workers=many), use_write_fds=use_write_fds)
@@ -729,7 +847,8 @@ def test_without_query(line, expected):
 
 
 def sample(state: str, generation: int = 1) -> WorkerSample:
-    return WorkerSample(1, 0, generation, state, "", 0, 0, 0, "", 0.0, 0.0, 0.0, 0, 0, 0.0)
+    return WorkerSample(1, 0, generation, state, "", 0, 0, 0, "", 0.0, 0.0, 0.0,
+                        Reading(0, 0, 0), 0.0)
 
 
 @pytest.mark.parametrize("states, reason", [

@@ -162,7 +162,7 @@ def test_bad_argument_mid_update_leaves_slot_readable(board):
     w = board.writer(0)
     with pytest.raises(struct.error):
         w.set_connections(-5)  # fails inside the bracketed write
-    seq = scoreboard._SEQ.unpack_from(board._mm, 0)[0]
+    seq = struct.unpack_from("=Q", board._mm, 0)[0]
     assert seq % 2 == 0
     w.set_connections(5)
     assert board.read(0).connections == 5
@@ -194,15 +194,15 @@ def test_slots_are_independent(board):
 def test_read_does_not_hang_on_a_writer_stuck_mid_update(board):
     board.claim(0, 1, 1)
     # Simulate a worker killed or stopped between "seq odd" and "seq even".
-    seq = scoreboard._SEQ.unpack_from(board._mm, 0)[0]
-    scoreboard._SEQ.pack_into(board._mm, 0, seq + 1)
+    seq = struct.unpack_from("=Q", board._mm, 0)[0]
+    struct.pack_into("=Q", board._mm, 0, seq + 1)
     start = time.monotonic()
     v = board.read(0)
     assert time.monotonic() - start < 1.0
     assert v.pid == 1 and v.state is State.BOOTING
     # The master's next claim repairs the slot.
     board.claim(0, 2, 2)
-    assert scoreboard._SEQ.unpack_from(board._mm, 0)[0] % 2 == 0
+    assert struct.unpack_from("=Q", board._mm, 0)[0] % 2 == 0
 
 
 def test_writes_in_a_forked_child_are_seen_by_the_parent(board):
@@ -296,6 +296,237 @@ def test_parent_never_sees_a_torn_slot_while_child_writes():
             progress.add(v.requests)
         assert not torn, torn[:3]
         assert reads >= 5000
+        assert len(progress) >= 50, "the child made no visible progress"
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        board.close()
+
+
+# --- threaded workers: one record per application thread --------------------------------------
+
+def test_a_single_threaded_slot_has_no_thread_records(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    w.request_started(b"GET /a HTTP/1.1")
+    v = board.read(0)
+    assert v.threads == () and v.thread_count == 1 and v.busy_threads == 1
+    w.request_finished(200, 5, State.IDLE)
+    assert board.read(0).busy_threads == 0
+
+
+def test_thread_records_are_summed_and_the_oldest_request_is_the_slots(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    w.set_state(State.KEEPALIVE)
+    t = w.thread_writers(3)
+    t[0].request_finished(200, 10, 0.001)
+    t[1].request_finished(404, 20, 0.3)
+    t[1].request_finished(500, 30, 20.0)
+    t[2].request_started("POST", "/second?token=secret")
+    time.sleep(0.002)
+    t[0].request_started("GET", "/third")
+    v = board.read(0)
+    assert v.thread_count == 3 and v.busy_threads == 2
+    assert (v.requests, v.bytes_sent, v.status_counts) == (3, 60, (0, 1, 0, 1, 1))
+    assert v.duration_buckets[0] == 1 and v.duration_buckets[-1] == 1
+    assert sum(v.duration_buckets) == 3 and v.duration_sum == pytest.approx(20.301)
+    # The slot shows BUSY with the oldest running request, so timeouts need no thread logic.
+    assert v.state is State.BUSY and v.request_line == "POST /second"
+    assert v.request_start == v.threads[2].request_start < v.threads[0].request_start
+    assert [(x.number, x.state, x.method, x.path, x.requests) for x in v.threads] == [
+        (0, scoreboard.ThreadState.BUSY, "GET", "/third", 1),
+        (1, scoreboard.ThreadState.IDLE, "", "", 2),
+        (2, scoreboard.ThreadState.BUSY, "POST", "/second", 0),
+    ]
+    t[2].request_finished(200, 1, 0.0)
+    t[0].request_finished(200, 1, 0.0)
+    v = board.read(0)
+    assert (v.state, v.request_line, v.request_start, v.busy_threads) == (
+        State.KEEPALIVE, "", 0.0, 0)
+    assert v.requests == 5
+
+
+def test_thread_record_path_is_bounded(board):
+    board.claim(0, 1, 1)
+    (t,) = board.writer(0).thread_writers(1)
+    t.request_started("GET", "/" + "x" * 200)
+    v = board.read(0).threads[0]
+    assert len(f"{v.method} {v.path}") == scoreboard.RECORD_LINE_MAX
+
+
+def test_exiting_and_booting_states_are_kept_while_threads_run(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    (t,) = w.thread_writers(1)
+    t.request_started("GET", "/")
+    w.set_state(State.EXITING, Reason.SHUTDOWN)
+    assert board.read(0).state is State.EXITING and board.read(0).busy_threads == 1
+
+
+@pytest.mark.parametrize("n", [0, -1, scoreboard.THREADS_MAX + 1, True, 2.0])
+def test_thread_count_out_of_range_is_refused(board, n):
+    board.claim(0, 1, 1)
+    with pytest.raises(ValueError):
+        board.writer(0).thread_writers(n)
+    assert board.read(0).threads == ()
+
+
+def test_thread_writers_only_once_and_claim_forgets_them(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    t = w.thread_writers(scoreboard.THREADS_MAX)
+    t[-1].request_finished(200, 1, 0.0)
+    with pytest.raises(RuntimeError):
+        w.thread_writers(2)
+    assert board.read(0).requests == 1 and board.read(0).thread_count == scoreboard.THREADS_MAX
+    board.claim(0, 2, 2)
+    v = board.read(0)
+    assert v.threads == () and v.requests == 0
+    # The next worker's records start at zero, whatever the previous one left.
+    t = board.writer(0).thread_writers(scoreboard.THREADS_MAX)
+    assert board.read(0).requests == 0 and board.read(0).busy_threads == 0
+
+
+def test_counters_stay_exact_with_threads_writing_at_once(board):
+    import threading
+    board.claim(0, 1, 1)
+    writers = board.writer(0).thread_writers(8)
+    per_thread = 3000
+
+    def serve(t):
+        for i in range(per_thread):
+            t.request_started("GET", f"/{i}")
+            t.request_finished(200 + 100 * (i % 4), 2, 0.02)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    v = board.read(0)
+    total = 8 * per_thread
+    assert (v.requests, v.bytes_sent) == (total, 2 * total)
+    assert v.status_counts == (0, total // 4, total // 4, total // 4, total // 4)
+    assert v.duration_buckets[2] == total and v.duration_sum == pytest.approx(0.02 * total)
+
+
+def test_a_stuck_worker_with_many_threads_costs_one_give_up(board):
+    board.claim(0, 1, 1)
+    board.writer(0).thread_writers(scoreboard.THREADS_MAX)
+    base = scoreboard._OFF_THREADS  # slot 0
+    for n in range(scoreboard.THREADS_MAX):  # every record left mid-update, and the block
+        off = base + n * scoreboard.RECORD_SIZE
+        struct.pack_into("=Q", board._mm, off, struct.unpack_from("=Q", board._mm, off)[0] + 1)
+    struct.pack_into("=Q", board._mm, 0, struct.unpack_from("=Q", board._mm, 0)[0] + 1)
+    start = time.monotonic()
+    v = board.read(0)
+    assert time.monotonic() - start < 0.5
+    assert v.thread_count == scoreboard.THREADS_MAX
+
+
+# --- handoff counters -------------------------------------------------------------------------
+
+def test_handoff_counters(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    w.handoff_sent()
+    w.handoff_sent(2)
+    w.handoff_adopted(0.0005)  # inclusive upper bound
+    w.handoff_adopted(0.003)
+    w.handoff_adopted(9.0)
+    v = board.read(0)
+    assert (v.handoffs_sent, v.handoffs_adopted) == (3, 3)
+    bounds = scoreboard.HANDOFF_WAIT_BUCKETS
+    assert v.handoff_wait_buckets[0] == 1
+    assert v.handoff_wait_buckets[bounds.index(0.005)] == 1
+    assert v.handoff_wait_buckets[-1] == 1 and sum(v.handoff_wait_buckets) == 3
+    assert v.handoff_wait_sum == pytest.approx(9.0035)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError):
+            w.handoff_adopted(bad)
+    with pytest.raises(ValueError):
+        w.handoff_sent(-1)
+    assert board.read(0).handoffs_adopted == 3
+    board.claim(0, 2, 2)
+    v = board.read(0)
+    assert (v.handoffs_sent, v.handoffs_adopted, sum(v.handoff_wait_buckets)) == (0, 0, 0)
+
+
+def test_handoff_counters_are_exact_from_several_threads(board):
+    import threading
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+
+    def work():
+        for _ in range(2000):
+            w.handoff_sent()
+            w.handoff_adopted(0.001)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    v = board.read(0)
+    assert (v.handoffs_sent, v.handoffs_adopted) == (8000, 8000)
+    assert v.handoff_wait_buckets[1] == 8000
+
+
+def _thread_consistent(t) -> bool:
+    # The child's threads keep: requests == bytes_sent, and a running request names the count.
+    if t.state is scoreboard.ThreadState.BUSY:
+        return t.path == f"/{t.requests}" and t.request_start > 0
+    return t.path == "" and t.request_start == 0.0
+
+
+def test_parent_never_sees_a_torn_thread_record_while_child_threads_write():
+    """Four threads in a forked child hammer their records; the parent checks each record and
+    the sums (requests == bytes, every request in one bucket) on every read."""
+    import threading
+    board = Scoreboard(1)
+    board.claim(0, 0, 1)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            writers = board.writer(0).thread_writers(4)
+            deadline = time.monotonic() + 2.0
+
+            def hammer(t):
+                n = 0
+                while time.monotonic() < deadline:
+                    t.request_started("GET", f"/{n}")
+                    t.request_finished(200, 1, HAMMER_DURATION)
+                    n += 1
+
+            threads = [threading.Thread(target=hammer, args=(t,)) for t in writers]
+            for thread in threads:
+                thread.start()
+            os.write(ready_w, b"x")
+            for thread in threads:
+                thread.join()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)
+        os.close(ready_r)
+        torn, progress, reads = [], set(), 0
+        start = time.monotonic()
+        while (reads < 3000 or len(progress) < 50) and time.monotonic() - start < 1.5:
+            v = board.read(0)
+            reads += 1
+            ok = (len(v.threads) == 4 and all(map(_thread_consistent, v.threads))
+                  and v.requests == v.bytes_sent == v.status_counts[1]
+                  and v.duration_buckets[HAMMER_BUCKET] == v.requests)
+            if not ok:
+                torn.append(v)
+            progress.add(v.requests)
+        assert not torn, torn[:2]
         assert len(progress) >= 50, "the child made no visible progress"
     finally:
         os.kill(pid, 9)

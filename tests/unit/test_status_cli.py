@@ -24,22 +24,32 @@ from forkserver.scoreboard import Scoreboard, State
 
 ROOT = Path(__file__).resolve().parents[2]
 
+MiB = 2**20
 STATUS = {
     "master": {"pid": 4242, "uptime": 3725.2, "reloads": 1, "restarts": {"crash": 2, "oom": 1},
-               "listeners": []},
+               "listeners": [], "rss": 40 * MiB, "uss": 20 * MiB, "pss": 30 * MiB,
+               "others": []},
     "workers": [
         {"pid": 4243, "generation": 2, "state": "busy", "requests": 17,
-         "current_request": "GET /slow?s=2", "busy_seconds": 2.04, "rss": 25 * 2**20 + 300000,
-         "connections": 1},
+         "current_request": "GET /slow?s=2", "busy_seconds": 2.04, "rss": 25 * MiB + 300000,
+         "uss": 5 * MiB, "pss": 12 * MiB + 300000, "connections": 1, "threads": 1,
+         "busy_threads": 1,
+         "running": [{"thread": 0, "request": "GET /slow?s=2", "seconds": 2.04}]},
         {"pid": 4244, "generation": 2, "state": "idle", "requests": 5, "current_request": "",
-         "busy_seconds": 0, "rss": 24 * 2**20, "connections": 0},
+         "busy_seconds": 0, "rss": 24 * MiB, "uss": 4 * MiB, "pss": 11 * MiB,
+         "connections": 0, "threads": 1, "busy_threads": 0, "running": []},
         {"pid": 4245, "generation": 2, "state": "keepalive", "requests": 9,
-         "current_request": "", "busy_seconds": 0, "rss": 24 * 2**20, "connections": 3},
+         "current_request": "", "busy_seconds": 0, "rss": 24 * MiB, "uss": 4 * MiB,
+         "pss": 11 * MiB, "connections": 3, "threads": 1, "busy_threads": 0, "running": []},
         {"pid": 4246, "generation": 3, "state": "booting", "requests": 0, "current_request": "",
-         "busy_seconds": 0, "rss": 10 * 2**20, "connections": 0},
+         "busy_seconds": 0, "rss": 10 * MiB, "uss": 2 * MiB, "pss": 6 * MiB,
+         "connections": 0, "threads": 1, "busy_threads": 0, "running": []},
     ],
     "totals": {"requests": 31, "responses": {"1xx": 0, "2xx": 29, "3xx": 0, "4xx": 2, "5xx": 0},
-               "in_flight": 1, "connections": 4, "sent_bytes": 3 * 2**20,
+               "in_flight": 1, "busy_threads": 1, "threads": 4, "connections": 4,
+               "sent_bytes": 3 * MiB,
+               "memory": {"rss": 123 * MiB, "uss": 35 * MiB, "pss": 70 * MiB + 300000},
+               "handoffs": {"sent": 0, "adopted": 0},
                "workers": {"idle": 1, "busy": 1, "keepalive": 1, "booting": 1, "exiting": 0}},
 }
 
@@ -130,15 +140,21 @@ def test_table(clean, fake, capsys):
     lines = out.splitlines()
     assert lines[0] == "forkserver master 4242, up 1h02m, 1 reloads, 3 worker restarts"
     assert lines[1].startswith("scoreboard: W_KS ")
-    header = lines[3].split()
-    assert header == ["PID", "GEN", "STATE", "REQUESTS", "FOR", "RSS", "MiB", "CONN", "REQUEST"]
-    rows = [line.split() for line in lines[4:8]]
-    assert rows[0] == ["4243", "2", "busy", "17", "2.0s", "25.3", "1", "GET", "/slow?s=2"]
-    assert rows[1] == ["4244", "2", "idle", "5", "-", "24.0", "0"]
-    assert rows[2] == ["4245", "2", "keepalive", "9", "-", "24.0", "3"]
-    assert rows[3] == ["4246", "3", "booting", "0", "-", "10.0", "0"]
-    assert lines[-1] == ("4 workers (1 idle, 1 busy, 1 keepalive, 1 booting); 1 in flight; "
-                         "31 requests (2xx 29, 4xx 2); 4 connections open; 3.0 MiB sent")
+    assert lines[2] == ("memory: 70.3 MiB PSS in all (master 30.0, workers 40.3); "
+                        "USS 35.0 MiB, RSS 123.0 MiB")
+    header = lines[4].split()
+    assert header == ["PID", "GEN", "STATE", "THREADS", "REQUESTS", "FOR", "USS", "MiB", "PSS",
+                      "MiB", "CONN", "REQUEST"]
+    rows = [line.split() for line in lines[5:9]]
+    assert rows[0] == ["4243", "2", "busy", "1/1", "17", "2.0s", "5.0", "12.3", "1", "GET",
+                       "/slow?s=2"]
+    assert rows[1] == ["4244", "2", "idle", "0/1", "5", "-", "4.0", "11.0", "0"]
+    assert rows[2] == ["4245", "2", "keepalive", "0/1", "9", "-", "4.0", "11.0", "3"]
+    assert rows[3] == ["4246", "3", "booting", "0/1", "0", "-", "2.0", "6.0", "0"]
+    assert lines[-2:] == [
+        ("4 workers (1 idle, 1 busy, 1 keepalive, 1 booting); 1 of 4 threads busy; "
+         "4 connections open"),
+        "31 requests (2xx 29, 4xx 2); 3.0 MiB sent"]
     assert server.requests[0].startswith(b"GET /status HTTP/1.1\r\nHost: ")
 
 
@@ -146,10 +162,10 @@ def test_columns_line_up(clean, fake, capsys):
     server = fake()
     _, out, _ = run(capsys, "--metrics-bind", server.address)
     lines = out.splitlines()
-    header = lines[3]
-    for row in lines[4:8]:
+    header = lines[4]
+    for row in lines[5:9]:
         # Right-aligned numeric columns end where their header ends.
-        for title in ("PID", "REQUESTS", "RSS MiB"):
+        for title in ("PID", "THREADS", "REQUESTS", "USS MiB", "PSS MiB"):
             end = header.index(title) + len(title)
             assert row[end - 1] != " " and row[end] == " ", (title, row)
 
@@ -213,13 +229,57 @@ def test_plain_status_prints_no_escape_codes(clean, fake, capsys):
 
 def test_hostile_values_cannot_reach_the_terminal(clean, fake, capsys):
     status = json.loads(json.dumps(STATUS))
-    status["workers"][0]["current_request"] = "GET /\x1b[2J\x1b]0;owned\x07" + "a" * 200
+    hostile = "GET /\x1b[2J\x1b]0;owned\x07" + "a" * 200
+    status["workers"][0]["current_request"] = hostile
+    status["workers"][0]["running"] = [{"thread": 0, "request": hostile, "seconds": 1},
+                                       {"thread": 1, "request": hostile, "seconds": 1}]
     status["workers"][0]["state"] = "busy"
+    status["master"]["others"] = [{"role": "\x1b[31mmold", "pid": 1, "pss": 0}]
     server = fake(http_answer(json.dumps(status).encode()))
     code, out, _ = run(capsys, "--metrics-bind", server.address)
     assert code == 0 and "\x1b" not in out and "\x07" not in out
-    row = next(line for line in out.splitlines() if line.lstrip().startswith("4243"))
-    assert row.endswith("~") and len(row) < 140
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("4243"))
+    for row in lines[at:at + 2]:
+        assert row.endswith("~") and len(row) < 140
+
+
+def test_a_threaded_worker_lists_its_running_requests(clean, fake, capsys, monkeypatch):
+    status = json.loads(json.dumps(STATUS))
+    status["workers"][0].update(threads=4, running=[
+        {"thread": n, "request": f"GET /r{n}", "seconds": 3.0 - n} for n in range(4)])
+    status["master"]["others"] = [{"role": "mold", "pid": 4250, "pss": 2 * MiB}]
+    status["totals"].update(busy_threads=4, threads=7, handoffs={"sent": 5, "adopted": 4})
+    monkeypatch.setattr(cli, "RUNNING_SHOWN", 3)
+    server = fake(http_answer(json.dumps(status).encode()))
+    code, out, _ = run(capsys, "--metrics-bind", server.address)
+    lines = out.splitlines()
+    assert code == 0 and "(master 30.0, workers 40.3, mold 2.0)" in lines[2]
+    header = lines[4]
+    assert lines[5].split()[3:6] == ["4/4", "17", "3.0s"] and lines[5].endswith("GET /r0")
+    # Further requests: their time under FOR, their line under REQUEST; then a count.
+    assert lines[6].split() == ["2.0s", "GET", "/r1"] and lines[7].split() == ["1.0s", "GET", "/r2"]
+    for line in lines[6:8]:
+        assert line.index("s ") + 1 == header.index("FOR") + 3
+        assert line.index("GET") == header.rindex("REQUEST")
+    assert lines[8].strip() == "... and 1 more"
+    assert lines[9].split()[0] == "4244"
+    assert "4 of 7 threads busy" in lines[-2]
+    assert lines[-1].endswith("; 5 connections handed off, 4 adopted")
+
+
+def test_a_server_of_the_previous_version_is_still_shown(clean, fake, capsys):
+    old = json.loads(json.dumps(STATUS))
+    for worker in old["workers"]:
+        for key in ("uss", "pss", "threads", "busy_threads", "running"):
+            del worker[key]
+    for key in ("busy_threads", "threads", "memory", "handoffs"):
+        del old["totals"][key]
+    server = fake(http_answer(json.dumps(old).encode()))
+    code, out, _ = run(capsys, "--metrics-bind", server.address)
+    lines = out.splitlines()
+    assert code == 0 and lines[5].split()[3:6] == ["1/1", "17", "2.0s"]
+    assert lines[5].endswith("GET /slow?s=2") and "1 of 4 threads busy" in lines[-2]
 
 
 def test_unreachable_is_one_line_and_exit_1(clean, capsys, tmp_path):
@@ -342,9 +402,13 @@ def test_against_the_real_metrics_listener(clean, capsys, real_listener):
     code, out, err = run(capsys, "--metrics-bind", real_listener())
     assert (code, err) == (0, "")
     row = next(line for line in out.splitlines() if line.lstrip().startswith(str(os.getpid())))
-    assert row.split()[1:4] == ["1", "busy", "1"]
+    assert row.split()[1:5] == ["1", "busy", "1/1", "1"]
     assert row.endswith("GET /being-served")  # the query string is not shown
-    assert out.splitlines()[-1].startswith("1 workers (1 busy); 1 in flight; 1 requests (2xx 1)")
+    assert out.splitlines()[-2].startswith("1 workers (1 busy); 1 of 1 threads busy;")
+    assert out.splitlines()[-1].startswith("1 requests (2xx 1)")
+    # Memory as the master reads it: this process is the worker and the master here.
+    memory = out.splitlines()[2]
+    assert memory.startswith("memory: ") and " 0.0 MiB PSS" not in memory
 
 
 def test_a_tcp_listener_with_a_token(clean, capsys, real_listener):
@@ -380,3 +444,36 @@ def test_as_a_real_process(fake):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("forkserver master 4242")
+
+
+def test_a_threaded_slot_from_scoreboard_to_table(clean):
+    """The whole way without a canned page: thread records -> collect -> /status JSON ->
+    the table, with the readings the master would pass."""
+    from forkserver.memory import Reading
+    from forkserver.metrics import render_status
+
+    board = Scoreboard(1)
+    try:
+        board.claim(0, 7001, 1)
+        writer = board.writer(0)
+        writer.set_state(State.KEEPALIVE)
+        threads = writer.thread_writers(3)
+        threads[0].request_finished(200, 10, 0.01)
+        threads[2].request_started("GET", "/report?token=x")
+        time.sleep(0.01)
+        threads[1].request_started("POST", "/upload")
+        writer.handoff_sent()
+        snapshot = collect(board, [(7001, 0, 1)], Totals(), {}, 0, time.monotonic() - 1, [],
+                           readings={7001: Reading(30 * MiB, 6 * MiB, 12 * MiB),
+                                     os.getpid(): Reading(20 * MiB, 10 * MiB, 15 * MiB)})
+        text = cli.format_status(json.loads(render_status(snapshot)))
+    finally:
+        board.close()
+    lines = text.splitlines()
+    assert lines[2].startswith("memory: 27.0 MiB PSS in all (master 15.0, workers 12.0)")
+    assert lines[5].split()[:8] == ["7001", "1", "busy", "2/3", "1", lines[5].split()[5],
+                                    "6.0", "12.0"]
+    assert lines[5].endswith("GET /report")  # never its query string
+    assert lines[6].split()[1:] == ["POST", "/upload"]
+    assert "2 of 3 threads busy" in lines[-2]
+    assert lines[-1].endswith("1 connections handed off, 0 adopted")

@@ -1,0 +1,172 @@
+"""The parser's fast paths give exactly the line-by-line path's answer, and are really taken.
+
+A head that arrives whole goes through one findall (``_parse_whole_head``); fed one byte at a
+time, the same head goes through the reference line-by-line path. Each case here is one the fast
+path treats specially (OWS after a value, dropped names, the caches, long lines, stray CR/LF),
+checked against the reference, with a spy proving which path produced the request.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from forkserver.http import parser as parser_module
+from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
+from tests.unit.test_parser import run
+
+BROWSER = (
+    b"GET /catalogue?page=2 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    b"Accept: text/html,application/xhtml+xml,*/*;q=0.8\r\nAccept-Language: en-GB,en;q=0.7\r\n"
+    b"Cookie: sessionid=3k9x; csrftoken=Zx81_kLm; theme=dark\r\nSec-Fetch-Mode: navigate\r\n\r\n"
+)
+
+
+@pytest.fixture
+def fast_requests(monkeypatch) -> list[Request]:
+    """Requests returned by the whole-head fast path during the test."""
+    taken: list[Request] = []
+    original = RequestParser._parse_whole_head
+
+    def spy(self, start: int, end: int):
+        request = original(self, start, end)
+        if request is not None:
+            taken.append(request)
+        return request
+
+    monkeypatch.setattr(RequestParser, "_parse_whole_head", spy)
+    return taken
+
+
+def same_both_ways(raw: bytes, **limits: int) -> list:
+    """The events for ``raw`` sent whole, checked equal to those for ``raw`` byte by byte."""
+    whole = run([raw], **limits)
+    assert whole == run([raw[i:i + 1] for i in range(len(raw))], **limits)
+    return whole
+
+
+def headers(events: list) -> list[tuple[str, str]]:
+    assert events[0][0] == "request", events
+    return events[0][1]["headers"]
+
+
+def test_a_browser_head_takes_the_fast_path(fast_requests) -> None:
+    events = same_both_ways(BROWSER)
+    assert len(fast_requests) == 1  # the whole send; byte by byte never reaches it
+    assert headers(events)[4] == ("COOKIE", "sessionid=3k9x; csrftoken=Zx81_kLm; theme=dark")
+    assert events[0][1]["path"] == "/catalogue" and events[0][1]["query"] == "page=2"
+
+
+def test_field_names_are_interned(fast_requests) -> None:
+    first, second = RequestParser(), RequestParser()
+    first.feed(BROWSER)
+    second.feed(BROWSER.replace(b"Sec-Fetch-Mode", b"sec-fetch-MODE"))
+    a, b = first.next_event(), second.next_event()
+    assert [name for name, _ in a.headers] == [name for name, _ in b.headers]
+    assert all(x[0] is y[0] for x, y in zip(a.headers, b.headers, strict=True)
+               if x[0] != "SEC-FETCH-MODE")
+
+
+@pytest.mark.parametrize("line", [b"X-A: v \r\n", b"X-A: v\t\r\n", b"X-A:  \r\n", b"X-A:\t\r\n"])
+def test_ows_after_a_value_goes_the_line_way_and_is_trimmed(fast_requests, line) -> None:
+    events = same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\n" + line + b"\r\n")
+    assert headers(events)[1] == ("X-A", line[4:-2].strip(b" \t").decode())
+    assert not fast_requests
+
+
+def test_an_empty_value_without_ows_stays_on_the_fast_path(fast_requests) -> None:
+    events = same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\nX-Empty:\r\n\r\n")
+    assert headers(events) == [("HOST", "h"), ("X-EMPTY", "")]
+    assert len(fast_requests) == 1
+
+
+def test_names_with_underscores_are_dropped_on_first_and_later_sight(fast_requests) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\nX_Fresh_%d: 1\r\nX-Kept: 2\r\n\r\n"
+    for attempt in range(2):
+        events = same_both_ways(raw % attempt)
+        assert headers(events) == [("HOST", "h"), ("X-KEPT", "2")]
+    assert len(fast_requests) == 2
+    assert not any("_" in name for name in parser_module._FIELD_KEYS)
+
+
+def test_a_full_name_cache_changes_nothing(monkeypatch, fast_requests) -> None:
+    monkeypatch.setattr(parser_module, "_FIELD_KEYS",
+                        {f"junk{i}": f"JUNK{i}" for i in range(parser_module._FIELD_KEYS_MAX)})
+    events = same_both_ways(BROWSER)
+    assert headers(events)[0] == ("HOST", "127.0.0.1:8000")
+    assert len(parser_module._FIELD_KEYS) == parser_module._FIELD_KEYS_MAX
+    assert len(fast_requests) == 1
+
+
+@pytest.mark.parametrize("host", [b"bad host", b"a@b", b"[::1", b"h:8x"])
+def test_a_full_host_cache_still_rejects_invalid_hosts(monkeypatch, host) -> None:
+    monkeypatch.setattr(parser_module, "_VALID_HOSTS",
+                        {f"h{i}" for i in range(parser_module._VALID_HOSTS_MAX)})
+    raw = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    assert same_both_ways(raw)[-1] == ("error", 400)
+    assert host.decode() not in parser_module._VALID_HOSTS
+
+
+def test_an_invalid_host_never_enters_the_cache() -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: in valid\r\n\r\n"
+    for _ in range(2):
+        assert same_both_ways(raw)[-1] == ("error", 400)
+    assert "in valid" not in parser_module._VALID_HOSTS
+
+
+@pytest.mark.parametrize("inside", [b"X-A: a\nb", b"X-A: a\rb", b"X-A\n: b", b"X-A: a\x00",
+                                    b"X A: b", b"X-A : b", b" X-A: b", b"X-A\x7f: b"])
+def test_stray_bytes_inside_a_field_line_get_the_reference_error(inside) -> None:
+    events = same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\n" + inside + b"\r\n\r\n")
+    assert events[-1] == ("error", 400)
+
+
+def test_line_limits_hold_when_the_head_exceeds_one_field_size(fast_requests) -> None:
+    short_lines = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"v" * 20) for i in range(6)) + b"\r\n"
+    assert headers(same_both_ways(short_lines, max_field_size=40))[6] == ("X-5", "v" * 20)
+    assert len(fast_requests) == 1
+    one_long = short_lines.replace(b"X-3: " + b"v" * 20, b"X-3: " + b"v" * 40)
+    assert same_both_ways(one_long, max_field_size=40)[-1] == ("error", 431)
+    assert same_both_ways(short_lines, max_line=13)[-1] == ("error", 414)
+    assert same_both_ways(short_lines, max_fields=6)[-1] == ("error", 431)
+
+
+def test_an_empty_buffer_is_need_data_at_once(monkeypatch) -> None:
+    parser = RequestParser(Limits())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    parser.next_event(), parser.next_event()
+    parser.start_next()
+
+    def fail(self):
+        raise AssertionError("the line path ran for an empty buffer")
+
+    monkeypatch.setattr(RequestParser, "_parse_head_lines", fail)
+    assert parser.next_event() is NEED_DATA
+    assert not parser.in_message
+    parser.eof()  # a clean end between requests: no error
+    assert parser.next_event() is NEED_DATA
+
+
+def test_lists_handed_out_are_never_reused() -> None:
+    parser = RequestParser(Limits())
+    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"0\r\nX-Sum: 1\r\n\r\n")
+    first = parser.next_event()
+    while parser.next_event() is not parser_module.END_OF_MESSAGE:
+        pass
+    trailers = parser.trailers
+    parser.start_next()
+    for chunk in (b"GET / HTTP/1.1\r\n", b"Host: other\r\n", b"\r\n"):  # the line path
+        parser.feed(chunk)
+        second = parser.next_event()
+    assert trailers == [("X-SUM", "1")] and parser.trailers == []
+    assert first.headers == [("HOST", "h"), ("TRANSFER-ENCODING", "chunked")]
+    assert second.headers == [("HOST", "other")]
+    parser.next_event()
+    parser.start_next()
+    parser.feed(b"GET / HTTP/1.1\r\n")
+    parser.next_event()
+    parser.feed(b"Host: third\r\n\r\n")
+    assert parser.next_event().headers == [("HOST", "third")]
+    assert second.headers == [("HOST", "other")]
