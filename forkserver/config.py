@@ -622,9 +622,11 @@ class Settings:
         "0 disables.",
     )
     send_timeout: float = setting(
-        _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
-        "Seconds a client may stop reading a response (or, while the app reads a request "
-        "body, stop sending it) before the connection is cut off.",
+        _POSITIVE_SECONDS, 10.0, ("--send-timeout",),
+        "Seconds a client may make no progress reading a response (or, while the app reads a "
+        "request body, sending it) before the connection is cut off. It counts stalls, not "
+        "the whole transfer, so a slow client that keeps reading is never cut; while it "
+        "stalls it holds a worker (or, with threads, one thread).",
     )
     min_body_rate: int = setting(
         _COUNT, 8192, ("--min-body-rate",),
