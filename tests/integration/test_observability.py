@@ -458,3 +458,39 @@ def test_json_error_log_beside_the_json_access_log(server_factory, tmp_path):
     records = [json.loads(line) for line in server.log().splitlines() if line]
     assert records and {"time", "level", "pid", "message"} <= set(records[0])
     assert any(r["message"].startswith("Listening at: ") for r in records)
+    # The master's lines about a worker carry its fields as keys of their own.
+    booted = [r for r in records if r["message"].startswith("booting worker")]
+    assert booted and all({"worker_pid", "slot", "generation"} <= set(r) for r in booted)
+    victim = booted[0]["worker_pid"]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(rf"worker {victim} killed by SIGKILL")
+    [died] = [json.loads(line) for line in server.log().splitlines()
+              if f'"worker {victim} killed' in line]
+    assert died["level"] == "ERROR" and died["signal"] == "SIGKILL" and died["reason"] == "oom"
+    assert (died["worker_pid"], died["slot"], died["generation"]) == \
+        (victim, booted[0]["slot"], 1)
+    server.wait_for_log(r"booting worker", count=3)
+    server.known_pids.update(server.worker_pids())
+
+
+def test_hup_takes_a_new_metrics_token(server_factory, short_dir, tmp_path):
+    sock = short_dir / "metrics.sock"
+    config_file = tmp_path / "forkserver.toml"
+    config_file.write_text('metrics_token = "first"\n')
+    server = server_factory("tests.apps.basic:app", "--config", str(config_file),
+                            "--metrics-bind", f"unix:{sock}")
+
+    def status_with(token: str) -> int:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(str(sock))
+            conn.sendall(f"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
+                         f"Authorization: Bearer {token}\r\n\r\n".encode())
+            return int(conn.recv(64).split()[1])
+
+    assert (status_with("first"), status_with("second")) == (200, 401)
+    config_file.write_text('metrics_token = "second"\n')
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"2 workers ready \(generation 2\)")
+    assert (status_with("first"), status_with("second")) == (401, 200)
+    server.known_pids.update(server.worker_pids())

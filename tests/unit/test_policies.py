@@ -7,6 +7,7 @@ actions due and the moment the worker next needs a look; the tests below pin bot
 from __future__ import annotations
 
 import signal
+import ssl
 import tempfile
 
 import pytest
@@ -16,11 +17,13 @@ from forkserver.generations import Generations, TransitionError
 from forkserver.master import STOP_MOVES, STOP_READINESS, Master, StopMode
 from forkserver.pool import (
     TRANSITIONS,
+    Blueprint,
     Phase,
     PhaseError,
     Pool,
     WorkerRecord,
     log_fields,
+    worker_spec,
     workers_text,
 )
 from forkserver.scoreboard import Reason, SlotView, State
@@ -434,3 +437,14 @@ def test_log_fields_and_counted_words():
     fields = log_fields(record(), reason=Reason.MEMORY, exit_code=None)
     assert fields == {"worker_pid": 4242, "slot": 0, "generation": 1, "reason": "memory"}
     assert workers_text(1) == "1 worker" and workers_text(2) == "2 workers"
+
+
+def test_the_worker_spec_carries_what_the_master_made_for_the_generation(board):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    blueprint = Blueprint(DEFAULTS, 3, [], None, {}, None, 1, tls_context=context,
+                          reload_dir="/tmp/reports", notify_fd=17)
+    spec = worker_spec(blueprint, 1, board)
+    assert (spec.tls_context, spec.reload_dir, spec.notify_fd) == (context, "/tmp/reports", 17)
+    assert (spec.generation, spec.index) == (3, 1)
+    plain = worker_spec(Blueprint(DEFAULTS, 1, [], None, {}, None, 1), 0, board)
+    assert (plain.tls_context, plain.reload_dir, plain.notify_fd) == (None, None, -1)
