@@ -101,7 +101,8 @@ class Master:
     def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
         self.log = logs.get_logger()
         self.pid = os.getpid()
-        self.pending_signals: deque[int] = deque()
+        self.wakeups = Wakeups()
+        self.pending_signals = self.wakeups.pending
         self.listeners: list[socket.socket] = []
         self.bind_specs: list[sockets.BindSpec] = []
         self.scoreboard: Scoreboard | None = None
@@ -110,26 +111,19 @@ class Master:
         self.generations = Generations(settings, reload, self._config_changed,
                                        prepare=_tls_context)
         self.memory = memory.Sampler(settings.memory_check_interval)
-        self.reloader: reloader.Reloader | None = None
-        self.reload_due = False            # a development reload waits for the current one
+        self.dev_reload: DevReload | None = None
         self.app: Callable | None = None
         self.stop_mode = StopMode.RUNNING
         self.delay_until = NEVER           # end of the shutdown delay
         self.exit_code = 0
         self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
-        self.wake_r = self.wake_w = -1
-        self.notify_r = self.notify_w = -1
         self.started = time.monotonic()
 
     @property
     def settings(self) -> Any:
         """The current generation's settings."""
         return self.generations.settings
-
-    @property
-    def hooks(self) -> dict[str, Callable]:
-        return self.generations.hooks
 
     @property
     def running(self) -> bool:
@@ -161,23 +155,23 @@ class Master:
             return 1
         outputs.write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
         self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
-        self._install_signals()
-        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS, self._in_child)
-        self._adopt_old_workers()
-        if settings.reload:
-            watched = [settings.config_file] if settings.config_file else []
-            self.reloader = reloader.Reloader.for_workers(settings.reload_extra_files,
-                                                          files=watched)
+        self.wakeups.install()
+        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS,
+                         self.wakeups.in_child)
+        old = generations.take_old_workers(os.environ)  # a USR2 re-exec's: still our children
+        if old:
+            self.generations.adopt(self.pool, old, time.monotonic())
+        self.dev_reload = DevReload(settings) if settings.reload else None
         import setproctitle
         setproctitle.setproctitle(f"{settings.proc_name}: master [{settings.app}]")
         self.log.info("forkserver master %d starting, app %s, %s", self.pid, settings.app,
                       workers_text(settings.workers))
-        call_hook(self.hooks, "on_starting", settings)
+        call_hook(self.generations.hooks, "on_starting", settings)
         try:
             self._loop()
         finally:
             self._cleanup()
-            call_hook(self.hooks, "on_exit", self.settings)
+            call_hook(self.generations.hooks, "on_exit", self.settings)
         self.log.info("forkserver master %d exiting (%d)", self.pid, self.exit_code)
         return self.exit_code
 
@@ -202,12 +196,6 @@ class Master:
             return False
         return True
 
-    def _adopt_old_workers(self) -> None:
-        """After a USR2 re-exec, the previous image's workers are still our children."""
-        pids = generations.take_old_workers(os.environ)
-        if pids:
-            self.generations.adopt(self.pool, pids, time.monotonic())
-
     def _config_changed(self, settings: Any) -> None:
         """A reload (or its rollback) changed the settings: follow their logs and options."""
         self.memory.interval = settings.memory_check_interval
@@ -226,30 +214,6 @@ class Master:
                                self.generations.reloads, self.started, self.listeners,
                                not_ready=self.readiness, readings=readings, others={})
 
-    def _install_signals(self) -> None:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Workers write a byte here (notify_fd) when they become ready or ask to be replaced,
-        # so the master reads their slots at once instead of polling. Workers get the write
-        # end by fork; CLOEXEC keeps both ends out of a USR2 image and the upgrade check.
-        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._record_signal)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        # A USR2 re-exec arrives with these blocked (they were blocked across exec).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-    def _record_signal(self, signum: int, frame: Any) -> None:
-        # NO logging, no work: the loop acts on it (a handler can interrupt anything).
-        self.pending_signals.append(signum)
-
-    def _in_child(self) -> None:
-        """In a new worker, signals still blocked: undo the master's signal plumbing."""
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        for fd in (self.wake_r, self.wake_w, self.notify_r):
-            os.close(fd)
-
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
         planned = NEVER
@@ -259,7 +223,9 @@ class Master:
             self._reap()
             self._handle_signals()
             now = time.monotonic()
-            wake_at = min(self._supervise(now), self._delay(now), self._watch(now))
+            wake_at = min(self._supervise(now), self._delay(now))
+            if self.dev_reload is not None and self.running:
+                wake_at = min(wake_at, self.dev_reload.check(now, self.generations, self.pool))
             if self.serving:
                 self.generations.advance(self.pool)
                 self.pool.retire_recycled(self.generations.current)
@@ -268,16 +234,16 @@ class Master:
                 return
             status_due = self.generations.ever_ready and self.running
             planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
-            self._sleep(planned)
+            self.wakeups.sleep(planned, self.outputs)
 
     def _blueprint(self) -> Blueprint:
         settings = self.settings
-        watcher = self.reloader
+        dev_reload = self.dev_reload
         return Blueprint(
-            settings, self.generations.current, self.listeners, self.app, self.hooks,
+            settings, self.generations.current, self.listeners, self.app, self.generations.hooks,
             self.outputs.access_log, self.pid, tls_context=self.generations.prepared,
-            reload_dir=watcher.report_dir if watcher is not None else None,
-            notify_fd=self.notify_w, freeze=bool(settings.preload and settings.gc_freeze),
+            reload_dir=dev_reload.watcher.report_dir if dev_reload is not None else None,
+            notify_fd=self.wakeups.notify_w, freeze=bool(settings.preload and settings.gc_freeze),
             # A development reload boots one worker first: a broken change then costs one
             # traceback, not one per worker.
             one_first=settings.reload and self.generations.reloading)
@@ -291,9 +257,7 @@ class Master:
             if now >= self.next_memory_check:
                 self.next_memory_check = now + settings.memory_check_interval
             wake_at = self.next_memory_check
-            ready = [pid for pid, record in self.pool.records.items()
-                     if record.phase is Phase.READY]
-            uss = {pid: reading.uss for pid, reading in self.memory.readings(ready, now).items()}
+            uss = _own_memory(self.pool, self.memory, now)
         for record in list(self.pool.records.values()):
             slot = self.scoreboard.read(record.index) if record.index >= 0 else None
             verdict = supervision.supervise(record, slot, settings, now,
@@ -334,25 +298,6 @@ class Master:
         self.pool.mark_recycle(record, action.reason, now)
         return now
 
-    def _sleep(self, wake_at: float) -> None:
-        """Wait for a signal, a worker's note, a scrape, or ``wake_at`` (NEVER: no deadline)."""
-        if self.pending_signals:
-            return
-        readers, writers = self.outputs.fds()
-        timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
-        if self.outputs.scraped():
-            # A scrape connection is open: its time limit lives in the metrics server.
-            timeout = METRICS_POLL if timeout is None else min(timeout, METRICS_POLL)
-        own = [self.wake_r, self.notify_r]
-        try:
-            ready, writable, _ = select.select([*own, *readers], writers, [], timeout)
-        except InterruptedError:
-            return
-        self.outputs.serve(ready, writable)
-        for fd in own:
-            if fd in ready:
-                _drain(fd)  # the loop reads every slot on its next pass anyway
-
     # -- children ---------------------------------------------------------------------------
     def _reap(self) -> None:
         while True:
@@ -367,17 +312,12 @@ class Master:
                 self._upgrade_checked(status)
                 continue
             self.memory.forget(pid)
-            if self.reloader is not None:
-                self.reloader.forget(pid)
-            exit_ = self.pool.reaped(pid, status, stopping=self._stopping())
+            if self.dev_reload is not None:
+                self.dev_reload.watcher.forget(pid)
+            stopping = not self.running or _stop_queued(self.pending_signals)
+            exit_ = self.pool.reaped(pid, status, stopping=stopping)
             if exit_ is not None and exit_.boot_failed:
                 self._boot_failed(exit_.record)
-
-    def _stopping(self) -> bool:
-        """The server stops, or is about to: a stop signal is queued (Ctrl-C sends INT to the
-        workers too, and one may be reaped before the master acts on its own INT)."""
-        return not self.running or any(SIGNALS[signum][0] in ("_on_term", "_on_quick")
-                                       for signum in self.pending_signals)
 
     def _boot_failed(self, record: WorkerRecord) -> None:
         pool = self.pool
@@ -403,26 +343,9 @@ class Master:
             self.log.error("worker %d failed to boot; next try in %.0fs", record.pid, delay,
                            extra=fields)
 
-    # -- reload (HUP, or a source change) and upgrade (USR2): see generations ---------------
+    # -- reload (HUP, or a source change: DevReload) and upgrade (USR2): see generations ----
     def _on_hup(self) -> None:
         self.generations.begin(self.pool)
-
-    def _watch(self, now: float) -> float:
-        """Development reload: a changed source file starts a reload through the HUP path
-        (after the one in progress, if any); returns when to look at the files again."""
-        watcher = self.reloader
-        if watcher is None or not self.running:
-            return NEVER
-        if watcher.check(now):
-            shown = ", ".join(map(_shown_path, watcher.changed[:3]))
-            more = len(watcher.changed) - 3
-            self.log.info("reload: %s changed%s", shown, f" (and {more} more)" if more > 0
-                          else "")
-            self.reload_due = True
-        if self.reload_due and self.generations.steady:
-            self.reload_due = False
-            self.generations.begin(self.pool, why="source changed")
-        return watcher.next_check()
 
     def _on_usr2(self) -> None:
         self.generations.start_check()
@@ -431,7 +354,7 @@ class Master:
         argv = self.generations.checked(status, go=self.running)
         if argv is not None:
             error = generations.exec_image(argv, self.listeners, list(self.pool.records),
-                                           HANDLED_SIGNALS, self.wake_w)
+                                           HANDLED_SIGNALS, self.wakeups.wake_w)
             self.generations.exec_failed(error)
 
     # -- signals ----------------------------------------------------------------------------
@@ -459,9 +382,8 @@ class Master:
         self.log.info("TTIN: %s", workers_text(self.pool.target))
 
     def _on_ttou(self) -> None:
-        if self.pool.target > 1:
-            self.pool.target -= 1
-            self.log.info("TTOU: %s", workers_text(self.pool.target))
+        self.pool.target = max(1, self.pool.target - 1)
+        self.log.info("TTOU: %s", workers_text(self.pool.target))
 
     def _delay(self, now: float) -> float:
         """The shutdown delay runs out: the graceful drain begins."""
@@ -505,19 +427,13 @@ class Master:
     # -- exit -------------------------------------------------------------------------------
     def _cleanup(self) -> None:
         # Make sure no child outlives us even on an unexpected error in the loop.
-        pids = list(self.pool.records) if self.pool is not None else []
-        if self.generations.check is not None:
-            pids.append(self.generations.check.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+        check = self.generations.check
+        _kill_and_wait([*(self.pool.records if self.pool is not None else ()),
+                        *([check.pid] if check is not None else [])])
         sockets.cleanup(self.listeners, self.bind_specs)
         self.outputs.close()
-        if self.reloader is not None:
-            self.reloader.close()
+        if self.dev_reload is not None:
+            self.dev_reload.watcher.close()
         outputs.remove_pidfile(self.settings.pidfile, self.pid)
         if self.scoreboard is not None:
             self.scoreboard.close()
@@ -525,6 +441,87 @@ class Master:
         # A second TERM while the interpreter winds down must not turn a clean exit into a
         # death by signal: keep them pending until the process is gone.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+class Wakeups:
+    """What ends the master's sleep: a signal (its handler only records it; ``set_wakeup_fd``
+    writes to a pipe), a worker's note on a second pipe (``notify_w`` is the workers'
+    ``notify_fd``: they write a byte when they become ready or ask to be replaced, so their
+    slots need no polling), the metrics listener's sockets, or the nearest deadline."""
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.wake_r = self.wake_w = -1
+        self.notify_r = self.notify_w = -1
+
+    def install(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Workers get the write end by fork; CLOEXEC keeps both ends out of a USR2 image and
+        # of the upgrade check.
+        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._record)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # A USR2 re-exec arrives with these blocked (they were blocked across exec).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        # NO logging, no work: the loop acts on it (a handler can interrupt anything).
+        self.pending.append(signum)
+
+    def in_child(self) -> None:
+        """In a new worker, signals still blocked: undo the master's signal plumbing (the
+        worker keeps only the write end of the note pipe)."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self.wake_r, self.wake_w, self.notify_r):
+            os.close(fd)
+
+    def sleep(self, wake_at: float, outs: outputs.Outputs) -> None:
+        """Wait for a signal, a worker's note, a scrape, or ``wake_at`` (NEVER: no deadline)."""
+        if self.pending:
+            return
+        readers, writers = outs.fds()
+        timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
+        if outs.scraped():
+            # A scrape connection is open: its time limit lives in the metrics server.
+            timeout = METRICS_POLL if timeout is None else min(timeout, METRICS_POLL)
+        own = [self.wake_r, self.notify_r]
+        try:
+            ready, writable, _ = select.select([*own, *readers], writers, [], timeout)
+        except InterruptedError:
+            return
+        outs.serve(ready, writable)
+        for fd in own:
+            if fd in ready:
+                _drain(fd)  # the loop reads every slot on its next pass anyway
+
+
+class DevReload:
+    """Development reload (``reload``): a changed source file, a file matching
+    ``reload_extra_files`` or the configuration file starts a reload through the HUP path,
+    after the one in progress if any. A generation that fails to boot is rolled back and not
+    tried again until the next change: no back-off."""
+
+    def __init__(self, settings: Any) -> None:
+        watched = [settings.config_file] if settings.config_file else []
+        self.watcher = reloader.Reloader.for_workers(settings.reload_extra_files, files=watched)
+        self.due = False  # a change waits for the reload in progress
+
+    def check(self, now: float, gens: Generations, pool: Pool) -> float:
+        """Scan if due, start the reload a change asks for; returns when to look again."""
+        watcher = self.watcher
+        if watcher.check(now):
+            shown = ", ".join(map(_shown_path, watcher.changed[:3]))
+            more = len(watcher.changed) - 3
+            logs.get_logger().info("reload: %s changed%s", shown,
+                                   f" (and {more} more)" if more > 0 else "")
+            self.due = True
+        if self.due and gens.steady:
+            self.due = False
+            gens.begin(pool, why="source changed")
+        return watcher.next_check()
+
 
 # -- startup helpers (no master state) ------------------------------------------------------
 def _open_listeners(settings: Any, pid: int, log: Any) -> tuple[list[socket.socket],
@@ -571,3 +568,24 @@ def _shown_path(path: str) -> str:
     """A path as the log shows it: relative to the working directory when it is inside."""
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
+
+
+def _stop_queued(pending: deque[int]) -> bool:
+    """A stop signal waits to be acted on: Ctrl-C sends INT to the workers too, and one of
+    them may be reaped before the master acts on its own INT."""
+    return any(SIGNALS[signum][0] in ("_on_term", "_on_quick") for signum in pending)
+
+
+def _kill_and_wait(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _own_memory(pool: Pool, sampler: memory.Sampler, now: float) -> dict[int, int]:
+    """The USS of each ready worker, by pid (read at most once per interval)."""
+    ready = [pid for pid, record in pool.records.items() if record.phase is Phase.READY]
+    return {pid: reading.uss for pid, reading in sampler.readings(ready, now).items()}
