@@ -11,8 +11,10 @@ the loop sleeps until the nearest one (rule 7 of style.md).
 
 from __future__ import annotations
 
+import enum
 import errno
 import faulthandler
+import fcntl
 import os
 import resource
 import select
@@ -28,16 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from forkserver import logs, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
-from forkserver.http.parser import (
-    END_OF_MESSAGE,
-    NEED_DATA,
-    PAUSED,
-    Limits,
-    Request,
-    RequestParser,
-)
+from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
 from forkserver.scoreboard import Reason, Scoreboard, State
+from forkserver.wsgi import ClientDisconnected, Verdict
 
 if TYPE_CHECKING:
     from forkserver.config import Settings
@@ -47,19 +43,43 @@ EXIT_OK = 0
 EXIT_BOOT_ERROR = 3      # the app (or a boot hook) failed to load
 
 RECV_SIZE = 64 * 1024
-PREREAD_LIMIT = 64 * 1024  # bodies up to this size are read before the app is called
-LINGER_SECONDS = 2.0       # how long an error close drains the client before closing
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
 HOUSEKEEPING_INTERVAL = 1.0
+STOP_IDLE_GRACE = 2.0      # a stopping worker's idle keep-alive connections get this long
 SERVER_HEADER = b"forkserver"
+_NEVER = float("inf")
 
 # accept() errors that concern only the connection being accepted (see accept(2), Linux).
 _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                            errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
                            errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
+# sendfile() errors that are the client's socket's, not the file's.
+_CLIENT_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN})
 
-# Connection phases; each but BUSY has its own kind of deadline.
-HEAD, BODY, IDLE, LINGER, BUSY = range(5)
+
+class Phase(enum.IntEnum):
+    """Where a connection is; each phase but BUSY has a deadline of its own. (An IntEnum, so
+    the transition check hashes in C: a plain Enum's __hash__ is Python code.)"""
+
+    HEAD = 0    # reading a request head (header_timeout)
+    BODY = 1    # reading a small body before the app runs (header_timeout)
+    BUSY = 2    # the app runs; its reads and writes block under their own timeouts
+    IDLE = 3    # keep-alive, between requests (keepalive)
+    LINGER = 4  # answered and shut for writing; draining the client (linger_timeout)
+
+
+# Every legal move, by the phase it starts from; any other raises.
+_NEXT: tuple[frozenset[Phase], ...] = (
+    frozenset({Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),              # HEAD
+    frozenset({Phase.BUSY, Phase.LINGER}),                                      # BODY
+    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),  # BUSY
+    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER}),              # IDLE
+    frozenset(),                                                                # LINGER
+)
+# Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
+HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER
+KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
+EMPTY_INPUT = wsgi.EMPTY_INPUT
 
 
 @dataclass(frozen=True)
@@ -85,16 +105,20 @@ class WorkerSpec:
 
 
 class Connection:
-    """One client connection; also the ``wsgi.Channel`` the app's I/O goes through."""
+    """One client connection; also the ``wsgi.Channel`` the app's I/O goes through.
+
+    Every failure of this socket while the app runs surfaces as ``ClientDisconnected``, so
+    the exchange can tell the client's faults from the app's.
+    """
 
     __slots__ = (
         "base",
+        "body",
         "body_deadline",
-        "body_size",
         "deadline",
+        "drained",
         "fd",
         "parser",
-        "parts",
         "phase",
         "registered",
         "remote",
@@ -115,10 +139,10 @@ class Connection:
         self.phase = HEAD
         self.deadline = 0.0
         self.requests = 0
-        self.request: Request | None = None
-        self.parts: deque | None = None
-        self.body_size = 0
+        self.request: Request | None = None         # its head is in; the app has not run yet
+        self.body: wsgi.Body | wsgi.EmptyInput | None = None  # that request's body
         self.body_deadline = 0.0
+        self.drained = 0                 # bytes discarded while lingering
         self.registered = False          # known to epoll (only once it outlives its first read)
 
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
@@ -140,6 +164,8 @@ class Connection:
                     raise RequestTimeout("request body arrives too slowly") from None
                 self._wait(select.POLLIN, "send the request body", left)
                 continue
+            except OSError as error:
+                raise ClientDisconnected(f"receiving: {error}") from None
             if n == 0:
                 return False
             if rate:
@@ -153,15 +179,19 @@ class Connection:
             sent = sock.send(data)
         except BlockingIOError:
             sent = 0
+        except OSError as error:
+            raise ClientDisconnected(f"sending: {error}") from None
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
         while view:
-            self._wait(select.POLLOUT, "write")
+            self._wait(select.POLLOUT, "read the response")
             try:
                 sent = sock.send(view)
             except BlockingIOError:
                 continue
+            except OSError as error:
+                raise ClientDisconnected(f"sending: {error}") from None
             view = view[sent:]
 
     def send_file(self, fd: int, offset: int, count: int) -> int:
@@ -169,7 +199,11 @@ class Connection:
             try:
                 return os.sendfile(self.fd, fd, offset, count)
             except BlockingIOError:
-                self._wait(select.POLLOUT, "write")
+                self._wait(select.POLLOUT, "read the response")
+            except OSError as error:
+                if error.errno in _CLIENT_ERRNOS:
+                    raise ClientDisconnected(f"sending a file: {error}") from None
+                raise  # the file's fault: the app's, not the client's
 
     def _wait(self, events: int, what: str, limit: float | None = None) -> None:
         seconds = self.worker.settings.send_timeout
@@ -178,10 +212,170 @@ class Connection:
         poller = select.poll()
         poller.register(self.fd, events | select.POLLERR | select.POLLHUP)
         if not poller.poll(seconds * 1000):
-            raise TimeoutError(f"client did not {what} for {seconds:g}s")
+            if events & select.POLLIN:
+                raise RequestTimeout(f"client did not {what} for {seconds:g}s")
+            raise ClientDisconnected(f"client did not {what} for {seconds:g}s")
+
+
+class Requests:
+    """Runs each complete request through the app, with its bookkeeping: hooks, scoreboard,
+    access log, and recycling after max_requests."""
+
+    def __init__(self, spec: WorkerSpec, slot: Any) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.slot = slot
+        self.log = logs.get_logger()
+        self.app: Callable | None = None
+        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips)
+        self.pre_request = spec.hooks.get("pre_request")
+        self.post_request = spec.hooks.get("post_request")
+        self.count = 0
+        self.retiring = False  # answer every next request with Connection: close
+
+    def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
+        """Run one request; return what becomes of the connection."""
+        conn.body_deadline = 0.0
+        conn.requests += 1
+        settings = self.settings
+        # Whether the response may offer keep-alive (the exchange may still say no). Retiring:
+        # the next request on each connection is answered with close, so no client has a
+        # connection closed under a request it just sent (requests already pipelined behind
+        # it are answered first).
+        keep_alive = (request.keep_alive and settings.keepalive > 0
+                      and conn.requests < settings.keepalive_requests
+                      and (not self.retiring or conn.parser.buffered > 0))
+        slot = self.slot
+        slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
+        environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
+        started = time.monotonic()
+        if self.pre_request is not None:
+            call_hook(self.pre_request, environ)
+        exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
+                               SERVER_HEADER, self._log_app_error)
+        if self.post_request is not None:
+            call_hook(self.post_request, environ, exchange.status_code)
+        self.count += 1
+        duration = time.monotonic() - started
+        verdict = exchange.verdict
+        state = State.KEEPALIVE if verdict is KEEP else State.IDLE
+        slot.request_finished(exchange.status_code, exchange.bytes_sent, state, duration)
+        if self.spec.access_log is not None:
+            self._log_access(environ, request, exchange, duration)
+        if exchange.close_reason:
+            self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
+                           request.target, exchange.close_reason)
+        if self.spec.max_requests and self.count == self.spec.max_requests:
+            self._retire(state)
+        return verdict
+
+    def _retire(self, state: State) -> None:
+        """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
+        never dips. Until then this worker keeps serving, closing each connection after its
+        next response."""
+        if self.retiring:
+            return
+        self.log.info("worker %d served %d requests; asking to be recycled",
+                      os.getpid(), self.count)
+        self.retiring = True
+        self.slot.set_state(state, Reason.REQUESTS)
+
+    def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
+                    duration: float) -> None:
+        self.spec.access_log.write(
+            environ["REMOTE_ADDR"], request.method, request.target, request.version,
+            exchange.status_code, exchange.bytes_sent, duration,
+            environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", ""),
+            environ.get("HTTP_X_REQUEST_ID", ""))
+
+    def _log_app_error(self, message: str, with_traceback: bool) -> None:
+        self.log.error(message, exc_info=with_traceback)
+
+
+class Listeners:
+    """The listening sockets of one worker: their epoll registration and accepting."""
+
+    def __init__(self, worker: Worker, socks: list[socket.socket]) -> None:
+        self.worker = worker
+        self.listeners = {sock.fileno(): (sock, listener_environ(sock)) for sock in socks}
+        self.accepting = False
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self.listeners
+
+    def close_all(self) -> None:
+        """Stop accepting for good. What already waits in the backlog is taken first: those
+        clients were accepted by the kernel and must get an answer, not a reset."""
+        was_accepting = self.accepting
+        self.off()
+        for fd, (sock, _) in self.listeners.items():
+            if was_accepting:
+                self.accept(fd, self.worker.settings.worker_connections)
+            sock.close()
+
+    def on(self) -> None:
+        if not self.accepting and not self.worker.stopping:
+            for fd in self.listeners:
+                # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
+                # such a registration cannot be modified, only removed and added again.
+                self.worker.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.accepting = True
+
+    def off(self) -> None:
+        if self.accepting:
+            for fd in self.listeners:
+                self.worker.epoll.unregister(fd)
+            self.accepting = False
+
+    def accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
+        kept = self._batch(fd, batch)
+        if kept and self.accepting:
+            # EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue, in
+            # registration order, so an idle first worker would collect every keep-alive
+            # connection. Registering again moves this worker to the back of the queue and
+            # spreads long-lived connections round-robin (connections that close at once skip
+            # this, so the Connection: close path pays nothing).
+            self.off()
+            self.on()
+
+    def _batch(self, fd: int, batch: int) -> int:
+        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
+        worker = self.worker
+        listener, base = self.listeners[fd]
+        kept = 0
+        limit = worker.settings.worker_connections
+        for _ in range(batch):
+            if len(worker.conns) >= limit and not worker.idle:
+                self.off()  # every connection is busy; _go(IDLE) or _close resumes
+                return kept
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return kept
+            except OSError as error:
+                if error.errno in _ACCEPT_RETRY:
+                    continue  # that one connection failed; the next may be fine
+                # Out of descriptors or memory: stop accepting for a moment (housekeeping
+                # or the next close resumes), keep serving what is open.
+                worker.log.warning("accept failed: %s; pausing accepts", error)
+                self.off()
+                return kept
+            if sock.family == socket.AF_UNIX:
+                remote = ("", "")
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                remote = (address[0], str(address[1]))
+            if len(worker.conns) >= limit:
+                # At the limit, the longest-idle keep-alive connection makes room, so a new
+                # client is served at once instead of waiting for some connection to expire.
+                worker.close(next(iter(worker.idle.values())))
+            kept += worker.adopt(sock, remote, base)
+        return kept
 
 
 class Worker:
+    """One worker process's loop: accept, read, run the app, park, linger, expire."""
+
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.settings = settings = spec.settings
@@ -196,47 +390,23 @@ class Worker:
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
         self.conns: dict[int, Connection] = {}
+        self.idle: dict[int, Connection] = {}  # IDLE connections, longest-idle first
         self.epoll = select.epoll()
-        self.listeners = {sock.fileno(): (sock, self._base_environ(sock))
-                          for sock in spec.listeners}
-        self.accepting = False
         self.stopping = False          # graceful: finish what was received, then exit
         self.stop_deadline = 0.0
         self.quick_exit = False
         self.pending_signals: deque[int] = deque()
         self.next_deadline = float("inf")
-        self.requests = 0
         self.slot = spec.scoreboard.writer(spec.index)
-        self.app: Callable | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.proxies = wsgi.trusted_proxies(settings.forwarded_allow_ips)
-        self.pre_request = spec.hooks.get("pre_request")
-        self.post_request = spec.hooks.get("post_request")
+        self.requests = Requests(spec, self.slot)
+        self.listeners = Listeners(self, spec.listeners)
 
     # -- setup ------------------------------------------------------------------------------
-    def _base_environ(self, sock: socket.socket) -> dict[str, Any]:
-        address = sock.getsockname()
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            name, port = str(address[0]), str(address[1])
-        else:
-            name, port = (address if isinstance(address, str) else address.decode()), ""
-        return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
-
-    def _install_signals(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                       signal.SIGHUP):
-            signal.signal(signum, self._record_signal)
-        # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
-        for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
-            signal.signal(signum, signal.SIG_IGN)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-
-    def _record_signal(self, signum: int, frame: Any) -> None:
-        self.pending_signals.append(signum)
-
     def boot(self) -> int | None:
-        """Load the app; returns an exit code if the worker cannot serve."""
+        """Become a worker process and load the app; returns an exit code if it cannot serve."""
         spec = self.spec
+        guard_std_fds()
         self.slot.set_pid(os.getpid())
         try:
             import setproctitle
@@ -246,295 +416,238 @@ class Worker:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
         # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
         faulthandler.enable(file=logs.error_stream(), all_threads=True)
-        self._install_signals()
+        _install_signals(self.pending_signals, self.wake_w)
         hooks = spec.hooks
         try:
             _drop_privileges(spec.settings.user, spec.settings.group)
             if "post_fork" in hooks:
                 hooks["post_fork"](os.getpid())
-            self.app = spec.load_app()
+            app = spec.load_app()
             if "post_worker_init" in hooks:
                 hooks["post_worker_init"](os.getpid())
         except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
             self.log.error("worker %d failed to boot: %s", os.getpid(), error)
             return EXIT_BOOT_ERROR
-        self.epoll.register(self.wake_r, select.EPOLLIN)
-        self._accept_on()
-        self.slot.set_state(State.IDLE)
+        self.open(app)
         return None
 
-    # -- accepting --------------------------------------------------------------------------
-    def _accept_on(self) -> None:
-        if not self.accepting and not self.stopping:
-            for fd in self.listeners:
-                # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
-                # such a registration cannot be modified, only removed and added again.
-                self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            self.accepting = True
+    def open(self, app: Callable) -> None:
+        """Start serving ``app``: watch the wakeup pipe, accept, tell the master we are ready.
+        (Process-wide setup is ``boot``'s; tests drive a worker from here on.)"""
+        self.requests.app = app
+        self.epoll.register(self.wake_r, select.EPOLLIN)
+        self.listeners.on()
+        self.slot.set_state(State.IDLE)
 
-    def _accept_off(self) -> None:
-        if self.accepting:
-            for fd in self.listeners:
-                self.epoll.unregister(fd)
-            self.accepting = False
+    def adopt(self, sock: socket.socket, remote: tuple[str, str] = ("", ""),
+              base: dict[str, Any] | None = None) -> bool:
+        """Serve an accepted (or handed-over) client socket; True if it stays open."""
+        if sock.fileno() <= 2:
+            sock = _move_above_std_fds(sock)
+        sock.setblocking(False)
+        conn = Connection(self, sock, remote, base or listener_environ(sock))
+        self.conns[conn.fd] = conn
+        self._arm(conn)
+        # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
+        # and involve epoll only if the connection stays open.
+        self._readable(conn)
+        if self.conns.get(conn.fd) is not conn:
+            return False
+        self.epoll.register(conn.fd, select.EPOLLIN)
+        conn.registered = True
+        return True
 
-    def _accept(self, fd: int, batch: int = ACCEPT_BATCH) -> None:
-        kept = self._accept_batch(fd, batch)
-        if kept and self.accepting:
-            # EPOLLEXCLUSIVE wakes the first idle epoll on the listener's wait queue, in
-            # registration order, so an idle first worker would collect every keep-alive
-            # connection. Registering again moves this worker to the back of the queue and
-            # spreads long-lived connections round-robin (connections that close at once skip
-            # this, so the Connection: close path pays nothing).
-            self._accept_off()
-            self._accept_on()
-
-    def _accept_batch(self, fd: int, batch: int) -> int:
-        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
-        listener, base = self.listeners[fd]
-        limit = self.settings.worker_connections
-        kept = 0
-        for _ in range(batch):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return kept
-            except OSError as error:
-                if error.errno in _ACCEPT_RETRY:
-                    continue  # that one connection failed; the next may be fine
-                # Out of descriptors or memory: stop accepting for a moment (housekeeping
-                # or the next close resumes), keep serving what is open.
-                self.log.warning("accept failed: %s; pausing accepts", error)
-                self._accept_off()
-                return kept
-            sock.setblocking(False)
-            if sock.family == socket.AF_UNIX:
-                remote = ("", "")
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                remote = (address[0], str(address[1]))
-            conn = Connection(self, sock, remote, base)
-            self._set_deadline(conn, HEAD, self.settings.header_timeout)
-            self.conns[conn.fd] = conn
-            # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
-            # and involve epoll only if the connection stays open.
-            self._readable(conn)
-            if conn.fd in self.conns:
-                self.epoll.register(conn.fd, select.EPOLLIN)
-                conn.registered = True
-                kept += 1
-            if len(self.conns) >= limit:
-                self._accept_off()
-                return kept
-        return kept
-
-    # -- deadlines --------------------------------------------------------------------------
-    def _set_deadline(self, conn: Connection, phase: int, seconds: float) -> None:
+    # -- phases and deadlines ---------------------------------------------------------------
+    def _go(self, conn: Connection, phase: Phase) -> None:
+        """Move ``conn`` to ``phase`` (an unlisted move raises) and start its deadline."""
+        old = conn.phase
+        if phase not in _NEXT[old]:
+            raise RuntimeError(f"connection cannot go from {old.name} to {phase.name}")
+        if old is IDLE:
+            del self.idle[conn.fd]
         conn.phase = phase
-        deadline = time.monotonic() + seconds
-        conn.deadline = deadline
+        if phase is BUSY:
+            conn.deadline = _NEVER
+            return
+        if phase is IDLE:
+            self.idle[conn.fd] = conn
+            if not self.listeners.accepting and not self.stopping and \
+                    len(self.conns) >= self.settings.worker_connections:
+                self.listeners.on()  # at the limit, an idle connection can make room
+        self._arm(conn)
+
+    def _arm(self, conn: Connection) -> None:
+        """Start the deadline of the phase ``conn`` just entered."""
+        phase = conn.phase
+        settings = self.settings
+        if phase is IDLE:
+            seconds = settings.keepalive
+            if self.stopping:
+                seconds = min(seconds, STOP_IDLE_GRACE)
+        elif phase is LINGER:
+            seconds = settings.linger_timeout
+        else:
+            seconds = settings.header_timeout
+        deadline = conn.deadline = time.monotonic() + seconds
         self.next_deadline = min(self.next_deadline, deadline)
 
     def _expire(self, now: float) -> None:
-        """Close connections whose deadline passed; find the next deadline."""
+        """Act on connections whose deadline passed; find the next deadline."""
         nearest = float("inf")
         for conn in list(self.conns.values()):
             if conn.deadline <= now:
-                if conn.phase in (HEAD, BODY) and conn.parser.in_message:
-                    self._fail(conn, RequestTimeout("request not received in time"))
-                else:
-                    self._close(conn)
-            elif conn.deadline < nearest:
-                nearest = conn.deadline
+                self._timed_out(conn, now)
+                if self.conns.get(conn.fd) is not conn:
+                    continue
+            nearest = min(nearest, conn.deadline)
         self.next_deadline = nearest
 
+    def _timed_out(self, conn: Connection, now: float) -> None:
+        if conn.phase is not LINGER:
+            # The worker may have been held (a slow reader, a long request): bytes that came
+            # meanwhile are served, not dropped with the connection.
+            self._readable(conn)
+            if self.conns.get(conn.fd) is not conn or conn.deadline > now:
+                return
+        if conn.phase is LINGER:
+            self.close(conn)
+        elif conn.request is not None or conn.parser.in_message:
+            self._fail(conn, RequestTimeout("request not received in time"))
+        else:
+            self.close(conn)
+
     # -- connection handling ----------------------------------------------------------------
-    def _close(self, conn: Connection) -> None:
-        if self.conns.pop(conn.fd, None) is not None and conn.registered:
-            try:
-                self.epoll.unregister(conn.fd)
-            except (OSError, ValueError):
-                pass
+    def close(self, conn: Connection) -> None:
+        if self.conns.pop(conn.fd, None) is not None:
+            self.idle.pop(conn.fd, None)
+            if conn.registered:
+                try:
+                    self.epoll.unregister(conn.fd)
+                except (OSError, ValueError):
+                    pass
         try:
             conn.sock.close()
         except OSError:
             pass
-        if not self.accepting and not self.stopping and \
+        if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
-            self._accept_on()
+            self.listeners.on()
 
     def _fail(self, conn: Connection, error: HTTPError) -> None:
-        """Answer a protocol error, then close without losing the answer to a reset."""
+        """Answer a protocol error or a timeout outside the app, then linger."""
         self.log.debug("closing %s: %s %s", conn.remote[0], error.status, error)
         try:
             conn.sock.send(error.response(http_date()))
         except OSError:
-            self._close(conn)
+            self.close(conn)
             return
         self._linger(conn)
 
+    def _end(self, conn: Connection, verdict: Verdict) -> None:
+        """Carry out an exchange's verdict other than KEEP."""
+        if verdict is ABORT or (verdict is CLOSE and not conn.parser.buffered):
+            self.close(conn)
+        else:
+            self._linger(conn)
+
     def _linger(self, conn: Connection) -> None:
-        """Shut down our side, then drain what the client still sends for a moment: closing with
-        unread input would send a reset that can destroy the response in flight."""
+        """Shut down our side, then read and discard what the client still sends, for up to
+        linger_timeout and linger_bytes: closing with unread input would make the kernel send
+        a reset, which can destroy the response still in flight (nginx's lingering close)."""
+        if not self.settings.linger_bytes or not self.settings.linger_timeout:
+            self.close(conn)
+            return
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn)
+            self.close(conn)
             return
-        self._set_deadline(conn, LINGER, LINGER_SECONDS)
+        conn.drained = 0
+        self._go(conn, LINGER)
+
+    def _drain(self, conn: Connection) -> None:
+        limit = self.settings.linger_bytes
+        while True:
+            try:
+                n = conn.sock.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            conn.drained += n
+            if n == 0 or conn.drained > limit:
+                self.close(conn)
+                return
 
     def _readable(self, conn: Connection) -> None:
+        if conn.phase is LINGER:
+            self._drain(conn)
+            return
         try:
             n = conn.sock.recv_into(self.buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn)
-            return
-        if conn.phase == LINGER:
-            if n == 0:
-                self._close(conn)
+            self.close(conn)
             return
         if n == 0:
             # The peer closed. A partial request can never be answered; drop it.
-            self._close(conn)
+            self.close(conn)
             return
         conn.parser.feed(self.view[:n])
         self._process(conn)
 
     def _process(self, conn: Connection) -> None:
-        """Pull events until the parser needs data; run each complete request in order."""
+        """Run each request that is complete enough for the app, in order, until the parser
+        needs more bytes. The body's events are the body's (``wsgi.Body``); this only feeds."""
         parser = conn.parser
-        while True:
-            try:
-                event = parser.next_event()
-            except HTTPError as error:
-                self._fail(conn, error)
-                return
-            if event is NEED_DATA:
-                if conn.request is not None:
-                    if conn.phase != BODY:
-                        self._set_deadline(conn, BODY, self.settings.header_timeout)
-                elif parser.in_message:
-                    if conn.phase != HEAD:
-                        self._set_deadline(conn, HEAD, self.settings.header_timeout)
-                elif conn.phase != IDLE:
-                    self._set_deadline(conn, IDLE, self.settings.keepalive)
-                return
-            if event is PAUSED:  # not reached: every dispatch ends with start_next()
-                return
-            if event is END_OF_MESSAGE:
-                request = conn.request
-                if request is None:  # the body was streamed; nothing left to do
-                    continue
-                parts = conn.parts
-                body = wsgi.Input(conn, parts, True, False) if parts else wsgi.EMPTY_INPUT
-                if not self._dispatch(conn, request, body):
-                    return
-                continue
-            if type(event) is Request:
-                conn.request = event
-                conn.parts = None
-                conn.body_size = 0
-                # A client expecting 100-continue waits for our go-ahead: the app decides.
-                if event.expect_continue and \
-                        not self._dispatch(conn, event, wsgi.Input(conn, None, False, True)):
-                    return
-                continue
-            # A piece of body: buffer small bodies, stream large ones.
-            if conn.parts is None:
-                conn.parts = deque()
-            conn.parts.append(event)
-            conn.body_size += len(event)
-            if conn.body_size > PREREAD_LIMIT:
-                request = conn.request
-                if not self._dispatch(conn, request, wsgi.Input(conn, conn.parts, False, False)):
-                    return
-
-    def _dispatch(self, conn: Connection, request: Request, body: Any) -> bool:
-        """Run one request; True if the connection goes on to the next one."""
-        spec = self.spec
-        conn.request = None
-        conn.parts = None
-        conn.phase = BUSY  # so the next NEED_DATA sets a fresh idle or head deadline
-        conn.body_deadline = 0.0
-        conn.requests += 1
-        # While stopping, answer what is already buffered (pipelined), then close.
-        keep_alive = (request.keep_alive and spec.settings.keepalive > 0
-                      and conn.requests < spec.settings.keepalive_requests
-                      and (not self.stopping or conn.parser.buffered > 0))
-        slot = self.slot
-        slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
-        environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
-        started = time.monotonic()
-        if self.pre_request is not None:
-            self._call_hook(self.pre_request, environ)
-        exchange = wsgi.handle(self.app, conn, request, environ, keep_alive,
-                               SERVER_HEADER, self._log_app_error)
-        if self.post_request is not None:
-            self._call_hook(self.post_request, environ, exchange.status_code)
-        self.requests += 1
-        duration = time.monotonic() - started
-        slot.request_finished(exchange.status_code, exchange.bytes_sent,
-                              State.KEEPALIVE if exchange.keep_alive else State.IDLE, duration)
-        if spec.access_log is not None:
-            self._log_access(environ, request, exchange, duration)
-        if spec.max_requests and self.requests == spec.max_requests and not self.stopping:
-            # Ask the master for a replacement; it sends TERM once that one is ready, so
-            # capacity never dips. Until then this worker keeps serving.
-            self.log.info("worker %d served %d requests; asking to be recycled",
-                          os.getpid(), self.requests)
-            self.slot.set_state(State.KEEPALIVE if exchange.keep_alive else State.IDLE,
-                                Reason.REQUESTS)
-        if not exchange.keep_alive:
-            if exchange.close_reason:
-                # The client is gone or stuck; nothing to drain politely.
-                self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
-                               request.target, exchange.close_reason)
-                self._close(conn)
-            elif exchange.status_code >= 400 or conn.parser.buffered:
-                self._linger(conn)
-            else:
-                self._close(conn)
-            return False
-        conn.parser.start_next()
-        return True
-
-    def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
-                    duration: float) -> None:
-        self.spec.access_log.write(
-            environ["REMOTE_ADDR"], request.method, request.target, request.version,
-            exchange.status_code, exchange.bytes_sent, duration,
-            environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", ""),
-            environ.get("HTTP_X_REQUEST_ID", ""))
-
-    def _call_hook(self, hook: Callable, *args: Any) -> None:
         try:
-            hook(*args)
-        except Exception:  # a request hook must not stop serving
-            self.log.exception("hook %s failed", getattr(hook, "__name__", hook))
-
-    def _log_app_error(self, message: str, with_traceback: bool) -> None:
-        self.log.error(message, exc_info=with_traceback)
+            while True:
+                body = conn.body
+                if body is None:
+                    event = parser.next_event()
+                    if event is NEED_DATA:
+                        phase = HEAD if parser.in_message else IDLE
+                        if conn.phase is not phase:
+                            self._go(conn, phase)
+                        return
+                    # A Request: PAUSED cannot come, every exchange ends with start_next().
+                    conn.request = event
+                    conn.body = body = wsgi.open_body(conn, event)
+                if body is not EMPTY_INPUT and not body.preread():
+                    if conn.phase is not BODY:
+                        self._go(conn, BODY)
+                    return
+                request = conn.request
+                conn.request = conn.body = None
+                if conn.phase is not BUSY:  # (the one hot move, inlined from _go)
+                    if conn.phase is IDLE:
+                        del self.idle[conn.fd]
+                    conn.phase = BUSY  # BUSY follows every phase but LINGER (see _NEXT)
+                    conn.deadline = _NEVER
+                verdict = self.requests.dispatch(conn, request, body)
+                if verdict is not KEEP:
+                    self._end(conn, verdict)
+                    return
+                parser.start_next()
+        except HTTPError as error:
+            self._fail(conn, error)
 
     # -- lifecycle --------------------------------------------------------------------------
     def _begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
         if self.stopping:
             return
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
+        self.stopping = self.requests.retiring = True
+        now = time.monotonic()
+        self.stop_deadline = now + self.settings.graceful_timeout
         self.slot.set_state(State.EXITING, reason)
-        was_accepting = self.accepting
-        self._accept_off()
-        for fd, (sock, _) in self.listeners.items():
-            if was_accepting:
-                # Take what already waits in the backlog: those clients were accepted by the
-                # kernel and must get an answer, not a reset when the socket closes.
-                self._accept(fd, self.settings.worker_connections)
-            sock.close()
-        for conn in list(self.conns.values()):
-            if conn.phase == IDLE and not conn.parser.buffered:
-                self._close(conn)
+        self.listeners.close_all()
+        # Idle keep-alive connections get a short grace: a client about to reuse one gets its
+        # answer (with Connection: close) instead of a close under its request.
+        grace = now + min(self.settings.keepalive, STOP_IDLE_GRACE)
+        for conn in self.idle.values():
+            conn.deadline = min(conn.deadline, grace)
+        self.next_deadline = min(self.next_deadline, grace)
 
     def _handle_signals(self) -> None:
         while self.pending_signals:
@@ -546,20 +659,17 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 logs.reopen()
 
-    def _housekeeping(self, now: float) -> None:
+    def _housekeeping(self) -> None:
         self.slot.heartbeat()
+        guard_std_fds()  # an app may have closed 0-2; log writers must not hit its files
         if os.getppid() != self.spec.master_pid and not self.stopping:
             # Nobody supervises us any more: finish what clients already sent, then go.
             self.log.warning("worker %d: master is gone; exiting", os.getpid())
             self._begin_stop()
-        if self.stopping:
-            for conn in list(self.conns.values()):
-                if conn.phase == IDLE and not conn.parser.buffered:
-                    self._close(conn)
         self.slot.set_connections(len(self.conns))
-        if not self.accepting and not self.stopping and \
+        if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
-            self._accept_on()  # resume after an accept failure paused us
+            self.listeners.on()  # resume after an accept failure paused us
 
     def serve(self) -> int:
         code = self.boot()
@@ -568,44 +678,102 @@ class Worker:
         code = self._loop()
         hook = self.spec.hooks.get("worker_exit")
         if hook is not None:
-            self._call_hook(hook, os.getpid())
+            call_hook(hook, os.getpid())
         return code
 
-    def _loop(self) -> int:
-        epoll = self.epoll
+    def run_once(self, timeout: float, now: float | None = None) -> float:
+        """One turn of the loop: wait up to ``timeout`` (less if a deadline is nearer) for
+        events, serve them, act on signals and passed deadlines; return the time after."""
         conns = self.conns
-        listeners = self.listeners
-        wake_r = self.wake_r
-        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        if now is None:
+            now = time.monotonic()
+        wait = min(timeout, self.next_deadline - now)
+        events = self.epoll.poll(max(0.0, wait))
+        if self.pending_signals:
+            self._handle_signals()  # what came first acts first (a USR1 reopen, a TERM)
+        for fd, _ in events:
+            conn = conns.get(fd)
+            if conn is not None:
+                self._readable(conn)
+            elif fd in self.listeners:
+                if not self.stopping:
+                    self.listeners.accept(fd)
+            elif fd == self.wake_r:
+                try:
+                    os.read(fd, 512)
+                except BlockingIOError:
+                    pass
+        if self.pending_signals:
+            self._handle_signals()
+        now = time.monotonic()
+        if now >= self.next_deadline:
+            self._expire(now)
+        return now
+
+    def _loop(self) -> int:
+        now = time.monotonic()
+        next_housekeeping = now + HOUSEKEEPING_INTERVAL
         while True:
-            now = time.monotonic()
-            wait = min(self.next_deadline, next_housekeeping) - now
-            events = epoll.poll(max(0, wait))
-            for fd, mask in events:
-                conn = conns.get(fd)
-                if conn is not None:
-                    self._readable(conn)
-                elif fd in listeners:
-                    if not self.stopping:
-                        self._accept(fd)
-                elif fd == wake_r:
-                    try:
-                        os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
-            if self.pending_signals:
-                self._handle_signals()
-            now = time.monotonic()
-            if now >= self.next_deadline:
-                self._expire(now)
+            now = self.run_once(next_housekeeping - now, now)
             if now >= next_housekeeping:
-                self._housekeeping(now)
+                self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             if self.quick_exit:
                 return EXIT_OK
-            if self.stopping and (not conns or now >= self.stop_deadline):
+            if self.stopping and (not self.conns or now >= self.stop_deadline):
                 return EXIT_OK
 
+
+def _install_signals(pending: deque[int], wake_fd: int) -> None:
+    """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: pending.append(signum))
+    # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
+    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+
+
+def listener_environ(sock: socket.socket) -> dict[str, Any]:
+    """The constant part of the environ for connections on ``sock``."""
+    address = sock.getsockname()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        name, port = str(address[0]), str(address[1])
+    else:
+        name, port = (address if isinstance(address, str) else address.decode()), ""
+    return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+
+
+def call_hook(hook: Callable, *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:  # noqa: BLE001 - a hook must not stop serving
+        logs.get_logger().exception("hook %s failed", getattr(hook, "__name__", hook))
+
+
+def guard_std_fds() -> None:
+    """Put /dev/null on whichever of 0-2 is closed (an app may close them), so a client socket
+    can never get one of those numbers and writes meant for stdout or stderr reach no client."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)
+
+
+def _move_above_std_fds(sock: socket.socket) -> socket.socket:
+    """The same connection under a descriptor above 2, with /dev/null put back on 0-2."""
+    high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+    moved = socket.socket(sock.family, sock.type, sock.proto, fileno=high)
+    sock.close()
+    guard_std_fds()
+    return moved
 
 def _drop_privileges(user: str, group: str) -> None:
     """Switch to the configured group and user (only possible when started as root)."""

@@ -8,6 +8,7 @@ once per listener (``base_environ``) and copied, and a bodiless request shares o
 
 from __future__ import annotations
 
+import enum
 import os
 import stat
 import sys
@@ -23,6 +24,8 @@ from forkserver.proxy import TrustedProxies
 
 # Bodies up to this size travel as one send together with the head.
 SMALL_BODY = 64 * 1024
+PREREAD_LIMIT = 64 * 1024  # request bodies up to this size are read before the app is called
+DISCARD_LIMIT = 64 * 1024  # an unread rest up to this size is read and dropped (keep-alive)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -32,25 +35,44 @@ class Channel(Protocol):
     parser: RequestParser
 
     def receive(self) -> bool:
-        """Read more bytes into ``parser``; False when the peer has closed."""
+        """Read more bytes into ``parser``; False when the peer has closed. Raises
+        ClientDisconnected, or RequestTimeout when the body arrives too slowly."""
 
     def send_all(self, data: bytes) -> None:
-        """Send everything or raise OSError (including a timeout)."""
+        """Send everything or raise ClientDisconnected (including a timeout)."""
 
     def send_file(self, fd: int, offset: int, count: int) -> int:
-        """Send ``count`` bytes of ``fd`` from ``offset`` with sendfile; return bytes sent."""
+        """Send ``count`` bytes of ``fd`` from ``offset`` with sendfile; return bytes sent.
+        Raises ClientDisconnected."""
 
 
 class ClientDisconnected(OSError):
-    """The client went away while the app was reading the request body."""
+    """The client's own socket failed: it went away, reset, or stopped reading or sending.
+
+    The channel raises only this for failures of the client's socket, so anything else the app
+    raises (an ``OSError`` from its own files or connections included) is the app's fault.
+    """
 
 
 class AppError(Exception):
     """The application broke the WSGI contract; the message says how (for the error log)."""
 
 
+class Verdict(enum.Enum):
+    """What becomes of the connection after one exchange: decided once, in ``handle``."""
+
+    KEEP = "keep"      # request consumed, response said keep-alive: read the next request
+    CLOSE = "close"    # response said close and the client owes nothing more: close now
+    LINGER = "linger"  # the client may still be sending: stop writing, drain a while, close
+    ABORT = "abort"    # the client is gone or stuck, or the response broke off: close at once
+
+
+# Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
+KEEP, CLOSE, LINGER, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.LINGER, Verdict.ABORT
+
+
 # ---------------------------------------------------------------------------------------------
-# wsgi.input
+# the request body (wsgi.input)
 
 
 class EmptyInput:
@@ -59,6 +81,15 @@ class EmptyInput:
     __slots__ = ()
     complete = True
     owes_continue = False
+
+    def preread(self) -> bool:
+        return True
+
+    def small_rest(self, limit: int = 0) -> bool:
+        return True
+
+    def settle(self, limit: int = 0) -> bool:
+        return True
 
     def read(self, size: int | None = -1) -> bytes:
         return b""
@@ -72,34 +103,85 @@ class EmptyInput:
     def __iter__(self):
         return iter(())
 
-    def discard_rest(self) -> bool:
-        return True
-
 
 EMPTY_INPUT = EmptyInput()
 
 
-class Input:
-    """Streaming ``wsgi.input``: serves pre-read body parts, then pulls from the parser.
+def open_body(channel: Channel, request: Request) -> Body | EmptyInput:
+    """The body of ``request``, just returned by the channel's parser."""
+    if request.content_length or request.chunked:
+        return Body(channel, request.expect_continue)
+    channel.parser.next_event()  # END_OF_MESSAGE: a bodiless request ends with its head
+    return EMPTY_INPUT
 
-    It never reads past the end of the request body, because the parser stops at the message
-    boundary; pipelined bytes after it stay in the parser for the next request.
+
+class Body:
+    """A request body, and the app's ``wsgi.input``: the only consumer of its body events.
+
+    Before the app runs, the worker feeds the parser and asks ``preread`` (which never blocks)
+    whether the app can start: small bodies arrive whole first, larger ones and those behind
+    ``Expect: 100-continue`` stream while the app reads, through the channel's blocking,
+    deadline-bound ``receive``. After the response, ``settle`` consumes a small unread rest so
+    the connection can carry the next request. The parser stops at the message boundary, so a
+    read never takes bytes of a pipelined request.
     """
 
-    __slots__ = ("_buf", "_channel", "_continue", "_parts", "complete")
+    __slots__ = ("_buf", "_channel", "_continue", "_parser", "_parts", "_size", "complete")
 
-    def __init__(self, channel: Channel, parts: deque | None, complete: bool,
-                 send_continue: bool) -> None:
+    def __init__(self, channel: Channel, expect_continue: bool) -> None:
         self._channel = channel
-        self._parts = parts if parts is not None else deque()
+        self._parser = channel.parser
+        self._parts: deque = deque()
+        self._size = 0
         self._buf = b""
-        self.complete = complete          # the parser has returned END_OF_MESSAGE
-        self._continue = send_continue    # "100 Continue" still owed before the first read
+        self.complete = False             # the parser has returned END_OF_MESSAGE
+        self._continue = expect_continue  # "100 Continue" still owed before the first read
 
     @property
     def owes_continue(self) -> bool:
         """The client still waits for "100 Continue": it may never send the body."""
         return self._continue
+
+    def preread(self, limit: int = PREREAD_LIMIT) -> bool:
+        """Take the body events the parser has, without blocking. True when the app can start:
+        the body is complete, larger than ``limit``, or held back until "100 Continue"."""
+        if self._continue:
+            return True
+        parser = self._parser
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                return False
+            if event is END_OF_MESSAGE:
+                self.complete = True
+                return True
+            self._parts.append(event)
+            self._size += len(event)
+            if self._size > limit:
+                return True
+
+    def small_rest(self, limit: int = DISCARD_LIMIT) -> bool:
+        """Whether what the app left unread is known and small enough to read and drop, so the
+        response may promise keep-alive."""
+        if self.complete:
+            return True
+        if self._continue:
+            return False
+        left = self._parser.body_left
+        return left is not None and left <= limit
+
+    def settle(self, limit: int = DISCARD_LIMIT) -> bool:
+        """Consume the unread rest (up to ``limit``; blocking, bounded by the channel's
+        deadlines). True when the body is done and the next request may follow."""
+        self._buf = b""
+        self._parts.clear()
+        if self.complete:
+            return True
+        if not self.small_rest(limit):
+            return False
+        while self._pull():
+            pass
+        return True
 
     def _pull(self) -> bytes:
         """The next piece of body, or b"" at the end of the body."""
@@ -111,7 +193,7 @@ class Input:
         if self._continue:
             self._continue = False
             channel.send_all(_CONTINUE)
-        parser = channel.parser
+        parser = self._parser
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
@@ -177,25 +259,6 @@ class Input:
         while line := self.readline():
             yield line
 
-    def discard_rest(self, limit: int = SMALL_BODY * 16) -> bool:
-        """Skip the unread body so the connection can carry another request.
-
-        Returns False (close the connection instead) when the rest is larger than ``limit``, or
-        when a "100 Continue" was never sent: the client may not send the body at all.
-        """
-        self._buf = b""
-        self._parts.clear()
-        if self.complete:
-            return True
-        if self._continue:
-            return False
-        skipped = 0
-        while piece := self._pull():
-            skipped += len(piece)
-            if skipped > limit:
-                return False
-        return True
-
 
 # ---------------------------------------------------------------------------------------------
 # wsgi.file_wrapper
@@ -240,6 +303,32 @@ class FileWrapper:
 # environ
 
 
+class ErrorsGuard:
+    """``wsgi.errors`` around the real stream: an app's message that cannot be written (the
+    log's disk is full, the stream is closed) is dropped, never raised into the request."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
                  errors: Any = None) -> dict[str, Any]:
     """The keys that are the same for every request on one listener."""
@@ -249,7 +338,7 @@ def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
         "SCRIPT_NAME": "",
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": url_scheme,
-        "wsgi.errors": errors if errors is not None else sys.stderr,
+        "wsgi.errors": ErrorsGuard(errors if errors is not None else sys.stderr),
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
@@ -301,6 +390,9 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
             environ[key] = value
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
+    target = request.target
+    if target[0] != "/" and "://" in target:
+        environ["HTTP_HOST"] = request.host  # absolute-form: RFC 9112 section 3.2.2
     if proxies is not None:
         address, scheme, host = proxies.resolve(remote[0], request.headers)
         if address != remote[0]:
@@ -337,9 +429,11 @@ class Exchange:
         "server",
         "status",
         "status_code",
+        "verdict",
     )
 
-    def __init__(self, channel: Channel, request: Request, body: Any, keep_alive: bool,
+    def __init__(self, channel: Channel, request: Request, body: Body | EmptyInput,
+                 keep_alive: bool,
                  server: bytes) -> None:
         self.channel = channel
         self.request = request
@@ -353,6 +447,7 @@ class Exchange:
         self.bytes_sent = 0
         self.status_code = 0
         self.close_reason = ""
+        self.verdict = ABORT
 
     # -- PEP 3333 callables ------------------------------------------------------------------
     def start_response(self, status: str, headers: list, exc_info: Any = None) -> Callable:
@@ -386,9 +481,10 @@ class Exchange:
         if self.status is None:
             raise AppError("the application returned without calling start_response")
         request = self.request
-        if self.body.owes_continue:
-            # The app answers without reading the body the client holds back: the connection
-            # cannot carry another request, since those bytes may still come.
+        body = self.body
+        if self.keep_alive and not body.complete and not body.small_rest():
+            # The app answers without reading a body (or one held back behind 100-continue)
+            # that is too large to read and drop: say close, then drain it (LINGER).
             self.keep_alive = False
         response = Response(self.status, self.headers, minor=request.minor,
                             is_head=request.method == "HEAD", keep_alive=self.keep_alive,
@@ -488,55 +584,58 @@ class Exchange:
         return True
 
     # -- failures ----------------------------------------------------------------------------
-    def send_error(self, error: HTTPError) -> None:
-        """Answer with a prebuilt error response, if nothing has been sent yet."""
-        if not self.head_sent:
-            self.status_code = error.status
-            self._send(error.response(http_date()))
-        self.keep_alive = False
+    def send_error(self, error: HTTPError) -> Verdict:
+        """Answer with a prebuilt error response if nothing was sent yet (then drain what the
+        client may still send); a response already under way can only be broken off."""
+        if self.head_sent:
+            return ABORT
+        self.status_code = error.status
+        self._send(error.response(http_date()))
+        return LINGER
+
+    def conclude(self) -> Verdict:
+        """The verdict after a response that went out whole."""
+        body = self.body
+        if body.complete:
+            return KEEP if self.response.keep_alive else CLOSE
+        if self.response.keep_alive:
+            # Promised keep-alive: the unread rest is small (see _start), so read and drop it.
+            return KEEP if body.settle() else LINGER
+        return CLOSE if body.small_rest(0) else LINGER
 
 
-def handle(app: Callable, channel: Channel, request: Request, environ: dict[str, Any],
-           keep_alive: bool, server: bytes, log_error: Callable[[str, bool], None]) -> Exchange:
-    """Run one request through the app. Never raises for app faults; the exchange says what
-    happened (``keep_alive`` False means the connection must close after this)."""
-    wsgi_input = environ["wsgi.input"]
+def handle(app: Callable, channel: Channel, request: Request, body: Body | EmptyInput,
+           environ: dict[str, Any], keep_alive: bool, server: bytes,
+           log_error: Callable[[str, bool], None]) -> Exchange:
+    """Run one request through the app and decide the connection's fate (``verdict``).
+    Never raises: every app fault is logged and answered with a 500 when still possible."""
     if request.method == "CONNECT":
         # A 2xx would turn the connection into a tunnel (RFC 9110 section 9.3.6), which this
         # server does not provide: never let it carry another HTTP request.
         keep_alive = False
-    exchange = Exchange(channel, request, wsgi_input, keep_alive, server)
+    exchange = Exchange(channel, request, body, keep_alive, server)
     try:
-        exchange.run(app, environ)
-    except HTTPError as error:
-        # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
-        # response from the app (500): both answerable if nothing was sent yet.
-        if isinstance(error, InvalidResponse):
-            log_error(f"invalid response from app to {request.method} {request.target}: "
-                      f"{error}", False)
-        exchange.send_error(error)
-        return exchange
-    except OSError as error:
-        # The client went away or stopped reading: nothing more can be sent.
-        exchange.keep_alive = False
+        try:
+            exchange.run(app, environ)
+            if body.complete:  # the usual case, decided here without a call
+                exchange.verdict = KEEP if exchange.response.keep_alive else CLOSE
+            else:
+                exchange.verdict = exchange.conclude()
+        except ClientDisconnected:
+            raise
+        except HTTPError as error:
+            # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
+            # response from the app (500): both answerable if nothing was sent yet.
+            if isinstance(error, InvalidResponse):
+                log_error(f"invalid response from app to {request.method} {request.target}: "
+                          f"{error}", False)
+            exchange.verdict = exchange.send_error(error)
+        except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
+            # OSErrors included: the app's own files and connections are not the client's.
+            log_error(f"error handling {request.method} {request.target}: {error!r}", True)
+            exchange.verdict = exchange.send_error(InternalServerError())
+    except ClientDisconnected as error:
+        # The client's own socket failed: nothing more can be sent.
+        exchange.verdict = ABORT
         exchange.close_reason = f"client I/O: {error}"
-        return exchange
-    except Exception as error:  # noqa: BLE001 - any app fault must become a 500, not a dead worker
-        log_error(f"error handling {request.method} {request.target}: {error!r}", True)
-        try:
-            exchange.send_error(InternalServerError())
-        except OSError:
-            pass
-        exchange.keep_alive = False
-        return exchange
-    response = exchange.response
-    if response is not None and not response.keep_alive:
-        exchange.keep_alive = False
-    if exchange.keep_alive:
-        try:
-            if not wsgi_input.discard_rest():
-                exchange.keep_alive = False
-        except (HTTPError, OSError):
-            exchange.keep_alive = False
     return exchange
-

@@ -11,6 +11,7 @@ once, when the class is created, and each send is a plain attribute read.
 from __future__ import annotations
 
 __all__ = [
+    "REASONS",
     "BadRequest",
     "ExpectationFailed",
     "HTTPError",
@@ -22,28 +23,61 @@ __all__ = [
     "RequestTimeout",
     "URITooLong",
     "VersionNotSupported",
+    "plain_response",
+    "simple_response",
 ]
 
+# Reason phrases (RFC 9110 section 15) for the statuses this server answers with itself.
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",  # RFC 9110 name; "Payload Too Large" in RFC 7231
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
 
-def _build_response(status: int, reason: str) -> bytes:
-    body = f"{status} {reason}\n".encode("ascii")
-    # "Connection: close" because after any of these errors the connection is not reused: the
-    # request framing may be unknown, so nothing that follows can be trusted.
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "\r\n"
-    ).encode("ascii")
-    return head + body
+
+def simple_response(status: int, content_type: bytes, body: bytes, *, reason: str = "",
+                    extra: bytes = b"", head_only: bool = False) -> bytes:
+    """A complete response the server writes itself (never the app's): status line, type,
+    length, ``extra`` header lines (each ending in CRLF) and ``Connection: close``.
+
+    The one place such bytes are built: the worker's error answers and the metrics listener's
+    pages both come from here. ``reason`` defaults to the one in REASONS; ``head_only`` leaves
+    the body out (a HEAD request).
+    """
+    reason = reason or REASONS[status]
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close"
+            b"\r\n\r\n" % (status, reason.encode("ascii"), content_type, len(body), extra))
+    return head if head_only else head + body
+
+
+def plain_response(status: int, *, reason: str = "", extra: bytes = b"",
+                   head_only: bool = False) -> bytes:
+    """An error page: ``<status> <reason>`` as text/plain. "Connection: close" because after
+    an error the connection is not reused: the request framing may be unknown, so nothing that
+    follows can be trusted."""
+    reason = reason or REASONS[status]
+    text = f"{status} {reason}\n".encode("ascii")
+    return simple_response(status, b"text/plain; charset=utf-8", text, reason=reason,
+                           extra=extra, head_only=head_only)
 
 
 class HTTPError(Exception):
     """A request (or response) that must end in an error status and a closed connection."""
 
     status: int = 400
-    reason: str = "Bad Request"
+    reason: str = REASONS[400]  # a subclass gets its own from REASONS, by its status
     _response: bytes = b""
     _before_end: int = 0   # offset of the blank line that ends the head, where Date goes
 
@@ -53,8 +87,11 @@ class HTTPError(Exception):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        # Each subclass gets its own bytes, even when it inherits status and reason.
-        cls._response = _build_response(cls.status, cls.reason)
+        # Each subclass gets its own bytes, even when it inherits its status. Its reason is
+        # the one in REASONS unless it names its own.
+        if "reason" not in cls.__dict__:
+            cls.reason = REASONS[cls.status]
+        cls._response = plain_response(cls.status, reason=cls.reason)
         cls._before_end = cls._response.index(b"\r\n\r\n") + 2
 
     def response(self, date: bytes = b"") -> bytes:
@@ -71,55 +108,46 @@ class HTTPError(Exception):
         return f"{self.status} {self.reason}"
 
 
-HTTPError._response = _build_response(HTTPError.status, HTTPError.reason)
+HTTPError._response = plain_response(HTTPError.status)
 HTTPError._before_end = HTTPError._response.index(b"\r\n\r\n") + 2
 
 
 class BadRequest(HTTPError):
     status = 400
-    reason = "Bad Request"
 
 
 class RequestTimeout(HTTPError):
     status = 408
-    reason = "Request Timeout"
 
 
 class PayloadTooLarge(HTTPError):
     status = 413
-    reason = "Content Too Large"  # RFC 9110 name; 413 "Payload Too Large" in RFC 7231
 
 
 class URITooLong(HTTPError):
     status = 414
-    reason = "URI Too Long"
 
 
 class ExpectationFailed(HTTPError):
     status = 417
-    reason = "Expectation Failed"
 
 
 class HeaderFieldsTooLarge(HTTPError):
     status = 431
-    reason = "Request Header Fields Too Large"
 
 
 class InternalServerError(HTTPError):
     status = 500
-    reason = "Internal Server Error"
 
 
 class NotImplementedCoding(HTTPError):
     """A transfer-coding the server does not implement (RFC 9112 section 6.1 suggests 501)."""
 
     status = 501
-    reason = "Not Implemented"
 
 
 class VersionNotSupported(HTTPError):
     status = 505
-    reason = "HTTP Version Not Supported"
 
 
 class InvalidResponse(InternalServerError):

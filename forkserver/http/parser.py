@@ -108,7 +108,7 @@ class Request:
     content_length: int | None
     chunked: bool
     expect_continue: bool
-    host: str | None
+    host: str | None  # the Host field; for an absolute-form target, the target's authority
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} {self.version}>"
@@ -160,7 +160,7 @@ _IP_LITERAL = r"\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]"
 _HOST = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]*)(?::[0-9]*)?")
 # absolute-form: an http(s) URI whose authority is a non-empty host without userinfo.
 _ABSOLUTE_FORM = re.compile(
-    f"(?i:https?)://(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+)(?::[0-9]*)?(/[^?]*)?(?:\\?(.*))?"
+    f"(?i:https?)://((?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+)(?::[0-9]*)?)(/[^?]*)?(?:\\?(.*))?"
 )
 # authority-form (CONNECT only): host ":" port, the port required.
 _AUTHORITY_FORM = re.compile(f"(?:{_IP_LITERAL}|[{_REG_NAME_CHAR}]+):[0-9]+")
@@ -253,61 +253,19 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class RequestParser:
-    """Turns the bytes of one connection into a sequence of request events.
+class _Stream:
+    """The bytes of one connection not parsed yet: appended by ``feed``, taken as CRLF lines
+    or as body bytes. Knows framing limits only as arguments; the grammar is the subclass's."""
 
-    ``next_event()`` returns a ``Request``, then non-empty ``bytes`` pieces of its body, then
-    ``END_OF_MESSAGE``, then ``PAUSED`` until ``start_next()``; ``NEED_DATA`` whenever it needs
-    more input. Any protocol violation raises an ``HTTPError`` subclass carrying the status to
-    answer with; from then on the parser only raises that error again.
-    """
+    __slots__ = ("_buf", "_drained", "_error", "_pos", "_remaining", "_scan")
 
-    __slots__ = (
-        "_buf",
-        "_drained",
-        "_eof",
-        "_error",
-        "_fields",
-        "_head_cap",
-        "_head_used",
-        "_lines",
-        "_max_body",
-        "_max_field_size",
-        "_max_fields",
-        "_max_line",
-        "_pos",
-        "_received",
-        "_remaining",
-        "_request",
-        "_scan",
-        "_skipped_empty",
-        "_state",
-        "trailers",
-    )
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._max_line = limits.max_line
-        self._max_fields = limits.max_fields
-        self._max_field_size = limits.max_field_size
-        self._max_body = limits.max_body  # 0: unlimited
-        self._head_cap = limits.head_cap
-        self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
+    def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0  # first byte not consumed yet
         self._scan = 0  # no LF in [_pos, _scan): where the search for a line end resumes
-        self._state = _S_HEAD
-        self._request: Request | None = None  # set once the request line of a head is parsed
-        self._fields: list[tuple[str, str]] = []
-        self._lines = 0  # field lines seen in the current head or trailer section
-        self._skipped_empty = False  # the one tolerated empty line before a request line
         self._remaining = 0  # body bytes left in the Content-Length body or the current chunk
-        self._received = 0  # chunked body bytes announced so far (for max_body)
-        self._eof = False
         self._drained = False  # the last next_event() returned NEED_DATA and nothing came since
-        self._error: HTTPError | None = None
-        self.trailers: list[tuple[str, str]] = []
-
-    # --- Public interface ------------------------------------------------------------------------
+        self._error: HTTPError | None = None  # once set, the stream is dead
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes. The data is copied, so the caller may reuse its buffer."""
@@ -329,6 +287,90 @@ class RequestParser:
         """Bytes held but not yet parsed (a partial line, body not yet returned, pipelining)."""
         return len(self._buf) - self._pos
 
+    def _take_body(self) -> bytes | None:
+        """Up to ``_remaining`` buffered body bytes, or None if none are buffered."""
+        buf = self._buf
+        pos = self._pos
+        size = len(buf) - pos
+        if not size:
+            return None
+        remaining = self._remaining
+        size = min(size, remaining)
+        end = pos + size
+        self._pos = end
+        self._remaining = remaining - size
+        return bytes(buf[pos:end])
+
+    def _read_line(self, limit: int, too_long: type[HTTPError]) -> str | None:
+        """The next CRLF-terminated line without its CRLF, or None if it is incomplete.
+
+        A line is measured to its first LF. If that LF lies beyond ``limit`` + 1 (content plus
+        CR), or has not arrived within that many bytes, ``too_long`` is raised, whether or not
+        the rest of the line has arrived; an LF not preceded by CR is a 400.
+        """
+        buf = self._buf
+        pos = self._pos
+        scan = self._scan
+        lf = buf.find(b"\n", max(pos, scan))
+        if lf < 0:
+            if len(buf) - pos > limit + 1:
+                raise too_long("line too long")
+            self._scan = len(buf)
+            return None
+        if lf - pos > limit + 1:
+            raise too_long("line too long")
+        if lf == pos or buf[lf - 1] != 13:
+            raise BadRequest("bare LF (lines must end with CRLF)")
+        line = buf[pos : lf - 1].decode("latin-1")
+        self._pos = self._scan = lf + 1
+        return line
+
+
+class RequestParser(_Stream):
+    """Turns the bytes of one connection into a sequence of request events.
+
+    ``next_event()`` returns a ``Request``, then non-empty ``bytes`` pieces of its body, then
+    ``END_OF_MESSAGE``, then ``PAUSED`` until ``start_next()``; ``NEED_DATA`` whenever it needs
+    more input. Any protocol violation raises an ``HTTPError`` subclass carrying the status to
+    answer with; from then on the parser only raises that error again.
+    """
+
+    __slots__ = (
+        "_eof",
+        "_fields",
+        "_head_cap",
+        "_head_used",
+        "_lines",
+        "_max_body",
+        "_max_field_size",
+        "_max_fields",
+        "_max_line",
+        "_received",
+        "_request",
+        "_skipped_empty",
+        "_state",
+        "trailers",
+    )
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._max_line = limits.max_line
+        self._max_fields = limits.max_fields
+        self._max_field_size = limits.max_field_size
+        self._max_body = limits.max_body  # 0: unlimited
+        self._head_cap = limits.head_cap
+        self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
+        super().__init__()
+        self._state = _S_HEAD
+        self._request: Request | None = None  # set once the request line of a head is parsed
+        self._fields: list[tuple[str, str]] = []
+        self._lines = 0  # field lines seen in the current head or trailer section
+        self._skipped_empty = False  # the one tolerated empty line before a request line
+        self._received = 0  # chunked body bytes announced so far (for max_body)
+        self._eof = False
+        self.trailers: list[tuple[str, str]] = []
+
+    # --- Public interface ------------------------------------------------------------------------
+
     @property
     def in_message(self) -> bool:
         """True from the first byte of a request until its END_OF_MESSAGE is returned.
@@ -340,6 +382,17 @@ class RequestParser:
         if state is _S_HEAD:
             return self._pos < len(self._buf) or self._request is not None
         return state is not _S_PAUSED and state is not _S_ERROR
+
+    @property
+    def body_left(self) -> int | None:
+        """Body bytes of the current request not yet returned as events: 0 when there are none
+        (or no request is under way), None when unknown (a chunked body, or after an error)."""
+        state = self._state
+        if state is _S_LENGTH:
+            return self._remaining
+        if state is _S_HEAD or state is _S_END or state is _S_PAUSED:
+            return 0
+        return None
 
     def start_next(self) -> None:
         """Begin the next request; bytes already buffered (pipelined) are kept."""
@@ -429,44 +482,6 @@ class RequestParser:
         self._drained = True
         return NEED_DATA
 
-    def _take_body(self) -> bytes | None:
-        """Up to ``_remaining`` buffered body bytes, or None if none are buffered."""
-        buf = self._buf
-        pos = self._pos
-        size = len(buf) - pos
-        if not size:
-            return None
-        remaining = self._remaining
-        size = min(size, remaining)
-        end = pos + size
-        self._pos = end
-        self._remaining = remaining - size
-        return bytes(buf[pos:end])
-
-    def _read_line(self, limit: int, too_long: type[HTTPError]) -> str | None:
-        """The next CRLF-terminated line without its CRLF, or None if it is incomplete.
-
-        A line is measured to its first LF. If that LF lies beyond ``limit`` + 1 (content plus
-        CR), or has not arrived within that many bytes, ``too_long`` is raised, whether or not
-        the rest of the line has arrived; an LF not preceded by CR is a 400.
-        """
-        buf = self._buf
-        pos = self._pos
-        scan = self._scan
-        lf = buf.find(b"\n", max(pos, scan))
-        if lf < 0:
-            if len(buf) - pos > limit + 1:
-                raise too_long("line too long")
-            self._scan = len(buf)
-            return None
-        if lf - pos > limit + 1:
-            raise too_long("line too long")
-        if lf == pos or buf[lf - 1] != 13:
-            raise BadRequest("bare LF (lines must end with CRLF)")
-        line = buf[pos : lf - 1].decode("latin-1")
-        self._pos = self._scan = lf + 1
-        return line
-
     # --- Request head ----------------------------------------------------------------------------
 
     def _parse_head(self) -> Request | _Sentinel:
@@ -520,7 +535,7 @@ class RequestParser:
                 for name, value in pairs
                 if (key := keys.get(name) or _field_key(name)) is not None
             ]
-        request = self._new_request(*first.groups())
+        request = _new_request(*first.groups())
         self._pos = end + 2
         return self._finish_head(request, fields)
 
@@ -535,7 +550,7 @@ class RequestParser:
                 match = _REQUEST_LINE.fullmatch(line)
                 if match is None:
                     raise BadRequest(_request_line_problem(line))
-                self._request = self._new_request(*match.groups())
+                self._request = _new_request(*match.groups())
                 continue
             line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
@@ -572,127 +587,14 @@ class RequestParser:
         if key is not None:
             fields.append((key, value.strip(" \t")))
 
-    def _new_request(self, method: str, target: str, version: str) -> Request:
-        """A Request from a syntactically valid request line (semantic checks happen here)."""
-        versions = _VERSIONS.get(version)
-        if versions is None:
-            raise VersionNotSupported(f"unsupported version {version}")
-        request = Request()
-        request.method = method
-        request.target = target
-        request.version, request.minor = versions
-        if target[0] == "/":  # origin-form, the common case
-            if method == "CONNECT":
-                raise BadRequest("CONNECT needs an authority-form target")
-            query_at = target.find("?")
-            if query_at < 0:
-                request.path = target
-                request.query = ""
-            else:
-                request.path = target[:query_at]
-                request.query = target[query_at + 1 :]
-        elif target == "*":  # asterisk-form
-            if method != "OPTIONS":
-                raise BadRequest("'*' target is only allowed with OPTIONS")
-            request.path = "*"
-            request.query = ""
-        elif method == "CONNECT":  # authority-form
-            if _AUTHORITY_FORM.fullmatch(target) is None:
-                raise BadRequest("invalid CONNECT target")
-            request.path = target
-            request.query = ""
-        else:  # absolute-form
-            match = _ABSOLUTE_FORM.fullmatch(target)
-            if match is None:
-                raise BadRequest("invalid request-target")
-            path, query = match.groups()
-            request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
-            request.query = query or ""
-        return request
-
     def _finish_head(self, request: Request, fields: list[tuple[str, str]]) -> Request:
         """Head-wide checks and framing (RFC 9112 section 6); moves to the body state."""
-        request.headers = fields
-        hosts = 0
-        host = length_value = codings = connection = expect = None
-        for name, value in fields:
-            kind = _SPECIAL_FIELDS.get(name)
-            if kind is None:
-                continue
-            if kind == _HOST_FIELD:
-                hosts += 1
-                host = value
-            elif kind == _LENGTH_FIELD:
-                if length_value is None:
-                    length_value = value
-                elif value != length_value:
-                    raise BadRequest("conflicting Content-Length fields")
-            elif kind == _CODING_FIELD:
-                codings = value if codings is None else f"{codings},{value}"
-            elif kind == _CONNECTION_FIELD:
-                connection = value if connection is None else f"{connection},{value}"
-            else:
-                expect = value if expect is None else f"{expect},{value}"
-        minor = request.minor
-
-        # RFC 9112 section 3.2: exactly one valid Host on HTTP/1.1; never more than one.
-        if hosts != 1:
-            if hosts:
-                raise BadRequest("more than one Host field")
-            if minor:
-                raise BadRequest("missing Host field")
-        elif host not in _VALID_HOSTS:
-            if _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
-                raise BadRequest("invalid Host field")
-            if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
-                _VALID_HOSTS.add(host)  # type: ignore[arg-type]
-        request.host = host
-
-        length = None
-        if length_value is not None:
-            if _DIGITS.fullmatch(length_value) is None:
-                raise BadRequest("invalid Content-Length")
-            length = int(length_value)
-        chunked = False
-        if codings is not None:
-            if not minor:
-                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            if length_value is not None:
-                raise BadRequest("both Transfer-Encoding and Content-Length")
-            chunked = _check_codings(codings)
-        if length and self._max_body and length > self._max_body:
-            raise PayloadTooLarge(f"Content-Length {length} exceeds {self._max_body}")
-
-        expect_continue = False
-        if expect is not None:
-            for item in expect.split(","):
-                item = item.strip(" \t").lower()
-                if item == "100-continue":
-                    # RFC 9110 section 10.1.1: ignored in an HTTP/1.0 request.
-                    expect_continue = minor == 1
-                elif item:
-                    raise ExpectationFailed("unsupported expectation")
-
-        if connection is None:
-            keep_alive = minor == 1
-        else:
-            tokens = connection.lower().split(",")
-            if len(tokens) > 1:
-                tokens = [token.strip(" \t") for token in tokens]
-            if "close" in tokens:
-                keep_alive = False
-            else:
-                keep_alive = minor == 1 or "keep-alive" in tokens
-
-        request.keep_alive = keep_alive
-        request.content_length = length
-        request.chunked = chunked
-        request.expect_continue = expect_continue
-        if chunked:
+        _apply_fields(request, fields, self._max_body)
+        if request.chunked:
             self._received = 0
             self._go(_S_CHUNK_SIZE)
-        elif length:
-            self._remaining = length
+        elif request.content_length:
+            self._remaining = request.content_length
             self._go(_S_LENGTH)
         else:
             self._go(_S_END)
@@ -752,6 +654,137 @@ class RequestParser:
             self._go(_S_END)
             self._go(_S_PAUSED)
             return END_OF_MESSAGE
+
+
+def _new_request(method: str, target: str, version: str) -> Request:
+    """A Request from a syntactically valid request line (semantic checks happen here)."""
+    versions = _VERSIONS.get(version)
+    if versions is None:
+        raise VersionNotSupported(f"unsupported version {version}")
+    request = Request()
+    request.method = method
+    request.target = target
+    request.version, request.minor = versions
+    if target[0] == "/":  # origin-form, the common case
+        if method == "CONNECT":
+            raise BadRequest("CONNECT needs an authority-form target")
+        query_at = target.find("?")
+        if query_at < 0:
+            request.path = target
+            request.query = ""
+        else:
+            request.path = target[:query_at]
+            request.query = target[query_at + 1 :]
+    elif target == "*":  # asterisk-form
+        if method != "OPTIONS":
+            raise BadRequest("'*' target is only allowed with OPTIONS")
+        request.path = "*"
+        request.query = ""
+    elif method == "CONNECT":  # authority-form
+        if _AUTHORITY_FORM.fullmatch(target) is None:
+            raise BadRequest("invalid CONNECT target")
+        request.path = target
+        request.query = ""
+    else:  # absolute-form
+        match = _ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
+            raise BadRequest("invalid request-target")
+        authority, path, query = match.groups()
+        request.host = authority  # _finish_head keeps it over the Host field
+        request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
+        request.query = query or ""
+    return request
+
+
+def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int) -> None:
+    """Check a head's fields as a whole and set what they mean on ``request``: its host,
+    framing, keep-alive and expectation (RFC 9112 sections 3.2, 6, 9.3; RFC 9110 10.1.1)."""
+    request.headers = fields
+    hosts = 0
+    host = length_value = codings = connection = expect = None
+    for name, value in fields:
+        kind = _SPECIAL_FIELDS.get(name)
+        if kind is None:
+            continue
+        if kind == _HOST_FIELD:
+            hosts += 1
+            host = value
+        elif kind == _LENGTH_FIELD:
+            if length_value is None:
+                length_value = value
+            elif value != length_value:
+                raise BadRequest("conflicting Content-Length fields")
+        elif kind == _CODING_FIELD:
+            codings = value if codings is None else f"{codings},{value}"
+        elif kind == _CONNECTION_FIELD:
+            connection = value if connection is None else f"{connection},{value}"
+        else:
+            expect = value if expect is None else f"{expect},{value}"
+    minor = request.minor
+
+    # RFC 9112 section 3.2: exactly one valid Host on HTTP/1.1; never more than one.
+    if hosts != 1:
+        if hosts:
+            raise BadRequest("more than one Host field")
+        if minor:
+            raise BadRequest("missing Host field")
+    elif host not in _VALID_HOSTS:
+        if _HOST.fullmatch(host) is None:  # type: ignore[arg-type]
+            raise BadRequest("invalid Host field")
+        if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
+            _VALID_HOSTS.add(host)  # type: ignore[arg-type]
+    if request.target[0] == "/" or "://" not in request.target:
+        request.host = host
+    # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
+
+    if length_value is None and codings is None:  # the usual GET: no body
+        request.content_length, request.chunked = None, False
+    else:
+        request.content_length, request.chunked = _framing(length_value, codings, minor,
+                                                           max_body)
+    request.expect_continue = expect is not None and _expects_continue(expect, minor)
+    request.keep_alive = minor == 1 if connection is None else _keeps_alive(connection, minor)
+
+
+def _framing(length_value: str | None, codings: str | None, minor: int,
+             max_body: int) -> tuple[int | None, bool]:
+    """(Content-Length or None, chunked) from the framing fields (RFC 9112 section 6)."""
+    length = None
+    if length_value is not None:
+        if _DIGITS.fullmatch(length_value) is None:
+            raise BadRequest("invalid Content-Length")
+        length = int(length_value)
+    chunked = False
+    if codings is not None:
+        if not minor:
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if length_value is not None:
+            raise BadRequest("both Transfer-Encoding and Content-Length")
+        chunked = _check_codings(codings)
+    if length and max_body and length > max_body:
+        raise PayloadTooLarge(f"Content-Length {length} exceeds {max_body}")
+    return length, chunked
+
+
+def _expects_continue(expect: str, minor: int) -> bool:
+    expect_continue = False
+    for item in expect.split(","):
+        item = item.strip(" \t").lower()
+        if item == "100-continue":
+            # RFC 9110 section 10.1.1: ignored in an HTTP/1.0 request.
+            expect_continue = minor == 1
+        elif item:
+            raise ExpectationFailed("unsupported expectation")
+    return expect_continue
+
+
+def _keeps_alive(connection: str, minor: int) -> bool:
+    tokens = connection.lower().split(",")
+    if len(tokens) > 1:
+        tokens = [token.strip(" \t") for token in tokens]
+    if "close" in tokens:
+        return False
+    return minor == 1 or "keep-alive" in tokens
 
 
 def _field_key(name: str) -> str | None:

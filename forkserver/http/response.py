@@ -61,8 +61,10 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # field-value octets: HTAB, SP, VCHAR, obs-text. Anything above U+00FF is not latin-1 encodable
 # and fails here too, so the later encode cannot raise.
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-# status-code SP reason-phrase; valid codes are 100..599 (RFC 9110 section 15).
-_STATUS = re.compile(r"[1-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
+# status-code SP reason-phrase. Codes run 100..599 (RFC 9110 section 15), but a 1xx is never a
+# final response: sent as one, a 101 would make a proxy tunnel the connection and every later
+# answer would belong to the wrong request. The app's status must be 200..599.
+_STATUS = re.compile(r"[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*")
 _DIGITS = re.compile("[0-9]{1,18}")
 
 # Headers that describe the connection, not the resource: the server decides them.
@@ -126,6 +128,49 @@ def _header_line(item: object) -> tuple[bytes, int, int]:
     return result
 
 
+def _app_header_lines(headers: object, lines: list[bytes],
+                      bodiless_status: bool) -> tuple[int | None, bool, bool, bool]:
+    """Validate the app's headers and append their encoded lines to ``lines``.
+
+    Returns (declared Content-Length or None, the app asked to close, the app set Server, the
+    app set Date). Apps send the same few headers over and over: a validated, encoded line is
+    remembered, so the common case costs one dict lookup per header.
+    """
+    declared: int | None = None
+    close = own_server = own_date = False
+    try:
+        for item in headers:  # type: ignore[attr-defined]
+            try:
+                cached = _HEADER_LINES.get(item)
+            except TypeError:  # an unhashable item; _header_line says what is wrong
+                cached = None
+            if cached is None:
+                cached = _header_line(item)
+            line, kind, number = cached
+            if kind == _PLAIN:
+                lines.append(line)
+            elif kind == _LENGTH:
+                if declared is not None:
+                    if number != declared:
+                        raise InvalidResponse("conflicting Content-Length headers")
+                    continue  # send one copy only
+                declared = number
+                if not bodiless_status:  # must not be sent with 204
+                    lines.append(line)
+            elif kind == _CONNECTION:
+                # The server owns this header; only the app's wish to close is honoured.
+                close = close or bool(number)
+            elif kind == _SERVER:
+                own_server = True
+                lines.append(line)
+            elif kind == _DATE:
+                own_date = True
+                lines.append(line)
+    except TypeError:  # headers is not iterable
+        raise InvalidResponse("headers must be a list of (name, value) tuples") from None
+    return declared, close, own_server, own_date
+
+
 class Response:
     """Validates and serializes one response head and frames its body. Sans-IO: returns bytes.
 
@@ -158,47 +203,16 @@ class Response:
         if status_line is None:
             status_line = _status_line(status)
         line, code = status_line
-        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 1xx/204 no Content-Length.
-        bodiless_status = code < 200 or code == 204
+        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 204 no Content-Length.
+        bodiless_status = code == 204
         has_body = not (is_head or bodiless_status or code == 304)
 
         lines = [line]
-        declared: int | None = None
-        send_server = bool(server)
-        send_date = True
-        try:
-            for item in headers:
-                # Apps send the same few headers over and over: a validated, encoded line is
-                # remembered, so the common case costs one dict lookup per header.
-                try:
-                    cached = _HEADER_LINES.get(item)
-                except TypeError:  # an unhashable item; _header_line says what is wrong
-                    cached = None
-                if cached is None:
-                    cached = _header_line(item)
-                line, kind, number = cached
-                if kind == _PLAIN:
-                    lines.append(line)
-                elif kind == _LENGTH:
-                    if declared is not None:
-                        if number != declared:
-                            raise InvalidResponse("conflicting Content-Length headers")
-                        continue  # send one copy only
-                    declared = number
-                    if not bodiless_status:  # must not be sent with 1xx or 204
-                        lines.append(line)
-                elif kind == _CONNECTION:
-                    # The server owns this header; only the app's wish to close is honoured.
-                    if number:
-                        keep_alive = False
-                elif kind == _SERVER:
-                    send_server = False
-                    lines.append(line)
-                elif kind == _DATE:
-                    send_date = False
-                    lines.append(line)
-        except TypeError:  # headers is not iterable
-            raise InvalidResponse("headers must be a list of (name, value) tuples") from None
+        declared, close, own_server, own_date = _app_header_lines(headers, lines, bodiless_status)
+        if close:
+            keep_alive = False  # the app's "Connection: close" is honoured; nothing else of it
+        send_server = bool(server) and not own_server
+        send_date = not own_date
 
         chunked = False
         framing = b""

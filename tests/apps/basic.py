@@ -104,6 +104,22 @@ def app(environ, start_response):
         environ["wsgi.errors"].flush()
         start_response("200 OK", [("Content-Length", "0")])
         return []
+    if path == "/informational":
+        # A 1xx is never a final response: the server must answer 500 instead.
+        start_response("101 Switching Protocols", [("Content-Type", "text/plain")])
+        return [b""]
+    if path == "/oserror":
+        # An OSError of the app's own (not the client's socket): a logged 500.
+        raise FileNotFoundError(2, "No such file or directory", "/missing/app-config.json")
+    if path == "/close-stdio":
+        # A badly behaved app (or a daemonising library) closing the process's fds 0-2.
+        for fd in (0, 1, 2):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        return [b"closed"]
     if path == "/no-content":
         start_response("204 No Content", [])
         return []

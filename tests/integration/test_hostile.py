@@ -7,6 +7,7 @@ are both direct observations (its PID is in every answer and never changes).
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import socket
@@ -394,3 +395,139 @@ def test_app_fault_after_head_closes_connection(server, route):
         assert b"Transfer-Encoding: chunked" in lines
         assert not body.endswith(b"0\r\n\r\n"), "the chunked body must not look complete"
     assert_same_worker_serves(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: lost responses and broken apps, each against a server of its own
+
+
+def _post_unread_body(port: int, size: int) -> bytes:
+    """POST ``size`` bytes the app never reads, then read the answer, as ``requests`` does: a
+    reset while sending loses the request for such a client, so it counts as a failure."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                     % size)
+        piece = b"x" * 65536
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def test_answers_to_unread_8mib_posts_reach_all_20_clients(server_factory):
+    server = server_factory("tests.apps.basic:app", workers=2)
+    results: list[object] = []
+
+    def client() -> None:
+        try:
+            results.append(_post_unread_body(server.port, 8 * 1024 * 1024))
+        except OSError as error:
+            results.append(error)
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 20
+    failures = [r for r in results if not (isinstance(r, bytes) and r.startswith(b"HTTP/1.1 200 ")
+                                          and r.endswith(b"\r\n\r\nok"))]
+    assert not failures, failures[:3]
+
+
+def test_informational_status_from_the_app_is_a_500(server_factory):
+    server = server_factory("tests.apps.basic:app", workers=1)
+    raw = (b"GET /informational HTTP/1.1\r\nHost: t\r\n\r\n"
+           b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+    response = http_request(server.port, raw)
+    assert response.startswith(b"HTTP/1.1 500 "), response
+    assert b"101" not in response
+
+
+def test_oserror_from_the_app_is_a_logged_500(server_factory):
+    server = server_factory("tests.apps.basic:app", workers=1)
+    response = http_request(server.port, b"GET /oserror HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 500 "), response
+    server.wait_for_log("FileNotFoundError", timeout=5)
+
+
+def test_app_closing_fds_0_to_2_leaks_no_log_lines_into_clients(server_factory):
+    server = server_factory("tests.apps.basic:app", "--access-log", "-", workers=1)
+    response = http_request(server.port, b"GET /close-stdio HTTP/1.1\r\nHost: t\r\n"
+                                         b"Connection: close\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    clients = [server.connect() for _ in range(4)]  # would have taken fds 0, 1 and 2
+    try:
+        for _ in range(3):
+            for sock in clients:
+                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+                reader = ResponseReader(sock)
+                status, _, _ = reader.read()
+                assert status == 200
+                sock.settimeout(0.3)
+                try:
+                    extra = reader.buf + sock.recv(65536)
+                except TimeoutError:
+                    extra = reader.buf
+                sock.settimeout(10)
+                assert extra == b"", extra  # an access-log line would show up here
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_absolute_form_target_names_the_host(server_factory):
+    server = server_factory("tests.apps.basic:app", workers=1)
+    raw = (b"GET http://example.org/environ HTTP/1.1\r\nHost: other.example\r\n"
+           b"Connection: close\r\n\r\n")
+    response = http_request(server.port, raw)
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["HTTP_HOST"] == "example.org"
+
+
+def test_head_over_limit_request_head_is_431(server):
+    fields = b"".join(b"X-Field-%d: %s\r\n" % (i, b"v" * 8000) for i in range(10))
+    response = http_request(server.port, b"GET / HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n")
+    assert response.startswith(b"HTTP/1.1 431 "), response
+
+
+def test_recycling_never_closes_a_connection_under_a_request(server_factory):
+    """Keep-alive clients through many max_requests recycles: every request is answered (a
+    retiring worker says Connection: close instead of closing parked connections)."""
+    server = server_factory("tests.apps.basic:app", "--max-requests", "40", workers=2)
+    failures: list[str] = []
+    served = [0]
+
+    def client() -> None:
+        sock = None
+        reader = None
+        for _ in range(250):
+            if sock is None:
+                sock = server.connect()
+                reader = ResponseReader(sock)
+            try:
+                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+                status, headers, _ = reader.read()
+            except OSError as error:
+                failures.append(repr(error))
+                sock.close()
+                sock = None
+                continue
+            if status != 200:
+                failures.append(f"status {status}")
+            served[0] += 1
+            if headers.get("connection") == "close":
+                sock.close()
+                sock = None
+            time.sleep(0.01)  # think time: the connection is parked most of the time
+        if sock is not None:
+            sock.close()
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:5]
+    assert served[0] == 1000
+    assert "asking to be recycled" in server.log()

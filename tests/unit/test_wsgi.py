@@ -10,7 +10,7 @@ from wsgiref.validate import validator
 import pytest
 
 from forkserver import wsgi
-from forkserver.http.parser import END_OF_MESSAGE, Request, RequestParser
+from forkserver.http.parser import Request, RequestParser
 
 
 class FakeChannel:
@@ -54,15 +54,11 @@ def run(app, raw: bytes, body_chunks: list[bytes] | None = None, keep_alive: boo
     """Run one request the way the worker does when it streams the body."""
     channel = FakeChannel(body_chunks)
     request = parse_head(channel, raw)
-    if request.content_length or request.chunked:
-        body = wsgi.Input(channel, None, False, request.expect_continue)
-    else:
-        assert channel.parser.next_event() is END_OF_MESSAGE
-        body = wsgi.EMPTY_INPUT
+    body = wsgi.open_body(channel, request)
     environ = wsgi.build_environ(request, wsgi.base_environ("127.0.0.1", "8000"),
                                  ("10.0.0.1", "5555"), body)
     logged = errors if errors is not None else []
-    exchange = wsgi.handle(app, channel, request, environ, keep_alive, b"forkserver",
+    exchange = wsgi.handle(app, channel, request, body, environ, keep_alive, b"forkserver",
                            lambda message, tb: logged.append(message))
     return exchange, channel, environ
 
@@ -205,13 +201,13 @@ def test_expect_continue_unread_body_closes_connection():
     exchange, channel, _ = run(hello, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                                       b"Expect: 100-continue\r\n\r\n", [b"ab"])
     assert b"100 Continue" not in channel.output
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_unread_small_body_is_discarded_and_connection_kept():
     exchange, channel, _ = run(hello, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
                                [b"hello"])
-    assert exchange.keep_alive is True
+    assert exchange.verdict is wsgi.Verdict.KEEP
     assert channel.parser.next_event() is not None
 
 
@@ -235,7 +231,7 @@ def test_http10_streaming_closes_instead_of_chunking():
     exchange, channel, _ = run(app, b"GET / HTTP/1.0\r\n\r\n")
     _status, headers, body = split_response(channel.output)
     assert "transfer-encoding" not in headers and body == b"abcd"
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_head_sends_no_body():
@@ -250,7 +246,7 @@ def test_exception_before_start_is_500_and_logged():
     errors = []
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", errors=errors)
     assert channel.output.startswith(b"HTTP/1.1 500")
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
     assert any("boom" in message for message in errors)
 
 
@@ -262,7 +258,7 @@ def test_exception_after_start_closes_without_clean_end():
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert channel.output.startswith(b"HTTP/1.1 200")
     assert not channel.output.endswith(b"0\r\n\r\n")
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_close_is_always_called():
@@ -315,7 +311,7 @@ def test_start_response_with_exc_info_after_head_sent_reraises():
         return [b"never"]
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"never" not in channel.output
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 @pytest.mark.parametrize("headers", [
@@ -356,7 +352,7 @@ def test_body_longer_than_content_length_is_cut_and_closed():
         yield b"cdef"
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"cdef" not in channel.output
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_body_shorter_than_content_length_closes():
@@ -365,7 +361,7 @@ def test_body_shorter_than_content_length_closes():
         yield b"ab"
         yield b"c"
     exchange, _channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_file_wrapper_uses_sendfile_for_real_files(tmp_path):
@@ -399,7 +395,7 @@ def test_client_disconnect_mid_body_does_not_raise_out():
         return [b"x"]
     exchange, _channel, _ = run(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
                                [b"only ten b"])
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
 
 
 def test_large_single_body_is_sent_without_joining_it_to_the_head():
@@ -420,4 +416,54 @@ def test_single_body_short_of_declared_length_is_500_before_anything_is_sent():
         return [b"short"]
     exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert channel.output.startswith(b"HTTP/1.1 500")
-    assert exchange.keep_alive is False
+    assert exchange.verdict is not wsgi.Verdict.KEEP
+
+
+def test_oserror_raised_by_the_app_is_a_logged_500_not_a_disconnect():
+    def app(environ, start_response):
+        raise ConnectionRefusedError(111, "Connection refused")  # its database is down
+    errors = []
+    exchange, channel, _ = run(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", errors=errors)
+    assert channel.output.startswith(b"HTTP/1.1 500")
+    assert exchange.status_code == 500 and exchange.verdict is wsgi.Verdict.LINGER
+    assert any("ConnectionRefusedError" in message for message in errors)
+
+
+def test_failure_of_the_clients_socket_is_an_abort_without_an_error_line():
+    class Gone(FakeChannel):
+        def send_all(self, data):
+            raise wsgi.ClientDisconnected("sending: [Errno 32] Broken pipe")
+    channel = Gone()
+    request = parse_head(channel, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = wsgi.open_body(channel, request)
+    environ = wsgi.build_environ(request, wsgi.base_environ("h", "80"), ("a", "1"), body)
+    errors = []
+    exchange = wsgi.handle(hello, channel, request, body, environ, True, b"s",
+                           lambda message, tb: errors.append(message))
+    assert exchange.verdict is wsgi.Verdict.ABORT and "Broken pipe" in exchange.close_reason
+    assert errors == []
+
+
+def test_unread_large_body_means_close_then_linger():
+    exchange, channel, _ = run(hello, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                                      b"\r\n", [b"x" * 1000])
+    assert b"Connection: close" in channel.output
+    assert exchange.verdict is wsgi.Verdict.LINGER
+
+
+def test_absolute_form_host_wins_over_the_host_field():
+    _, _, environ = run(hello, b"GET http://example.org/x HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert environ["HTTP_HOST"] == "example.org" and environ["PATH_INFO"] == "/x"
+
+
+def test_wsgi_errors_that_cannot_be_written_are_dropped():
+    class Broken:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise ValueError("I/O operation on closed file")
+    errors = wsgi.base_environ("h", "80", errors=Broken())["wsgi.errors"]
+    assert errors.write("message\n") == len("message\n")
+    errors.writelines(["a", "b"])
+    errors.flush()

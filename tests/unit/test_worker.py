@@ -1,0 +1,481 @@
+"""A real ``Worker`` driven in-process: real Settings, a real scoreboard, real sockets.
+
+No fork and no subprocess: the worker's loop turns (``run_once``) in a thread of the test, and
+clients are the test's end of a socketpair (``adopt`` takes the other end, as an accepted or
+handed-over connection) or real TCP connections to a loopback listener the worker accepts on.
+Deadlines are set small and the checks leave generous margins.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import pytest
+
+from forkserver import config, logs
+from forkserver.scoreboard import Scoreboard
+from forkserver.worker import Worker, WorkerSpec
+from tests.conftest import ResponseReader, read_until_closed
+
+GET = b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ["PATH_INFO"].encode()]
+
+
+class Harness:
+    """One worker whose loop runs in a thread; everything it does happens on that thread."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.calls: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            while not self.calls.empty():
+                self.calls.get()()
+            self.worker.run_once(0.01)
+
+    def on_loop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the worker's thread and wait for it."""
+        done = threading.Event()
+        self.calls.put(lambda: (fn(), done.set()))
+        assert done.wait(10), "the worker's loop is stuck"
+
+    def client(self, timeout: float = 5.0) -> socket.socket:
+        """A connected client; the worker holds the other end."""
+        mine, theirs = socket.socketpair()
+        mine.settimeout(timeout)
+        self.on_loop(lambda: self.worker.adopt(theirs))
+        return mine
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for conn in list(self.worker.conns.values()):
+            conn.sock.close()
+        self.worker.epoll.close()
+        os.close(self.worker.wake_r)
+        os.close(self.worker.wake_w)
+
+
+@pytest.fixture
+def make_worker(tmp_path):
+    made: list[tuple[Harness, Scoreboard]] = []
+
+    def make(app: Callable = hello, listeners: tuple[socket.socket, ...] = (),
+             max_requests: int = 0, **overrides: object) -> Harness:
+        settings = config.resolve({"app": "tests.apps.basic:app", **overrides}, None, {},
+                                  str(tmp_path))
+        board = Scoreboard(1)
+        spec = WorkerSpec(settings=settings, index=0, generation=1, listeners=list(listeners),
+                          load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
+                          title="test worker", max_requests=max_requests, hooks={},
+                          access_log=None, tls_context=None, reload_dir=None, notify_fd=-1)
+        worker = Worker(spec)
+        worker.open(app)
+        harness = Harness(worker)
+        made.append((harness, board))
+        return harness
+
+    yield make
+    for harness, board in made:
+        harness.close()
+        board.close()
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the peer closes (EOF or reset) within ``seconds``, reading whatever comes."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# keep-alive, pipelining, deadlines
+
+
+def test_keep_alive_serves_requests_in_turn_on_one_connection(make_worker):
+    h = make_worker()
+    client = h.client()
+    reader = ResponseReader(client)
+    for name in ("a", "b", "c"):
+        client.sendall(GET % name.encode())
+        status, headers, body = reader.read()
+        assert (status, body) == (200, b"/" + name.encode())
+        assert "connection" not in headers
+    assert len(h.worker.conns) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(make_worker):
+    h = make_worker()
+    client = h.client()
+    client.sendall(GET % b"1" + GET % b"2" + GET % b"3")
+    reader = ResponseReader(client)
+    assert [reader.read()[2] for _ in range(3)] == [b"/1", b"/2", b"/3"]
+
+
+def test_idle_connection_is_closed_after_keepalive(make_worker):
+    h = make_worker(keepalive=0.3)
+    client = h.client()
+    client.sendall(GET % b"x")
+    assert ResponseReader(client).read()[0] == 200
+    started = time.monotonic()
+    assert closed_within(client, 5)
+    assert 0.2 < time.monotonic() - started < 3
+
+
+def test_unfinished_head_gets_408_after_header_timeout(make_worker):
+    h = make_worker(header_timeout=0.3)
+    client = h.client()
+    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    started = time.monotonic()
+    assert read_until_closed(client).startswith(b"HTTP/1.1 408 ")
+    assert 0.2 < time.monotonic() - started < 3
+
+
+def test_unfinished_small_body_gets_408_after_header_timeout(make_worker):
+    h = make_worker(header_timeout=0.3)
+    client = h.client()
+    client.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+    assert read_until_closed(client).startswith(b"HTTP/1.1 408 ")
+
+
+def test_malformed_request_gets_400_and_the_worker_goes_on(make_worker):
+    h = make_worker()
+    bad = h.client()
+    bad.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n")
+    assert read_until_closed(bad).startswith(b"HTTP/1.1 400 ")
+    good = h.client()
+    good.sendall(GET % b"ok")
+    assert ResponseReader(good).read()[2] == b"/ok"
+
+
+def test_app_exception_is_500_and_the_connection_closes(make_worker):
+    def app(environ, start_response):
+        raise ValueError("broken")
+    h = make_worker(app)
+    client = h.client()
+    client.sendall(GET % b"x")
+    assert read_until_closed(client).startswith(b"HTTP/1.1 500 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 1: a response to an unread body reaches the client (lingering close)
+
+
+def ignore_body(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+def post_unread(port: int, size: int) -> bytes:
+    """POST ``size`` bytes the app never reads, then read the answer, as most clients do
+    (``requests`` among them): a reset while sending loses the request, as it does for them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                     % size)
+        piece = b"x" * 65536
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        return read_until_closed(sock)
+
+
+def test_unread_large_body_does_not_destroy_the_response(make_worker, listener):
+    make_worker(ignore_body, listeners=(listener,))
+    answer = post_unread(listener.getsockname()[1], 8 * 1024 * 1024)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok"), answer[:200]
+    assert b"Connection: close" in answer
+
+
+def test_small_unread_body_is_read_and_the_connection_kept(make_worker):
+    h = make_worker(ignore_body)
+    client = h.client()
+    client.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3000\r\n\r\n" + b"y" * 3000)
+    reader = ResponseReader(client)
+    status, headers, _ = reader.read()
+    assert status == 200 and "connection" not in headers
+    client.sendall(GET % b"next")
+    assert reader.read()[0] == 200
+
+
+def test_linger_ends_after_linger_timeout(make_worker):
+    h = make_worker(ignore_body, linger_timeout=0.5)
+    client = h.client()
+    client.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n"
+                   + b"z" * 100_000)
+    client.settimeout(5)
+    answer = b""
+    while not answer.endswith(b"ok"):
+        answer += client.recv(65536)
+    assert b"Connection: close" in answer
+    assert client.recv(100) == b""  # our side was shut down after the answer
+    started = time.monotonic()
+    client.settimeout(0.1)
+    sent_after = 0
+    while time.monotonic() - started < 5:
+        try:
+            sent_after += client.send(b"z" * 4096)  # still drained while lingering
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        except TimeoutError:
+            continue
+        time.sleep(0.01)
+    else:
+        pytest.fail("the lingering connection was never closed")
+    assert sent_after > 0
+    assert 0.3 < time.monotonic() - started < 4
+    assert not h.worker.conns
+
+
+def test_linger_stops_after_linger_bytes(make_worker):
+    h = make_worker(ignore_body, linger_bytes=100_000, linger_timeout=30)
+    client = h.client()
+    client.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n")
+    client.settimeout(5)
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(1000):
+            client.sendall(b"z" * 4096)
+    assert not h.worker.conns
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, items 3, 4, 6
+
+
+def test_informational_final_status_from_the_app_is_500(make_worker):
+    def app(environ, start_response):
+        start_response("101 Switching Protocols", [])
+        return [b""]
+    h = make_worker(app)
+    client = h.client()
+    client.sendall(GET % b"ws" + GET % b"after")
+    data = read_until_closed(client)
+    assert data.startswith(b"HTTP/1.1 500 ") and b"101" not in data
+
+
+def test_oserror_from_the_app_is_a_logged_500(make_worker, caplog):
+    def app(environ, start_response):
+        raise FileNotFoundError(2, "No such file", "/missing/config.json")
+    h = make_worker(app)
+    client = h.client()
+    client.sendall(GET % b"x")
+    with caplog.at_level("ERROR", logger=logs.LOGGER_NAME):
+        assert read_until_closed(client).startswith(b"HTTP/1.1 500 ")
+        h.on_loop(lambda: None)
+    assert "FileNotFoundError" in caplog.text
+
+
+def test_wsgi_errors_on_a_full_disk_does_not_cost_the_answer(make_worker, monkeypatch):
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs, "error_stream", lambda: FullDisk())
+
+    def app(environ, start_response):
+        environ["wsgi.errors"].write("app message\n")
+        environ["wsgi.errors"].flush()
+        start_response("200 OK", [])
+        return [b"answered"]
+    h = make_worker(app)
+    client = h.client()
+    client.sendall(GET % b"x")
+    status, _, body = ResponseReader(client).read()
+    assert (status, body) == (200, b"answered")
+
+
+def test_absolute_form_target_sets_the_host(make_worker):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [environ["HTTP_HOST"].encode()]
+    h = make_worker(app)
+    client = h.client()
+    client.sendall(b"GET http://example.org:8080/x HTTP/1.1\r\nHost: other.example\r\n\r\n"
+                   b"GET /y HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    reader = ResponseReader(client)
+    assert reader.read()[2] == b"example.org:8080"
+    assert reader.read()[2] == b"other.example"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 8: at worker_connections, the longest-idle connection makes room
+
+
+def test_at_the_connection_limit_the_longest_idle_connection_makes_room(make_worker, listener):
+    h = make_worker(listeners=(listener,), worker_connections=2, keepalive=30)
+    address = listener.getsockname()
+    first, second = (socket.create_connection(address, timeout=5) for _ in range(2))
+    for client in (first, second):
+        client.sendall(GET % b"parked")
+        assert ResponseReader(client).read()[0] == 200
+    started = time.monotonic()
+    third = socket.create_connection(address, timeout=5)
+    third.sendall(GET % b"new")
+    assert ResponseReader(third).read()[2] == b"/new"
+    assert time.monotonic() - started < 3
+    assert closed_within(first, 5)  # the longest idle one went
+    second.sendall(GET % b"still")
+    assert ResponseReader(second).read()[2] == b"/still"
+    assert len(h.worker.conns) == 2  # never more than worker_connections
+    for client in (first, second, third):
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 9: limit_request_head
+
+
+def test_head_over_limit_request_head_is_431(make_worker):
+    h = make_worker(limit_request_head=16 * 1024)
+    client = h.client()
+    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    for i in range(4):
+        client.sendall(b"X-Field-%d: %s\r\n" % (i, b"v" * 5000))
+    assert read_until_closed(client).startswith(b"HTTP/1.1 431 ")
+
+
+def test_unfinished_heads_cost_a_bounded_amount_of_memory(make_worker):
+    """Connections that never finish their heads (fields just under every per-field limit)
+    hold at most about limit_request_head each, not fields x field size."""
+    h = make_worker(header_timeout=30)
+    clients = [h.client() for _ in range(20)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        line = b"X-F: " + b"v" * 8000 + b"\r\n"
+        for client in clients:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        for _ in range(40):  # 320 KB offered per connection; the limit is 64 KiB
+            for client in clients:
+                try:
+                    client.sendall(line)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            h.on_loop(lambda: h.worker.run_once(0))
+        h.on_loop(lambda: h.worker.run_once(0))
+        peak_per_connection = (tracemalloc.get_traced_memory()[1] - before) / len(clients)
+    finally:
+        tracemalloc.stop()
+    # limit_request_head of buffered head, its decoded fields, and one read in flight.
+    assert peak_per_connection < 200 * 1024, peak_per_connection
+    for client in clients:
+        assert read_until_closed(client).startswith(b"HTTP/1.1 431 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 10: a retiring worker never closes a connection under a request
+
+
+def test_retiring_worker_answers_each_next_request_with_close(make_worker):
+    h = make_worker(max_requests=2, keepalive=30)
+    parked = h.client()
+    parked.sendall(GET % b"one")
+    parked_reader = ResponseReader(parked)
+    assert parked_reader.read()[0] == 200
+    other = h.client()
+    other.sendall(GET % b"two")  # the worker's last request before it asks to be recycled
+    assert ResponseReader(other).read()[0] == 200
+    h.on_loop(lambda: None)  # the loop has finished that request's bookkeeping
+    assert h.worker.requests.retiring
+    parked.sendall(GET % b"three")
+    status, headers, body = parked_reader.read()
+    assert (status, headers.get("connection"), body) == (200, "close", b"/three")
+    assert closed_within(parked, 5)
+
+
+def test_stopping_worker_gives_idle_connections_a_grace_period(make_worker):
+    h = make_worker(keepalive=30)
+    parked, silent = h.client(), h.client()
+    reader = ResponseReader(parked)
+    for client in (parked, silent):
+        client.sendall(GET % b"before")
+        assert ResponseReader(client).read()[0] == 200
+    h.on_loop(h.worker._begin_stop)
+    time.sleep(0.3)  # a client reusing its connection right after the worker began to stop
+    parked.sendall(GET % b"after")
+    status, headers, body = reader.read()
+    assert (status, headers.get("connection"), body) == (200, "close", b"/after")
+    started = time.monotonic()
+    assert closed_within(silent, 10)  # idle and silent: closed once the grace is over
+    assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 12: when a client that stopped reading is cut, the others are not lost
+
+
+def test_requests_that_came_while_a_slow_reader_held_the_worker_are_served(make_worker):
+    big = b"b" * (16 * 1024 * 1024)
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [big if environ["PATH_INFO"] == "/big" else b"small"]
+    h = make_worker(app, send_timeout=1.0, keepalive=0.3, header_timeout=0.3)
+    waiting = h.client()
+    waiting.sendall(GET % b"first")
+    waiting_reader = ResponseReader(waiting)
+    assert waiting_reader.read()[2] == b"small"
+    stalled = h.client()
+    stalled.sendall(GET % b"big")  # and never read: the worker blocks in send for 1 s
+    time.sleep(0.6)  # past the waiting connection's keep-alive, while the worker is held
+    waiting.sendall(GET % b"second")
+    status, _, body = waiting_reader.read()
+    assert (status, body) == (200, b"small")
+    assert closed_within(stalled, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10, item 5: a client socket never gets fd 0, 1 or 2
+
+
+def test_a_client_socket_on_a_standard_fd_is_moved_above_2(make_worker):
+    h = make_worker()
+    saved = os.dup(0)
+    mine, theirs = socket.socketpair()
+    mine.settimeout(5)
+    try:
+        os.dup2(theirs.fileno(), 0)  # as if an app had closed fd 0 and accept() reused it
+        theirs.close()
+        low = socket.socket(fileno=0)
+        h.on_loop(lambda: h.worker.adopt(low))
+        assert h.worker.conns and all(fd > 2 for fd in h.worker.conns)
+        assert stat.S_ISCHR(os.fstat(0).st_mode)  # /dev/null holds fd 0 again
+        mine.sendall(GET % b"moved")
+        assert ResponseReader(mine).read()[2] == b"/moved"
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        mine.close()
