@@ -622,9 +622,11 @@ class Settings:
         "0 disables.",
     )
     send_timeout: float = setting(
-        _POSITIVE_SECONDS, 30.0, ("--send-timeout",),
-        "Seconds a client may stop reading a response (or, while the app reads a request "
-        "body, stop sending it) before the connection is cut off.",
+        _POSITIVE_SECONDS, 10.0, ("--send-timeout",),
+        "Seconds a client may make no progress reading a response (or, while the app reads a "
+        "request body, sending it) before the connection is cut off. It counts stalls, not "
+        "the whole transfer, so a slow client that keeps reading is never cut; while it "
+        "stalls it holds a worker (or, with threads, one thread).",
     )
     min_body_rate: int = setting(
         _COUNT, 8192, ("--min-body-rate",),
@@ -684,12 +686,15 @@ class Settings:
     )
     max_worker_memory: int = setting(
         _COUNT, 0, ("--max-worker-memory",),
-        "MiB of memory a worker may use beyond what it shares with the master before it is "
-        "replaced; 0 disables.",
+        "MiB of memory a worker may hold on its own (USS: the pages only it maps, as "
+        "/proc/PID/smaps counts them; pages shared with the master after fork or preload do not "
+        "count) before it is replaced, its successor starting first. Read every "
+        "memory_check_interval; 0 disables.",
     )
     memory_check_interval: float = setting(
         _POSITIVE_SECONDS, 10.0, ("--memory-check-interval",),
-        "Seconds between the master's checks of max_worker_memory.",
+        "Seconds between the master's readings of each process's memory (RSS, USS, PSS: one "
+        "walk of /proc/PID/smaps per process), used by max_worker_memory, /metrics and /status.",
     )
     preload: bool = setting(
         Bool(), False, ("--preload",),

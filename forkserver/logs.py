@@ -15,6 +15,7 @@ formatted line and one os.write (see AccessLog).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -134,7 +135,7 @@ def setup(level: str = "info", error_log: str = "-", *, proc: str = "master",
                          f"{', '.join(ERROR_LOG_FORMATS)}")
     handler: logging.Handler
     if error_log == "-":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrCopyHandler()
     else:
         handler = logging.FileHandler(error_log, mode="a", encoding="utf-8")
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_FORMAT, _DATEFMT)
@@ -146,12 +147,42 @@ def setup(level: str = "info", error_log: str = "-", *, proc: str = "master",
     for old in list(logger.handlers):
         logger.removeHandler(old)
         if old is not handler:
-            old.close()  # closes our file descriptor; a StreamHandler leaves stderr open
+            old.close()  # closes our file descriptor (or our copy of stderr)
     logger.addHandler(handler)
     logger.setLevel(numeric)
     # The application may configure the root logger; server lines must not be duplicated there.
     logger.propagate = False
     return logger
+
+
+def private_copy(fd: int) -> int:
+    """A close-on-exec copy of ``fd`` numbered above 2, or -1 if ``fd`` is not open.
+
+    Log writers keep these instead of 1 and 2: an app that closes its stdout or stderr frees
+    those numbers, and the next accepted client socket could take one; a log line written to
+    "fd 2" would then land in a stranger's TCP stream.
+    """
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return -1
+
+
+class _StderrCopyHandler(logging.StreamHandler):
+    """The error log for "-": writes to a private copy of stderr (see private_copy), which it
+    closes with itself; stderr itself if fd 2 is not open."""
+
+    def __init__(self) -> None:
+        fd = private_copy(2)
+        stream = (open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
+                  if fd >= 0 else sys.stderr)
+        super().__init__(stream)
+
+    def close(self) -> None:
+        stream = self.stream
+        super().close()
+        if stream is not sys.stderr:
+            stream.close()
 
 
 def reopen() -> None:
@@ -297,11 +328,11 @@ class AccessLog:
         self._time_local = self._time_iso = ""
         self._failing = False
         if target == "-":
-            self._fd = sys.stdout.fileno()
-            self._owns_fd = False
+            self._fd = private_copy(1)  # never fd 1 itself: see private_copy
+            self._reopenable = False
         else:
             self._fd = os.open(target, _OPEN_FLAGS, 0o644)
-            self._owns_fd = True
+            self._reopenable = True
         _access_logs.add(self)
 
     def write(self, remote: str, method: str, target: str, version: str, status: int,
@@ -340,7 +371,7 @@ class AccessLog:
         dup2 swaps the new file in atomically, so there is no moment without a valid descriptor,
         and a descriptor inherited by forked workers stays theirs to reopen.
         """
-        if not self._owns_fd or self._fd < 0:
+        if not self._reopenable or self._fd < 0:
             return
         try:
             fd = os.open(self.target, _OPEN_FLAGS, 0o644)
@@ -355,7 +386,7 @@ class AccessLog:
 
     def close(self) -> None:
         _access_logs.discard(self)
-        if self._owns_fd and self._fd >= 0:
+        if self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
 

@@ -55,9 +55,9 @@ def test_file_is_appended_not_truncated(tmp_path):
     assert lines[0] == "older line" and lines[1].endswith("[WARNING] newer")
 
 
-def test_stderr_is_the_default(capsys):
+def test_stderr_is_the_default(capfd):
     logs.setup("debug", "-").debug("to stderr")
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert LINE.match(err.rstrip("\n"))
     assert err.rstrip("\n").endswith("[DEBUG] to stderr")
 
@@ -131,11 +131,26 @@ def test_reopen_after_rename_writes_a_new_file(tmp_path):
     assert [line.split("] ", 3)[-1] for line in _lines(path)] == ["after reopen"]
 
 
-def test_reopen_with_stderr_is_harmless(capsys):
+def test_reopen_with_stderr_is_harmless(capfd):
     logs.setup("info", "-")
     logs.reopen()
     logs.get_logger().info("ok")
-    assert capsys.readouterr().err.rstrip().endswith("[INFO] ok")
+    assert capfd.readouterr().err.rstrip().endswith("[INFO] ok")
+
+
+def test_log_writers_never_hold_fds_0_to_2():
+    """An app may close its stdout/stderr; a client socket can then get that number, and a log
+    line written there would land in a stranger's stream (issue 10, item 5)."""
+    logger = logs.setup("info", "-")
+    assert logger.handlers[0].stream.fileno() > 2
+    access = logs.AccessLog("-")
+    try:
+        assert access._fd > 2
+    finally:
+        access.close()
+    import os
+
+    os.fstat(1)  # closing the access log closed its copy, never stdout
 
 
 def test_records_carry_the_process_role(tmp_path):
