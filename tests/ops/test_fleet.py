@@ -10,8 +10,8 @@ instance closed without answering (`retry-on empty-response`), and the ledger sh
 such a request had reached the app before (lost work run again) or not (a harmless resend).
 
 The instances live in network namespaces of their own, joined to the test by veth pairs, when
-the test may create them (root, `ip netns`); otherwise on 127.0.0.2, .3 and .4. HAProxy runs
-from a minimal runner in this module (the shared tests/ops/_proxies.py did not exist yet)."""
+the test may create them (root, `ip netns`); otherwise on 127.0.0.2, .3 and .4. HAProxy is
+started and stopped by the shared runner in tests/ops/_proxies.py."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import pytest
 import requests
 
 from tests.conftest import LISTEN_RE, READY_RE, ROOT, Server
+from tests.ops._proxies import HAProxy, haproxy_binary
 
 INSTANCES = 3
 WORKERS = 2
@@ -217,15 +218,6 @@ def alive(pid: int) -> bool:
 # -- HAProxy ---------------------------------------------------------------------------------
 
 
-def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
-        None)
-    if found is None:
-        pytest.skip("haproxy not found (scripts/system-deps installs the Debian package)")
-    return found
-
-
 def haproxy_config(sites: list[Site], port: int, stats: Path) -> str:
     servers = "".join(f"    server {s.name} {s.host}:{s.http_port} check port {s.control_port}\n"
                       for s in sites)
@@ -269,47 +261,47 @@ COUNTERS = ("wretr", "wredis", "econ", "eresp", "hrsp_5xx")
 STATE_RE = re.compile(r"Server forkservers/(\w+) is (UP|DOWN)")
 
 
-class HAProxy:
-    """haproxy in the foreground; its state-change lines are timestamped as they arrive."""
+class FleetHAProxy(HAProxy):
+    """The shared HAProxy runner, plus a timeline of its server state changes (read from its
+    output as it grows) and its counters (from the stats socket)."""
 
     def __init__(self, directory: Path, sites: list[Site]) -> None:
-        self.port = free_port("127.0.0.1")
-        self.conf = directory / "haproxy.cfg"
+        self.listen_port = free_port("127.0.0.1")
         self.stats_socket = directory / "haproxy.sock"
-        self.conf.write_text(haproxy_config(sites, self.port, self.stats_socket))
-        self.argv = [haproxy_binary(), "-db", "-f", str(self.conf)]
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[tuple[float, str]] = []
+        super().__init__(directory / "haproxy",
+                         haproxy_config(sites, self.listen_port, self.stats_socket))
         self.events: list[tuple[float, str, str]] = []  # (monotonic, server, UP|DOWN)
-        self._reader: threading.Thread | None = None
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
 
-    def start(self) -> HAProxy:
-        check = subprocess.run([*self.argv, "-c"], capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, check.stdout + check.stderr
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + 10
-        while True:
+    def start(self) -> FleetHAProxy:  # type: ignore[override]
+        checked = self.test_config()
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        super().start(self.listen_port)
+        self._watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        """Timestamp each state-change line within a poll interval of its being written."""
+        path = self.prefix / f"{self.name}.out"
+        offset, partial = 0, ""
+        while not self._done.wait(0.02):
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                assert self.proc.poll() is None, f"haproxy exited:\n{self.output()}"
-                assert time.monotonic() < deadline, f"haproxy never listened:\n{self.output()}"
-                time.sleep(0.05)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+                with open(path, errors="replace") as out:
+                    out.seek(offset)
+                    text = out.read()
+                    offset = out.tell()
+            except FileNotFoundError:
+                continue
             now = time.monotonic()
-            self.lines.append((now, line.rstrip()))
-            match = STATE_RE.search(line)
-            if match:
-                self.events.append((now, match.group(1), match.group(2)))
+            *lines, partial = (partial + text).split("\n")
+            for line in lines:
+                match = STATE_RE.search(line)
+                if match:
+                    self.events.append((now, match.group(1), match.group(2)))
 
     def output(self) -> str:
-        return "\n".join(line for _t, line in self.lines)
+        return self.errors()
 
     def wait_state(self, server: str, state: str, since: float, timeout: float) -> float:
         """When `server` turned `state` after `since` (monotonic), waiting up to `timeout`."""
@@ -340,16 +332,10 @@ class HAProxy:
         raise AssertionError(f"no backend line in show stat:\n{lines}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(5)
+        self._done.set()
+        if self._watcher.is_alive():
+            self._watcher.join(5)
+        super().stop()
 
 
 # -- client load ---------------------------------------------------------------------------
@@ -474,7 +460,7 @@ class Fleet:
         self.namespaces: Namespaces | None = None
         self.sites: list[Site] = []
         self.instances: list[Instance | None] = []
-        self.haproxy: HAProxy | None = None
+        self.haproxy: FleetHAProxy | None = None
         self.mode = ""
 
     def start(self) -> Fleet:
@@ -492,7 +478,7 @@ class Fleet:
         self.instances = [None] * INSTANCES
         for i in range(INSTANCES):
             self.launch(i)
-        self.haproxy = HAProxy(self.directory, self.sites).start()
+        self.haproxy = FleetHAProxy(self.directory, self.sites).start()
         self.wait_all_up()
         return self
 
