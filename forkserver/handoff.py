@@ -47,8 +47,8 @@ SETTLE_SLOW = 0.001      # how long a busy worker waits for a receiver to take w
 SETTLE_EXIT = 0.02       # how long an exiting one waits before it takes the connection back
 
 _MAGIC = b"FSH1"
-# magic, hops, host length, port length, pending length, ready_at (monotonic seconds)
-_HEADER = struct.Struct("=4sBHHId")
+# magic, hops, host length, port length, pending length, requests served, ready_at (monotonic)
+_HEADER = struct.Struct("=4sBHHIId")
 MAX_PENDING = MAX_MESSAGE - _HEADER.size - 2 * 0xFF  # room left with the longest address
 _MAX_FDS = 4  # room for more than one, so that a message carrying several is seen and refused
 _FD_SIZE = array.array("i").itemsize
@@ -121,22 +121,28 @@ class Handed:
     remote: tuple[str, str]   # (host, port) as the sender knew it (after a PROXY header)
     hops: int                 # handoffs so far, this one included
     ready_at: float           # monotonic: when the waiting request was first seen ready
+    requests: int = 0         # requests served on it so far (keepalive_requests goes on)
 
 
-def encode(pending: bytes, remote: tuple[str, str], hops: int, ready_at: float) -> bytes | None:
+def encode(pending: bytes, remote: tuple[str, str], hops: int, ready_at: float,
+           requests: int = 0) -> bytes | None:
     """The message body, or None if it cannot travel in one datagram."""
     host, port = remote[0].encode(), remote[1].encode()
-    if len(pending) > MAX_PENDING or len(host) > 0xFF or len(port) > 0xFF or not 0 <= hops < 256:
+    if len(pending) > MAX_PENDING or len(host) > 0xFF or len(port) > 0xFF or \
+            not 0 <= hops < 256 or not 0 <= requests < 2**32:
         return None
-    header = _HEADER.pack(_MAGIC, hops, len(host), len(port), len(pending), ready_at)
+    header = _HEADER.pack(_MAGIC, hops, len(host), len(port), len(pending), requests,
+                          ready_at)
     return b"".join((header, host, port, pending))
 
 
-def decode(data: bytes) -> tuple[bytes, tuple[str, str], int, float] | None:
-    """``(pending, remote, hops, ready_at)`` from a message body, or None if malformed."""
+def decode(data: bytes) -> tuple[bytes, tuple[str, str], int, float, int] | None:
+    """``(pending, remote, hops, ready_at, requests)`` from a message body, or None if
+    malformed."""
     if len(data) < _HEADER.size:
         return None
-    magic, hops, host_len, port_len, pending_len, ready_at = _HEADER.unpack_from(data)
+    magic, hops, host_len, port_len, pending_len, requests, ready_at = \
+        _HEADER.unpack_from(data)
     if magic != _MAGIC or len(data) != _HEADER.size + host_len + port_len + pending_len:
         return None
     at = _HEADER.size
@@ -145,16 +151,16 @@ def decode(data: bytes) -> tuple[bytes, tuple[str, str], int, float] | None:
         port = data[at + host_len:at + host_len + port_len].decode()
     except UnicodeDecodeError:
         return None
-    return data[at + host_len + port_len:], (host, port), hops, ready_at
+    return data[at + host_len + port_len:], (host, port), hops, ready_at, requests
 
 
 def send(channel: Channel, sock: socket.socket, pending: bytes, remote: tuple[str, str],
-         hops: int, ready_at: float) -> bool:
+         hops: int, ready_at: float, *, requests: int = 0) -> bool:
     """Offer ``sock`` to an idle worker, without blocking. True: it is the channel's now (close
     your descriptor, never shut it down). False: nobody can take it now; keep serving it."""
     if not hop_allowed(hops):
         return False
-    message = encode(pending, remote, hops + 1, ready_at)
+    message = encode(pending, remote, hops + 1, ready_at, requests)
     if message is None or channel.queued():
         return False
     rights = array.array("i", [sock.fileno()])
@@ -181,8 +187,7 @@ def receive(channel: Channel) -> Handed | None:
         for fd in fds:
             _close_fd(fd)
         return None
-    pending, remote, hops, ready_at = fields
-    return Handed(sock, pending, remote, hops, ready_at)
+    return Handed(sock, *fields)
 
 
 def settle(channel: Channel, timeout: float) -> bool:

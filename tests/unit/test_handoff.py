@@ -45,7 +45,7 @@ def test_socket_and_fields_arrive_intact(channel):
     client, server = client_pair()
     with client:
         assert handoff.send(channel, server, b"GET /a HTTP/1.1\r\n", ("203.0.113.9", "4711"),
-                            0, 123.5)
+                            0, 123.5, requests=7)
         server.close()  # the sender's descriptor; the connection lives on in the channel
         handed = handoff.receive(channel)
         assert handed is not None
@@ -54,6 +54,7 @@ def test_socket_and_fields_arrive_intact(channel):
             assert handed.remote == ("203.0.113.9", "4711")
             assert handed.hops == 1
             assert handed.ready_at == 123.5
+            assert handed.requests == 7
             assert not handed.sock.getblocking()
             client.sendall(b"ping")
             time.sleep(0.05)
@@ -193,8 +194,8 @@ def test_malformed_messages_leak_nothing(channel, make):
 
 
 def test_encode_decode_round_trip():
-    message = handoff.encode(b"\x00\xffbody", ("::1", "80"), 2, 1.25)
-    assert handoff.decode(message) == (b"\x00\xffbody", ("::1", "80"), 2, 1.25)
+    message = handoff.encode(b"\x00\xffbody", ("::1", "80"), 2, 1.25, 9)
+    assert handoff.decode(message) == (b"\x00\xffbody", ("::1", "80"), 2, 1.25, 9)
     assert handoff.decode(message[:-1]) is None
     assert handoff.decode(message + b"x") is None
     assert handoff.encode(b"", ("h" * 256, "1"), 0, 0.0) is None
