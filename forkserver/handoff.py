@@ -204,6 +204,36 @@ def settle(channel: Channel, timeout: float) -> bool:
     return True
 
 
+class Outcome(enum.Enum):
+    """What became of a connection offered with ``offer``."""
+
+    KEPT = "kept"      # refused (nobody idle, hop limit, too big): still the caller's
+    TAKEN = "taken"    # a worker took it within the wait
+    QUEUED = "queued"  # sent, not yet taken: the next worker to become idle takes it
+
+
+def offer(channel: Channel, sock: socket.socket, pending: bytes, remote: tuple[str, str],
+          hops: int, ready_at: float, *, requests: int = 0, wait: float = 0.0) -> Outcome:
+    """``send``, then wait up to ``wait`` seconds for a receiver, so that the next offer is
+    not refused merely because this one is still in the queue. Unless KEPT, close your
+    descriptor. An exiting worker that gets QUEUED takes it back with ``receive`` (nobody is
+    listening) and adopts it again; a busy one leaves it for whoever frees up first."""
+    if not send(channel, sock, pending, remote, hops, ready_at, requests=requests):
+        return Outcome.KEPT
+    return Outcome.TAKEN if settle(channel, wait) else Outcome.QUEUED
+
+
+def rescue(channel: Channel, wait: float = SETTLE_EXIT) -> list[Handed]:
+    """For a stopping worker about to exit: whatever no other worker has taken within
+    ``wait``, taken to be served here, so that a shutdown never strands a handed connection."""
+    if settle(channel, wait):
+        return []
+    taken = []
+    while (handed := receive(channel)) is not None:
+        taken.append(handed)
+    return taken
+
+
 def _descriptors(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancillary:

@@ -156,6 +156,59 @@ def test_eagain_when_the_queue_is_full(channel, monkeypatch):
         assert sent >= 1
 
 
+def test_offer_outcomes_and_rescue(channel):
+    """Nobody listening: QUEUED, then KEPT for the next; an exiting worker takes it back."""
+    pairs = [client_pair() for _ in range(2)]
+    try:
+        assert handoff.offer(channel, pairs[0][1], b"q", ("", ""), 0, 0.0,
+                             wait=0.01) is handoff.Outcome.QUEUED
+        assert handoff.offer(channel, pairs[1][1], b"", ("", ""), 0, 0.0,
+                             wait=0.01) is handoff.Outcome.KEPT
+        pairs[0][1].close()
+        rescued = handoff.rescue(channel, 0.01)
+        assert [h.pending for h in rescued] == [b"q"]
+        with rescued[0].sock as sock:
+            pairs[0][0].sendall(b"still there")
+            time.sleep(0.02)
+            assert sock.recv(100) == b"still there"
+        assert handoff.rescue(channel, 0.01) == []
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_offer_taken_by_another_process(channel):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # an idle worker: waits in epoll with EPOLLEXCLUSIVE, takes one, says so
+        code = 1
+        try:
+            import select
+            poller = select.epoll()
+            poller.register(channel.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            os.write(ready_w, b"r")
+            if poller.poll(5):
+                handed = handoff.receive(channel)
+                handed.sock.sendall(b"adopted")
+                code = 0
+        finally:
+            os._exit(code)
+    client, server = client_pair()
+    with client:
+        assert os.read(ready_r, 1) == b"r"
+        time.sleep(0.05)  # the child is in epoll_wait
+        outcome = handoff.offer(channel, server, b"", ("", ""), 0, time.monotonic(), wait=2)
+        server.close()
+        assert outcome is handoff.Outcome.TAKEN
+        client.settimeout(5)
+        assert client.recv(100) == b"adopted"
+    _, status = os.waitpid(pid, 0)
+    os.close(ready_r)
+    os.close(ready_w)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_empty_channel_gives_none(channel):
     assert handoff.receive(channel) is None
 
