@@ -164,25 +164,26 @@ class Seat:
 @dataclass(frozen=True)
 class Promote:
     pid: int       # the template: the warmest ready worker of the generation
-    level: int     # index into refork_after of the threshold it passed (the highest one)
+    level: int     # index into refork_after of the threshold it passed
 
 
 def promotion_due(seats: Iterable[Seat], generation: int, thresholds: tuple[int, ...],
-                  level: int, stage: Stage) -> Promote | None:
-    """Who becomes the template, at which threshold, if anyone now. The template is the ready
-    worker of the generation that served most (the first one, in practice; another if it was
-    replaced). Thresholds below ``level`` are spent; past several at once, the highest counts,
-    so a late promotion (after a lost mold) is not followed at once by another."""
+                  level: int, stage: Stage, mold_pid: int = 0) -> Promote | None:
+    """Who becomes the template, if anyone now: the ready worker of the generation that served
+    most (the first one, in practice; another if it was replaced), once it passed the next
+    unspent threshold, ``thresholds[level]``. While a mold serves (``mold_pid``), only its
+    children count: each refork starts from a process warmed since the last one, so the next
+    threshold is not passed at once by the template that made the current mold."""
     if stage not in (Stage.IDLE, Stage.MOLDED) or level >= len(thresholds):
         return None
-    ready = [seat for seat in seats if seat.generation == generation and seat.phase == "ready"]
+    ready = [seat for seat in seats if seat.generation == generation and seat.phase == "ready"
+             and (not mold_pid or seat.mold == mold_pid)]
     if not ready:
         return None
     warmest = max(ready, key=lambda seat: (seat.requests, -seat.started))
-    passed = [k for k in range(level, len(thresholds)) if warmest.requests >= thresholds[k]]
-    if not passed:
+    if warmest.requests < thresholds[level]:
         return None
-    return Promote(warmest.pid, passed[-1])
+    return Promote(warmest.pid, level)
 
 
 def next_replacement(seats: Iterable[Seat], generation: int, mold_pid: int,
@@ -608,7 +609,7 @@ class Keeper:
             else:
                 wake_at = min(wake_at, asked_at + PROMOTE_TIMEOUT)
         promote = promotion_due(seats, self.generation, self.thresholds, self.level,
-                                self.stage)
+                                self.stage, self.mold_pid)
         if promote is not None:
             self.level = promote.level + 1
             self.asked = (promote.pid, now)

@@ -84,16 +84,25 @@ def test_only_the_current_generation_is_a_candidate():
     assert mold.promotion_due(seats, 2, THRESHOLDS, 0, Stage.IDLE) is None
 
 
-def test_spent_thresholds_are_skipped_and_the_highest_passed_counts():
+def test_one_threshold_at_a_time_and_spent_ones_stay_spent():
     seats = [seat(10, 150)]
-    assert mold.promotion_due(seats, 1, THRESHOLDS, 0, Stage.IDLE) == mold.Promote(10, 1)
-    assert mold.promotion_due([seat(10, 50)], 1, THRESHOLDS, 1, Stage.MOLDED) is None
-    assert mold.promotion_due(seats, 1, THRESHOLDS, 2, Stage.MOLDED) is None  # all spent
+    assert mold.promotion_due(seats, 1, THRESHOLDS, 0, Stage.IDLE) == mold.Promote(10, 0)
+    assert mold.promotion_due(seats, 1, THRESHOLDS, 1, Stage.IDLE) == mold.Promote(10, 1)
+    assert mold.promotion_due(seats, 1, THRESHOLDS, 2, Stage.IDLE) is None  # all spent
 
 
-def test_a_second_threshold_promotes_again_while_a_mold_serves():
-    assert mold.promotion_due([seat(10, 100)], 1, THRESHOLDS, 1, Stage.MOLDED) == \
-        mold.Promote(10, 1)
+def test_while_a_mold_serves_only_its_children_count():
+    template = seat(10, 500)
+    children = [seat(20, 99, from_mold=99), seat(21, 40, from_mold=99)]
+    assert mold.promotion_due([template, *children], 1, THRESHOLDS, 1, Stage.MOLDED, 99) is None
+    children[0] = seat(20, 100, from_mold=99)
+    assert mold.promotion_due([template, *children], 1, THRESHOLDS, 1, Stage.MOLDED, 99) == \
+        mold.Promote(20, 1)
+
+
+def test_after_a_lost_mold_any_worker_counts_for_the_next_threshold():
+    seats = [seat(20, 130, from_mold=99), seat(10, 20)]
+    assert mold.promotion_due(seats, 1, THRESHOLDS, 1, Stage.IDLE) == mold.Promote(20, 1)
 
 
 @pytest.mark.parametrize("stage", [Stage.PROMOTING, Stage.REMOLDING])
