@@ -559,3 +559,36 @@ def test_in_child_closes_the_masters_ends():
     finally:
         keeper.close()
     assert mold.Keeper(()).enabled is False and mold.Keeper(()).fds() == []
+
+
+def test_when_the_master_dies_the_mold_exits_by_itself():
+    """A nested harness (subreaper too) makes a template and a mold and dies without a word:
+    both are re-parented to the outer harness, see that their master is gone, and exit."""
+    def scenario(report: dict) -> None:
+        read_end, write_end = os.pipe()
+        inner = os.fork()
+        if inner == 0:
+            code = 1
+            try:
+                mold.set_child_subreaper()
+                inner_report: dict = {"made": []}
+                _, link, template = mold_up(inner_report)
+                hello = await_hello(link)
+                os.write(write_end, json.dumps([template, hello.pid]).encode())
+                code = 0
+            finally:
+                os._exit(code)  # no cleanup: the master "crashed"
+        report["made"].append(inner)
+        os.close(write_end)
+        select.select([read_end], [], [], 30)
+        orphans = json.loads(os.read(read_end, 4096) or b"[]")
+        os.close(read_end)
+        report["made"] += orphans
+        report["inner_status"] = wait_exit(report, inner)
+        report["orphans"] = orphans
+        report["statuses"] = [wait_exit(report, pid, timeout=10) for pid in orphans]
+
+    report = run_in_harness(scenario)
+    assert report["inner_status"] == 0 and len(report["orphans"]) == 2
+    # Re-parented to the outer harness (it could wait for them), and gone by themselves.
+    assert report["statuses"] == [0, 0], report
