@@ -359,3 +359,20 @@ def test_a_dead_mold_means_cold_spawns_until_the_next_threshold(server_factory, 
     result = load.result
     report("mold killed", result)
     assert result.failed == 0, result.errors
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("--threads", "2"), "refork_after: not with threads > 1"),
+    (("--reload",), "refork_after: not with reload"),
+], ids=["threads", "reload"])
+def test_refork_with_settings_it_cannot_serve_is_refused_in_one_line(tmp_path, app_dir, args,
+                                                                    line):
+    server = Server(tmp_path, "warm:app", "--refork-after", "20", *args, wait_ready=False,
+                    cwd=app_dir)
+    server.start()
+    code = server.wait_exit(30)
+    assert code != 0
+    log = server.log()
+    assert line in log
+    assert "Traceback" not in log
+    assert not server._kill_leftovers()
