@@ -169,15 +169,17 @@ class Promote:
 
 def promotion_due(seats: Iterable[Seat], generation: int, thresholds: tuple[int, ...],
                   level: int, stage: Stage, mold_pid: int = 0) -> Promote | None:
-    """Who becomes the template, if anyone now: the ready worker of the generation that served
-    most (the first one, in practice; another if it was replaced), once it passed the next
-    unspent threshold, ``thresholds[level]``. While a mold serves (``mold_pid``), only its
-    children count: each refork starts from a process warmed since the last one, so the next
-    threshold is not passed at once by the template that made the current mold."""
+    """Who becomes the template, if anyone now: the serving worker of the generation that
+    served most (the first one, in practice; another if it was replaced), once it passed the
+    next unspent threshold, ``thresholds[level]``. A worker waiting for its replacement
+    (recycling) still serves and may be chosen: under a fast load with a low max_requests,
+    every warm worker may be in that phase whenever the master looks. While a mold serves
+    (``mold_pid``), only its children count: each refork starts from a process warmed since
+    the last one, so the next threshold is not passed at once by the current mold's template."""
     if stage not in (Stage.IDLE, Stage.MOLDED) or level >= len(thresholds):
         return None
-    ready = [seat for seat in seats if seat.generation == generation and seat.phase == "ready"
-             and (not mold_pid or seat.mold == mold_pid)]
+    ready = [seat for seat in seats if seat.generation == generation
+             and seat.phase in ("ready", "recycling") and (not mold_pid or seat.mold == mold_pid)]
     if not ready:
         return None
     warmest = max(ready, key=lambda seat: (seat.requests, -seat.started))

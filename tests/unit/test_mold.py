@@ -69,8 +69,15 @@ def test_no_promotion_below_the_first_threshold():
     assert mold.promotion_due(seats, 1, THRESHOLDS, 0, Stage.IDLE) is None
 
 
-def test_the_warmest_ready_worker_is_promoted_at_the_threshold():
-    seats = [seat(10, 20), seat(11, 5), seat(12, 30, phase="recycling")]
+def test_the_warmest_serving_worker_is_promoted_at_the_threshold():
+    seats = [seat(10, 20), seat(11, 5), seat(12, 30, phase="retiring"), seat(13, 40,
+                                                                           phase="booting")]
+    assert mold.promotion_due(seats, 1, THRESHOLDS, 0, Stage.IDLE) == mold.Promote(10, 0)
+
+
+def test_a_worker_waiting_for_its_replacement_may_be_promoted():
+    # A fast load and a low max_requests: every warm worker is recycling when the master looks.
+    seats = [seat(10, 300, phase="recycling"), seat(11, 2, phase="booting")]
     assert mold.promotion_due(seats, 1, THRESHOLDS, 0, Stage.IDLE) == mold.Promote(10, 0)
 
 
