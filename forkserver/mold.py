@@ -17,8 +17,12 @@ The wires (all ``AF_UNIX``/``SOCK_SEQPACKET``, so every message arrives whole):
                                      the master's end of its channel.
     channel  master <-> one mold     created by the template for its mold. The master sends
                                      an `Order` (slot, generation, max_requests, title); the
-                                     mold answers with the new worker's pid, or an errno.
-                                     The master closing its end tells the mold to exit.
+                                     mold answers with the new worker's pid, or an errno; the
+                                     master says it booked that pid ("took"). Only then does
+                                     the new process become a worker: one whose pid the master
+                                     never booked (the mold died or hung meanwhile) exits
+                                     before it touches its slot. The master closing its end
+                                     tells the mold to exit.
 
 Three layers, each usable alone: the pure policies (`promotion_due`, `next_replacement`,
 `spawns_from_mold`, the `Stage` table), tested as plain data; the process mechanics
@@ -64,7 +68,9 @@ REASON = getattr(Reason, "REFORK", Reason.RELOAD)
 _HELLO = struct.Struct("=4sIIi")       # b"MOLD", mold pid, template pid, generation
 _ORDER = struct.Struct("=4sIiii")      # b"FORK", token, slot, generation, max_requests; title
 _ANSWER = struct.Struct("=4sIi")       # b"PID " or b"FAIL", token, pid or errno
+_TAKEN = struct.Struct("=4sI")         # b"TOOK", token: the master booked the pid
 _MAGIC_HELLO, _MAGIC_ORDER, _MAGIC_PID, _MAGIC_FAIL = b"MOLD", b"FORK", b"PID ", b"FAIL"
+_MAGIC_TAKEN = b"TOOK"
 _MAX_MESSAGE = 4096
 
 
@@ -312,6 +318,8 @@ class MoldClient:
                 if token != self.token:
                     continue  # an answer to an order given up on earlier
                 if kind == _MAGIC_PID:
+                    # Booked by the caller before it reaps again; the child may go on.
+                    self.channel.send(_TAKEN.pack(_MAGIC_TAKEN, token))
                     return value
                 raise MoldError(f"mold {self.pid} could not fork: {os.strerror(value)}")
         except TimeoutError:
@@ -483,8 +491,8 @@ def _mold_main(template: Template, template_pid: int, master_end: socket.socket,
 
 
 def serve(channel: socket.socket, template: Template) -> None:
-    """The mold's loop: one order, one double fork, one answer; until the master closes the
-    channel or dies."""
+    """The mold's loop: one order, one double fork, one answer, the master's "took", then the
+    go-ahead to the new process; until the master closes the channel or dies."""
     channel.settimeout(POLL)
     while True:
         try:
@@ -501,24 +509,67 @@ def serve(channel: socket.socket, template: Template) -> None:
             token, order = Order.decode(data)
         except ValueError:
             continue
-        if order.generation != template.generation:
-            answer = _ANSWER.pack(_MAGIC_FAIL, token, errno.EINVAL)
-        else:
-            try:
-                pid = double_fork(functools.partial(_worker_main, channel, template, order))
-                answer = _ANSWER.pack(_MAGIC_PID, token, pid)
-            except OSError as error:
-                answer = _ANSWER.pack(_MAGIC_FAIL, token, error.errno or errno.EAGAIN)
-        try:
-            channel.send(answer)
-        except OSError:
+        if not _fork_for(channel, template, token, order):
             return
 
 
-def _worker_main(channel: socket.socket, template: Template, order: Order) -> None:
+def _fork_for(channel: socket.socket, template: Template, token: int, order: Order) -> bool:
+    """Carry out one order; False if the channel is gone (the mold then exits)."""
+    if order.generation != template.generation:
+        return _send(channel, _ANSWER.pack(_MAGIC_FAIL, token, errno.EINVAL))
+    go_read, go_write = os.pipe()
+    try:
+        pid = double_fork(functools.partial(_worker_main, channel, template, order, go_read,
+                                            go_write))
+    except OSError as error:
+        os.close(go_read)
+        os.close(go_write)
+        return _send(channel, _ANSWER.pack(_MAGIC_FAIL, token, error.errno or errno.EAGAIN))
+    os.close(go_read)
+    try:
+        if not _send(channel, _ANSWER.pack(_MAGIC_PID, token, pid)):
+            return False
+        if not _taken(channel, token):
+            return True  # not booked: the child sees the pipe close and exits
+        os.write(go_write, b"g")
+        return True
+    finally:
+        os.close(go_write)
+
+
+def _send(channel: socket.socket, message: bytes) -> bool:
+    try:
+        channel.send(message)
+    except OSError:
+        return False
+    return True
+
+
+def _taken(channel: socket.socket, token: int) -> bool:
+    """Wait for the master's "took" for ``token``."""
+    deadline = time.monotonic() + SPAWN_TIMEOUT + POLL
+    while time.monotonic() < deadline:
+        try:
+            data = channel.recv(_MAX_MESSAGE)
+        except TimeoutError:
+            continue
+        except OSError:
+            return False
+        if not data:
+            return False
+        if data == _TAKEN.pack(_MAGIC_TAKEN, token):
+            return True
+    return False
+
+
+def _worker_main(channel: socket.socket, template: Template, order: Order, go_read: int,
+                 go_write: int) -> None:
     channel.close()  # the mold's end stays the mold's alone: the master sees EOF when it dies
-    if not await_parent(template.master_pid):
-        return
+    os.close(go_write)
+    booked = _read_exactly(go_read, 1) == b"g"
+    os.close(go_read)
+    if not booked or not await_parent(template.master_pid):
+        return  # nobody books or reaps us: go before touching the slot
     template.become(order)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import select
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -599,3 +600,30 @@ def test_when_the_master_dies_the_mold_exits_by_itself():
     assert report["inner_status"] == 0 and len(report["orphans"]) == 2
     # Re-parented to the outer harness (it could wait for them), and gone by themselves.
     assert report["statuses"] == [0, 0], report
+
+
+def test_a_child_the_master_never_booked_exits_before_it_becomes_a_worker():
+    """The master read the pid but never said "took" (it gave up, or the mold died): the new
+    process must not serve or touch its slot, and must not be left behind."""
+    def scenario(report: dict) -> None:
+        lines, link, _ = mold_up(report)
+        hello = await_hello(link)
+        report["made"].append(hello.pid)
+        lines.take(2)  # dropped, forked
+        hello.channel.settimeout(5)
+        hello.channel.send(Order(0, 1, 0, "harness: worker 0").encode(7))
+        kind, token, pid = struct.unpack("=4sIi", hello.channel.recv(64))
+        report["made"].append(pid)
+        report["answer"] = [kind.decode(), token]
+        hello.channel.close()  # no "took"
+        report["child_status"] = wait_exit(report, pid)
+        report["mold_status"] = wait_exit(report, hello.pid)
+        try:
+            report["said"] = lines.take(1, timeout=1.0)
+        except AssertionError:
+            report["said"] = []
+
+    report = run_in_harness(scenario)
+    assert report["answer"] == ["PID ", 7]
+    assert report["child_status"] == 0 and report["mold_status"] == 0
+    assert report["said"] == []  # become() never ran
