@@ -340,24 +340,28 @@ def test_max_requests_recycling_forks_from_the_mold(server_factory, app_dir):
 
 
 def test_a_dead_mold_means_cold_spawns_until_the_next_threshold(server_factory, app_dir):
-    # The second threshold is far enough that no mold child reaches it before the kill.
-    server = start(server_factory, app_dir, refork="20,1000")
+    # Until the kill, one request at a time (a few thousand at most), so that no worker is
+    # near the second threshold when the mold dies: the spawn that follows must be cold.
+    server = start(server_factory, app_dir, refork="20,5000")
+    for _ in range(3000):
+        assert requests.get(server.url, timeout=10).status_code == 200
+        if MOLD_UP.search(server.log()):
+            break
+    mold = int(server.wait_for_log(MOLD_UP, timeout=30)[1])
+    psutil.Process(mold).kill()
+    # Seen by its reap, or by a spawn that found it gone first.
+    lost = server.wait_for_log(rf"mold {mold} (was killed by SIGKILL|is gone)[^\n]*; "
+                               r"forking workers from the master").end()
+    before = len(list(BOOTED_COLD.finditer(server.log())))
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(BOOTED_COLD, count=before + 1)   # the master forked it, cold
+    assert str(mold) not in [m[3] for m in BOOTED_FROM_MOLD.finditer(server.log(), lost)]
     with LoadLoop(server.port, max_seconds=120) as load:
-        load.wait_for(10)
-        mold = int(server.wait_for_log(MOLD_UP, timeout=60)[1])
-        psutil.Process(mold).kill()
-        # Seen by its reap, or by a spawn that found it gone first.
-        lost = server.wait_for_log(rf"mold {mold} (was killed by SIGKILL|is gone)[^\n]*; "
-                                   r"forking workers from the master").end()
-        before = len(list(BOOTED_COLD.finditer(server.log())))
-        server.send_signal(signal.SIGTTIN)                # this spawn is cold
-        server.wait_for_log(BOOTED_COLD, count=before + 1)
-        assert str(mold) not in [m[3] for m in BOOTED_FROM_MOLD.finditer(server.log(), lost)]
         second = reforked(server, WORKERS + 1, molds_seen=2)  # the next threshold: a new one
         assert second != mold
         load.wait_for(100)
     result = load.result
-    report("mold killed", result)
+    report("after a mold was killed", result)
     assert result.failed == 0, result.errors
 
 
