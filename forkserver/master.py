@@ -162,8 +162,6 @@ class Master:
         if not self._open():
             return 1
         self.keeper = mold.Keeper(settings.refork_after)
-        # Before the first fork, and the same for every generation and across a USR2 exec.
-        self.channel = handoff.Channel.inherit(os.environ) or handoff.Channel.create()
         outputs.write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
         self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
         self.wakeups.install()
@@ -191,6 +189,12 @@ class Master:
         (logged) if one cannot be had."""
         settings = self.settings
         try:
+            # Before the first fork; the same for every generation and across a USR2 exec.
+            self.channel = handoff.Channel.inherit(os.environ) or handoff.Channel.create()
+        except (ValueError, OSError) as error:
+            self.log.error("handoff channel (%s): %s", handoff.ENV_HANDOFF_FDS, error)
+            return False
+        try:
             self.generations.hooks = load_hooks(settings)
             self.generations.prepared = _tls_context(settings)
             self.listeners, self.bind_specs = _open_listeners(settings, self.pid, self.log)
@@ -211,6 +215,7 @@ class Master:
         """In a worker the master forks: drop the master's ends of its pipes and wires."""
         self.wakeups.in_child()
         self.keeper.in_child()
+        self.outputs.in_child()
 
     def _config_changed(self, settings: Any) -> None:
         """A reload (or its rollback) changed the settings: follow their logs and options."""

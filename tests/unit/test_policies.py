@@ -579,3 +579,21 @@ def test_a_record_remembers_the_mold_it_came_from():
     assert mold.Seat.of(WorkerRecord(1, 0, 1, T0, Phase.READY, mold=77), 5) == \
         mold.Seat(1, 1, T0, "ready", 5, 77)
     assert pool.mold is mold
+
+
+def test_a_forked_worker_drops_the_metrics_listener_but_leaves_the_masters_socket(tmp_path):
+    """A worker must not hold the master's metrics listener: the image a USR2 execs binds the
+    same address again."""
+    from forkserver import outputs
+    path = tmp_path / "metrics.sock"
+    outs = outputs.Outputs()
+    outs.open(make_settings(metrics_bind=f"unix:{path}"), lambda: None)
+    listener = outs.listener[0]
+    try:
+        assert outs.fds()[0] == [listener.fileno()]
+        outs.in_child()
+        assert listener.fileno() == -1 and outs.fds() == ([], [])
+        assert path.exists()  # the path is the master's to remove
+    finally:
+        outs.close()
+        path.unlink(missing_ok=True)
