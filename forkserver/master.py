@@ -111,7 +111,7 @@ class Master:
         self.pool: Pool | None = None
         self.outputs = outputs.Outputs()
         self.generations = Generations(settings, reload, self._config_changed,
-                                       prepare=_tls_context)
+                                       prepare=_prepare_generation)
         self.memory = memory.Sampler(settings.memory_check_interval)
         self.dev_reload: DevReload | None = None
         self.app: Callable | None = None
@@ -607,6 +607,15 @@ def _refork_refusal(settings: Any) -> str | None:
         except mold.MoldUnsupported as error:
             return str(error)
     return why
+
+
+def _prepare_generation(settings: Any) -> ssl.SSLContext | None:
+    """What a reload builds before its workers fork (the TLS context); raises if the new
+    settings cannot be served, and the running generation keeps serving."""
+    why = mold.refusal(settings)
+    if why is not None:
+        raise ValueError(why)
+    return _tls_context(settings)
 
 
 def _tls_context(settings: Any) -> ssl.SSLContext | None:

@@ -15,7 +15,14 @@ import pytest
 
 from forkserver import config, generations, handoff, mold, pool, supervision
 from forkserver.generations import Generations, TransitionError
-from forkserver.master import STOP_MOVES, STOP_READINESS, Master, StopMode, _refork_refusal
+from forkserver.master import (
+    STOP_MOVES,
+    STOP_READINESS,
+    Master,
+    StopMode,
+    _prepare_generation,
+    _refork_refusal,
+)
 from forkserver.pool import (
     TRANSITIONS,
     Blueprint,
@@ -487,6 +494,12 @@ def test_the_master_gives_its_one_channel_only_while_handoff_delay_is_on(delay, 
 def test_refork_that_cannot_run_is_refused_in_one_line(overrides, line):
     why = _refork_refusal(make_settings(**overrides))
     assert why is None if line is None else why.startswith(line)
+
+
+def test_a_reload_to_refork_settings_it_cannot_serve_is_refused():
+    assert _prepare_generation(DEFAULTS) is None  # no TLS: no context
+    with pytest.raises(ValueError, match="refork_after: not with threads > 1"):
+        _prepare_generation(make_settings(refork_after=(20,), threads=2))
 
 
 # -- refork: the pool carries out the keeper's plan -----------------------------------------
