@@ -256,7 +256,7 @@ def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]
     offered = {"settings": default_settings(), "index": 0, "generation": 1,
                "listeners": [listener], "load_app": lambda: hello, "scoreboard": board,
                "master_pid": os.getppid(), "title": "hotpath", "max_requests": 0, "hooks": {},
-               "access_log": None}
+               "access_log": None, "tls_context": None, "reload_dir": None, "notify_fd": -1}
     spec_type = worker_module.WorkerSpec
     fields = dataclasses.fields(spec_type)
     missing = [f.name for f in fields if f.name not in offered
