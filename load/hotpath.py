@@ -477,6 +477,7 @@ class Sent:
     bytes_sent: int
     keep_alive: bool
     close_reason: str = ""
+    verdict: Any = None  # wsgi.Verdict where the worker reads one
 
 
 def canned_handle(real: Callable) -> Callable[..., Sent]:
@@ -488,7 +489,10 @@ def canned_handle(real: Callable) -> Callable[..., Sent]:
         channel = args[at_channel] if len(args) > at_channel else kwargs["channel"]
         keep_alive = args[at_keep_alive] if len(args) > at_keep_alive else kwargs["keep_alive"]
         channel.send_all(FLOOR_RESPONSE)
-        return Sent(200, len(FLOOR_RESPONSE), keep_alive)
+        from forkserver import wsgi
+        verdicts = getattr(wsgi, "Verdict", None)
+        verdict = None if verdicts is None else verdicts.KEEP if keep_alive else verdicts.CLOSE
+        return Sent(200, len(FLOOR_RESPONSE), keep_alive, verdict=verdict)
     return handle
 
 
