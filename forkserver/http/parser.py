@@ -404,7 +404,10 @@ class RequestParser(_Stream):
 
     def start_next(self) -> None:
         """Begin the next request; bytes already buffered (pipelined) are kept."""
-        self._go(_S_HEAD)
+        if self._state is _S_PAUSED:
+            self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
+        else:
+            self._go(_S_HEAD)  # raises
         self._request = None
         self._lines = 0
         self._head_used = 0
@@ -452,6 +455,12 @@ class RequestParser(_Stream):
         try:
             state = self._state
             if state is _S_HEAD:
+                if self._request is None and self._pos == len(self._buf):
+                    # Nothing buffered between requests (after each keep-alive response): what
+                    # the line path would conclude, without it. Never an error, even after EOF.
+                    self._scan = self._pos
+                    self._drained = True
+                    return NEED_DATA
                 return self._parse_head()
             if state is _S_LENGTH:
                 data = self._take_body()
@@ -461,7 +470,7 @@ class RequestParser(_Stream):
                     self._go(_S_END)
                 return data
             if state is _S_END:
-                self._go(_S_PAUSED)
+                self._state = _S_PAUSED  # the one move from END (inlined from _go: per request)
                 return END_OF_MESSAGE
             if state is _S_PAUSED:
                 return PAUSED
@@ -495,10 +504,7 @@ class RequestParser(_Stream):
     def _parse_head(self) -> Request | _Sentinel:
         if self._request is None:
             buf = self._buf
-            pos = self._pos
-            if pos == len(buf):  # nothing buffered: what the line path would conclude, sooner
-                self._scan = pos
-                return self._need_data()
+            pos = self._pos  # something is buffered (next_event answers an empty buffer)
             if not self._skipped_empty and buf.startswith(b"\r\n", pos):
                 # RFC 9112 section 2.2: ignore at least one empty line before a request line.
                 # Exactly one is tolerated; a second one fails as an empty request line.
@@ -601,7 +607,7 @@ class RequestParser(_Stream):
             self._remaining = request.content_length
             self._go(_S_LENGTH)
         else:
-            self._go(_S_END)
+            self._state = _S_END  # HEAD -> END (inlined from _go: per request)
         self._request = request
         self._scan = self._pos
         return request
