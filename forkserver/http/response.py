@@ -321,6 +321,14 @@ class Response:
             self.remaining = remaining - size
         return data
 
+    def whole(self, data: bytes) -> bytes:
+        """The head, a body that is all of ``data``, and its end: one send's worth. Raises
+        InvalidResponse as ``body`` and ``end`` would."""
+        if type(data) is bytes and self.remaining == len(data) and self._has_body:
+            self.remaining = 0  # the usual case: exactly the length the head announced
+            return self.head + data
+        return self.head + self.body(data) + self.end()
+
     def end(self) -> bytes:
         """The bytes that finish the body; raises InvalidResponse if it fell short."""
         if self.chunked:

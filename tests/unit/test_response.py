@@ -427,3 +427,17 @@ def test_error_response_is_built_once_per_class():
 def test_error_str_names_status_and_detail():
     assert str(errors.URITooLong("line too long")) == "414 URI Too Long: line too long"
     assert str(errors.RequestTimeout()) == "408 Request Timeout"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("data", [b"", b"abc", b"x" * 13, bytearray(b"abc")])
+def test_whole_gives_what_head_body_and_end_give(case, data):
+    one, other = make(**case), make(**case)
+    try:
+        expected = other.head + other.body(data) + other.end()
+    except InvalidResponse:
+        with pytest.raises(InvalidResponse):
+            one.whole(data)
+        return
+    assert one.whole(data) == expected
+    assert one.remaining == other.remaining
