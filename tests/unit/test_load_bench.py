@@ -43,7 +43,8 @@ def test_a_row_without_forkserver_or_ceiling_in_its_mode_has_no_ratio():
     table = "\n".join(bench._mode_table(cells, "tls", {"cpu": "X", "cores": "2",
                                                        "python": "3.11", "date": "today"}))
     assert "*X, 2 cores, Python 3.11, today.*" in table
-    assert "| gunicorn-gthread | 50 | - | - | 10 | 20 |" in table
+    assert "| gunicorn-gthread | 50 | - | n/a | 10 | 20 |" in table
+    assert "| ceiling | - | not applicable: it speaks no TLS |" in table
 
 
 def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
@@ -60,6 +61,50 @@ def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
     assert verdicts["CPU per request, browser-like vs wrk's request, c=50: <= 1.5x"] \
         == ("1.60x", "NOT met")
     assert verdicts["no failed request at any concurrency"] == ("3 errors", "NOT met")
+
+
+def test_flask_rows_are_compared_with_meinheld_and_have_no_ceiling():
+    runs = [_run("forkserver", 9_000, mode="flask"), _run("meinheld", 10_000, mode="flask"),
+            _run("forkserver", 8_000, mode="flask-json"),
+            _run("meinheld", 6_400, mode="flask-json"), _run("ceiling", 50_000)]
+    cells = bench.summarize(runs, list(bench.KINDS))
+    verdicts = {t: (m, v) for t, m, v in bench.check_targets(cells, {})}
+    assert verdicts["Flask hello, keep-alive, c=50: >= 1.0x meinheld"] == ("0.90x", "NOT met")
+    assert verdicts["Flask JSON, keep-alive, c=50: >= 1.0x meinheld"] == ("1.25x", "met")
+    info = {"cpu": "X", "cores": "2", "python": "3.11", "date": "today"}
+    table = "\n".join(bench._mode_table(cells, "flask-json", info))
+    assert "## Flask JSON, keep-alive" in table and "path `/json`" in table
+    assert "| meinheld | 50 | 0.80 | n/a | 6,400 |" in table
+    assert "| ceiling | - | not applicable: it runs no app |" in table
+
+
+def test_the_flask_app_answers_hello_and_a_small_json_object():
+    from load import flaskapp
+
+    client = flaskapp.app.test_client()
+    assert client.get("/").data == b"Hello, World!"
+    answer = client.get("/json")
+    assert answer.mimetype == "application/json"
+    assert answer.get_json() == {"message": "Hello, World!"}
+    assert bench.MODE_PATH["flask-json"] == "/json"
+
+
+def test_a_server_that_cannot_start_leaves_every_mode_it_was_in():
+    a, b = object(), object()
+    plan = bench.Plan({"keepalive": [a, b], "close": [a, b], "tls": [b]}, [])
+    assert plan.distinct() == [a, b]
+    plan.drop(b)
+    assert plan.servers == {"keepalive": [a], "close": [a]}
+
+
+def test_the_default_run_is_c50_with_three_rounds_and_full_adds_the_curve():
+    parser = bench.build_parser()
+    assert parser.parse_args([]).rounds is None  # resolved in main: 3, or 1 with --quick
+    assert bench.CONCURRENCIES == (50,) and 50 in bench.FULL_CONCURRENCIES
+    plan = bench.Plan({mode: ["s"] * 7 for mode in ("keepalive", "close", "browser")}, [])
+    plan.servers.update({"flask": ["f"] * 4, "flask-json": ["f"] * 4, "tls": ["t"] * 2})
+    assert bench.count_runs(plan, 3, [50]) == 3 * (7 * 3 + 4 * 2 + 2)
+    assert bench.count_runs(plan, 3, [1, 10, 50, 200]) == 3 * (7 * 4 * 2 + 7 + 4 * 2 + 2)
 
 
 def test_flag_detection_reads_whole_words_of_the_help():
