@@ -292,12 +292,16 @@ def main(argv: list[str] | None = None) -> int:
                 runnable = [r for r in rows if r.label not in unsupported]
                 shift = round_no % max(len(runnable), 1)
                 for row in runnable[shift:] + runnable[:shift]:
-                    outcomes.append(measure_row(row, scenario, round_no, python, wrk, results,
-                                                gunicorn_extra, duration))
+                    try:
+                        outcomes.append(measure_row(row, scenario, round_no, python, wrk,
+                                                    results, gunicorn_extra, duration))
+                    except (ServerError, RuntimeError, ValueError,
+                            subprocess.TimeoutExpired) as exc:
+                        # One broken row is reported; the others still run.
+                        problems.append(str(exc))
+                        unsupported[row.label] = f"did not run (see {_log(results, row).name})"
     except KeyboardInterrupt:
         problems.append("interrupted")
-    except (ServerError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-        problems.append(str(exc))
     info = bench_env.machine_info(python, wrk)
     (results / "bench-mixed.json").write_text(json.dumps(
         {"info": info, "duration": duration, "unsupported": unsupported,
@@ -318,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _log(results: Path, row: Contender) -> Path:
+    return results / f"mixed_{row.label.replace(' ', '_').replace('-', '')}.log"
+
+
 def measure_row(row: Contender, scenario: str, round_no: int, python: Path, wrk: str,
                 results: Path, gunicorn_extra: list[str], duration: float) -> Outcome:
     """Start the row's server, warm it up, run the scenario once, stop it."""
-    slug = row.label.replace(" ", "_").replace("-", "")
-    server = start_command(row, python, APP, results / f"mixed_{slug}.log", gunicorn_extra)
+    server = start_command(row, python, APP, _log(results, row), gunicorn_extra)
     server.start()
     try:
         run_wrk(wrk, server.url + FAST_PATH, 10, 1)  # warm-up

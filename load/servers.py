@@ -245,6 +245,10 @@ class ManagedServer:
         except psutil.NoSuchProcess:
             return []
 
+    def descendant_pids(self) -> set[int]:
+        """Every process under the master now: workers and whatever they forked."""
+        return {proc.pid for proc in self._tree()[1:]}
+
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the whole process tree (master and every worker).
 

@@ -188,6 +188,31 @@ def test_mixed_targets_compare_the_rows_the_issues_name():
     assert verdicts[f"{m.THREADED} >= 2x {m.GTHREAD}"] == ("n/a", "n/a")
 
 
+def test_a_mixed_row_that_fails_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    m = bench_mixed
+    monkeypatch.setattr(m.bench_env, "ensure_wrk", lambda install: "wrk")
+    monkeypatch.setattr(m.bench_env, "ensure_bench_venv",
+                        lambda install, reinstall: (Path("python"), {}))
+    monkeypatch.setattr(m.bench_env, "help_text", lambda python, module: "--threads")
+    monkeypatch.setattr(m.bench_env, "machine_info",
+                        lambda python, wrk: {"date": "d", "machine": "m", "cpu": "c",
+                                             "cores": "2"})
+    monkeypatch.setattr(m.signal, "signal", lambda *args: None)
+
+    def measure_row(row, scenario, round_no, *rest):
+        if row.label == m.THREADED:
+            raise m.ServerError(f"{row.label}: exited with status 1 while probing")
+        return _outcome(row.label, 1000.0, 5.0, scenario)
+
+    monkeypatch.setattr(m, "measure_row", measure_row)
+    assert m.main(["--results-dir", str(tmp_path), "--quick"]) == m.EXIT_FAILED
+    report = (tmp_path / "bench-mixed.md").read_text()
+    assert report.startswith("# forkserver head-of-line benchmark\n\n**Incomplete run (")
+    assert f"| {m.THREADED} | did not run (see mixed_forkserver_w_2_threads_4.log) |" in report
+    assert f"| {m.GTHREAD} | 1.00 | 1,000 |" in report
+    assert f"| {m.NO_HANDOFF} | not supported by this build (no --handoff-delay) |" in report
+
+
 # --- bench_memory ----------------------------------------------------------------------------
 
 def test_memory_rows_drop_an_off_setting_the_build_lacks_and_refuse_an_on_one(tmp_path,
@@ -212,6 +237,25 @@ def test_memory_rows_with_every_setting_write_them_as_toml(tmp_path, monkeypatch
     text = Path(plan[0][1].extra[1]).read_text()
     assert tomllib.loads(text) == {"preload": True, "gc_freeze": True,
                                    "refork_after": bench_memory.REFORK_AFTER}
+
+
+def _measurement(row: str, replaced: int) -> bench_memory.Measurement:
+    return bench_memory.Measurement(row, 880, 0, 8, 9, 200 << 20, 20 << 20, {}, replaced)
+
+
+def test_a_refork_row_in_which_no_worker_was_replaced_is_not_supported():
+    refork, freeze = bench_memory.ROWS[-1], bench_memory.ROWS[-2]
+    assert "refork_after" in refork.settings
+    why = bench_memory.not_wired(refork, _measurement(refork.label, 0))
+    assert why.startswith("not supported by this build") and "880 requests" in why
+    assert bench_memory.not_wired(refork, _measurement(refork.label, 7)) == ""
+    # Rows that refork nothing are never judged by it.
+    assert bench_memory.not_wired(freeze, _measurement(freeze.label, 0)) == ""
+    table = bench_memory.render_markdown(
+        [_measurement(freeze.label, 0)], {refork.label: why},
+        {"date": "d", "machine": "m", "cpu": "c", "cores": "2"}, 800, [])
+    assert f"| {refork.label} | {why} |" in table
+    assert "| preload + freeze + refork <= 0.75x gunicorn --preload | n/a | n/a |" in table
 
 
 def test_the_warm_up_visits_every_kind_of_page():
