@@ -1,7 +1,7 @@
 """Head-of-line benchmark: fast keep-alive clients beside slow ones (``make bench-mixed``).
 
-    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 3 minutes
-    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1.5 minutes
+    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 2.5 minutes
+    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1 minute
 
 The scenario of issues 12 and 13: 40 keep-alive clients (wrk -t1 -c40) ask for ``/hello`` while
 2 clients loop on ``/slow?ms=50``, an I/O-bound endpoint (``time.sleep(0.05)``), all on
