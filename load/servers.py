@@ -94,9 +94,13 @@ class ManagedServer:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def start(self, timeout: float = 30.0) -> ManagedServer:
-        env = {**os.environ, **(self.env or {})}
-        # A user's WEB_CONCURRENCY would silently change the worker count being measured.
-        env.pop("WEB_CONCURRENCY", None)
+        # A user's WEB_CONCURRENCY, FORKSERVER_* or GUNICORN_CMD_ARGS would silently change
+        # what is measured (workers, a shutdown_delay that slows every stop...): the rows
+        # say everything themselves.
+        inherited = {key: value for key, value in os.environ.items()
+                     if key not in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")
+                     and not key.startswith("FORKSERVER_")}
+        env = {**inherited, **(self.env or {})}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # Own session: a Ctrl-C in the terminal reaches the driver, which then stops the

@@ -13,7 +13,7 @@ import time
 import pytest
 import trustme
 
-from load.servers import ManagedServer, NoTls
+from load.servers import ManagedServer, NoTls, ServerError
 
 # Prints the two lines ManagedServer waits for, then serves GET with a 200 ("ok").
 STAND_IN = """
@@ -69,3 +69,18 @@ def test_a_server_that_speaks_tls_passes_the_handshake_and_the_probe(tmp_path):
     finally:
         server.stop(timeout=10)
     assert server.proc.poll() is not None
+
+
+def test_the_user_s_server_settings_do_not_reach_a_measured_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORKSERVER_SHUTDOWN_DELAY", "60")
+    monkeypatch.setenv("WEB_CONCURRENCY", "9")
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--workers 9")
+    names = ("FORKSERVER_SHUTDOWN_DELAY", "WEB_CONCURRENCY", "GUNICORN_CMD_ARGS",
+             "FORKSERVER_ROW")
+    script = f"import os; print(sorted(k for k in os.environ if k in {names!r}), flush=True)"
+    server = ManagedServer("env", [sys.executable, "-c", script], tmp_path / "env.log",
+                           workers=1, ready_pattern="never printed",
+                           env={"FORKSERVER_ROW": "1"})
+    with pytest.raises(ServerError):
+        server.start(timeout=10)  # it prints what it got and exits
+    assert server.log().splitlines()[0] == "['FORKSERVER_ROW']"
