@@ -151,7 +151,7 @@ def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard) -> wor
         hooks={name: hook for name, hook in blueprint.hooks.items() if name in WORKER_HOOKS},
         access_log=blueprint.access_log,
         tls_context=blueprint.tls_context, reload_dir=blueprint.reload_dir,
-        notify_fd=blueprint.notify_fd,
+        notify_fd=blueprint.notify_fd, handoff=None, mold_link=None,  # wired next
     )
 
 

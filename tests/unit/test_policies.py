@@ -333,7 +333,7 @@ def test_generation_moves_outside_the_table_raise():
 def test_the_usr2_handover_environment_round_trips():
     env = generations.handover_env({"PATH": "/bin"}, [3, 4], [101, 102])
     assert env["PATH"] == "/bin"
-    assert {generations.ENV_INHERIT_FDS, generations.ENV_OLD_WORKERS} == config.RESERVED_ENV
+    assert {generations.ENV_INHERIT_FDS, generations.ENV_OLD_WORKERS} <= config.RESERVED_ENV
     assert generations.take_inherited_fds(env) == [3, 4]
     assert generations.take_old_workers(env) == [101, 102]
     assert generations.take_old_workers(env) == []  # taken: no child inherits the note

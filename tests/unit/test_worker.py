@@ -84,7 +84,8 @@ def make_worker(tmp_path):
         spec = WorkerSpec(settings=settings, index=0, generation=1, listeners=list(listeners),
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
-                          access_log=None, tls_context=None, reload_dir=None, notify_fd=-1)
+                          access_log=None, tls_context=None, reload_dir=None, notify_fd=-1,
+                          handoff=None, mold_link=None)
         worker = Worker(spec)
         worker.open(app)
         harness = Harness(worker)
