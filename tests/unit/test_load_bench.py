@@ -6,6 +6,7 @@ because a yardstick that answers wrongly would make every ratio wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import tomllib
@@ -211,6 +212,43 @@ def test_a_mixed_row_that_fails_is_reported_and_the_others_still_run(tmp_path, m
     assert f"| {m.THREADED} | did not run (see mixed_forkserver_w_2_threads_4.log) |" in report
     assert f"| {m.GTHREAD} | 1.00 | 1,000 |" in report
     assert f"| {m.NO_HANDOFF} | not supported by this build (no --handoff-delay) |" in report
+
+
+def test_the_handoff_row_without_a_handoff_is_not_supported_and_metrics_are_read(tmp_path):
+    import http.server
+    import threading
+
+    m = bench_mixed
+    handoff = _outcome(m.HANDOFF, 30_000, 9.0)
+    assert m.handoff_not_wired(dataclasses.replace(handoff, handoffs=0)) \
+        .startswith("not supported by this build")
+    assert m.handoff_not_wired(dataclasses.replace(handoff, handoffs=12)) == ""
+    assert m.handoff_not_wired(handoff) == ""  # not read: nothing can be told
+    assert m.handoff_not_wired(_outcome(m.NO_HANDOFF, 30_000, 9.0)) == ""
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (b"# TYPE forkserver_handoffs_adopted_total counter\n"
+                    b"forkserver_handoffs_sent_total 9\nforkserver_handoffs_adopted_total 7\n")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert m.read_counter(port, m.HANDOFF_METRIC) == 7
+        assert m.read_counter(port, "forkserver_missing_total") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 # --- bench_memory ----------------------------------------------------------------------------
