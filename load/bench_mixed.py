@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -294,32 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.label}: {unsupported[row.label]}", flush=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    outcomes: list[Outcome] = []
-    problems: list[str] = []
-    try:
-        for round_no in range(args.rounds):
-            for scenario, rows in plan.items():
-                runnable = [r for r in rows if r.label not in unsupported]
-                shift = round_no % max(len(runnable), 1)
-                for row in runnable[shift:] + runnable[:shift]:
-                    try:
-                        outcome = measure_row(row, scenario, round_no, python, wrk, results,
-                                              gunicorn_extra, duration,
-                                              count and row.label in COUNTED)
-                    except (ServerError, RuntimeError, ValueError,
-                            subprocess.TimeoutExpired) as exc:
-                        # One broken row is reported; the others still run.
-                        problems.append(str(exc))
-                        unsupported[row.label] = f"did not run (see {_log(results, row).name})"
-                        continue
-                    if why := handoff_not_wired(outcome):
-                        unsupported[row.label] = why
-                        print(f"{row.label}: {why}", flush=True)
-                        outcomes = [o for o in outcomes if o.row != row.label]
-                        continue
-                    outcomes.append(outcome)
-    except KeyboardInterrupt:
-        problems.append("interrupted")
+
+    def measure(row: Contender, scenario: str, round_no: int) -> Outcome:
+        return measure_row(row, scenario, round_no, python, wrk, results, gunicorn_extra,
+                           duration, count and row.label in COUNTED)
+
+    outcomes, problems = run_rounds(plan, args.rounds, unsupported, measure, results)
     info = bench_env.machine_info(python, wrk)
     (results / "bench-mixed.json").write_text(json.dumps(
         {"info": info, "duration": duration, "unsupported": unsupported,
@@ -338,6 +319,40 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_mixed.py: " + "\n".join(problems), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def run_rounds(plan: dict[str, list[Contender]], rounds: int, unsupported: dict[str, str],
+               measure: Callable[[Contender, str, int], Outcome], results: Path
+               ) -> tuple[list[Outcome], list[str]]:
+    """Every runnable row of every scenario, each round in a rotated order; (outcomes, problems).
+
+    A row that fails or turns out not to do what it names joins ``unsupported`` and is not run
+    again; the other rows still run.
+    """
+    outcomes: list[Outcome] = []
+    problems: list[str] = []
+    try:
+        for round_no in range(rounds):
+            for scenario, rows in plan.items():
+                runnable = [r for r in rows if r.label not in unsupported]
+                shift = round_no % max(len(runnable), 1)
+                for row in runnable[shift:] + runnable[:shift]:
+                    try:
+                        outcome = measure(row, scenario, round_no)
+                    except (ServerError, RuntimeError, ValueError,
+                            subprocess.TimeoutExpired) as exc:
+                        problems.append(str(exc))
+                        unsupported[row.label] = f"did not run (see {_log(results, row).name})"
+                        continue
+                    if why := handoff_not_wired(outcome):
+                        unsupported[row.label] = why
+                        print(f"{row.label}: {why}", flush=True)
+                        outcomes = [o for o in outcomes if o.row != row.label]
+                        continue
+                    outcomes.append(outcome)
+    except KeyboardInterrupt:
+        problems.append("interrupted")
+    return outcomes, problems
 
 
 def _log(results: Path, row: Contender) -> Path:
