@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 # Exit codes the master understands.
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3      # the app (or a boot hook) failed to load
+# The master may sleep on WorkerSpec.notify_fd: a worker writes a byte there when it becomes
+# ready and when it asks to be replaced.
+NOTIFIES_MASTER = True
 
 RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
@@ -227,11 +230,13 @@ class Requests:
         self.slot = slot
         self.log = logs.get_logger()
         self.app: Callable | None = None
-        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips)
+        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips,
+                                            spec.settings.forwarded_headers)
         self.pre_request = spec.hooks.get("pre_request")
         self.post_request = spec.hooks.get("post_request")
         self.count = 0
         self.retiring = False  # answer every next request with Connection: close
+        self.recycling = False  # asked the master for a replacement
 
     def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
         """Run one request; return what becomes of the connection."""
@@ -273,12 +278,14 @@ class Requests:
         """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
         never dips. Until then this worker keeps serving, closing each connection after its
         next response."""
-        if self.retiring:
+        if self.recycling:
             return
+        self.recycling = True
         self.log.info("worker %d served %d requests; asking to be recycled",
                       os.getpid(), self.count)
         self.retiring = True
         self.slot.set_state(state, Reason.REQUESTS)
+        notify_master(self.spec.notify_fd)
 
     def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
                     duration: float) -> None:
@@ -418,6 +425,7 @@ class Worker:
         faulthandler.enable(file=logs.error_stream(), all_threads=True)
         _install_signals(self.pending_signals, self.wake_w)
         hooks = spec.hooks
+        inherited = set(sys.modules)  # what the app brought in is the reloader's to watch
         try:
             _drop_privileges(spec.settings.user, spec.settings.group)
             if "post_fork" in hooks:
@@ -427,9 +435,22 @@ class Worker:
                 hooks["post_worker_init"](os.getpid())
         except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
             self.log.error("worker %d failed to boot: %s", os.getpid(), error)
+            self._report_modules(inherited, error)
             return EXIT_BOOT_ERROR
+        self._report_modules(inherited)
         self.open(app)
         return None
+
+    def _report_modules(self, inherited: set[str], error: BaseException | None = None) -> None:
+        """With ``reload``: tell the master's reloader which files this app is made of (on a
+        failed load too, so fixing the broken file brings the worker back)."""
+        if self.spec.reload_dir is None:
+            return
+        from forkserver import reloader
+        try:
+            reloader.report_modules(self.spec.reload_dir, inherited, error=error)
+        except OSError as problem:
+            self.log.warning("cannot report modules for reload: %s", problem)
 
     def open(self, app: Callable) -> None:
         """Start serving ``app``: watch the wakeup pipe, accept, tell the master we are ready.
@@ -438,6 +459,7 @@ class Worker:
         self.epoll.register(self.wake_r, select.EPOLLIN)
         self.listeners.on()
         self.slot.set_state(State.IDLE)
+        notify_master(self.spec.notify_fd)
 
     def adopt(self, sock: socket.socket, remote: tuple[str, str] = ("", ""),
               base: dict[str, Any] | None = None) -> bool:
@@ -658,6 +680,16 @@ class Worker:
                 self.quick_exit = True
             elif signum == signal.SIGUSR1:
                 logs.reopen()
+            elif signum == signal.SIGWINCH:
+                self._close_after_each_response()
+
+    def _close_after_each_response(self) -> None:
+        """The master's shutdown_delay: keep serving and accepting (a load balancer still
+        sends traffic until it notices), but each response says Connection: close and idle
+        keep-alive connections go now, so clients move to the replacement quickly."""
+        self.requests.retiring = True
+        for conn in list(self.idle.values()):
+            self.close(conn)
 
     def _housekeeping(self) -> None:
         self.slot.heartbeat()
@@ -727,10 +759,10 @@ class Worker:
 def _install_signals(pending: deque[int], wake_fd: int) -> None:
     """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGHUP):
+                   signal.SIGHUP, signal.SIGWINCH):
         signal.signal(signum, lambda signum, frame: pending.append(signum))
-    # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
-    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
+    # TTIN/TTOU/USR2 are the master's.
+    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
 
@@ -743,6 +775,17 @@ def listener_environ(sock: socket.socket) -> dict[str, Any]:
     else:
         name, port = (address if isinstance(address, str) else address.decode()), ""
     return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+
+
+def notify_master(fd: int) -> None:
+    """Wake the master (one byte on its note pipe); a full pipe already wakes it."""
+    if fd >= 0:
+        try:
+            os.write(fd, b"!")
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            logs.get_logger().debug("cannot notify the master: %s", error)
 
 
 def call_hook(hook: Callable, *args: Any) -> None:

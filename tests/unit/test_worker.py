@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import signal
 import socket
 import stat
+import sys
 import threading
 import time
 import tracemalloc
@@ -77,14 +79,16 @@ def make_worker(tmp_path):
     made: list[tuple[Harness, Scoreboard]] = []
 
     def make(app: Callable = hello, listeners: tuple[socket.socket, ...] = (),
-             max_requests: int = 0, **overrides: object) -> Harness:
+             max_requests: int = 0, notify_fd: int = -1, reload_dir: str | None = None,
+             **overrides: object) -> Harness:
         settings = config.resolve({"app": "tests.apps.basic:app", **overrides}, None, {},
                                   str(tmp_path))
         board = Scoreboard(1)
         spec = WorkerSpec(settings=settings, index=0, generation=1, listeners=list(listeners),
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
-                          access_log=None, tls_context=None, reload_dir=None, notify_fd=-1)
+                          access_log=None, tls_context=None, reload_dir=reload_dir,
+                          notify_fd=notify_fd)
         worker = Worker(spec)
         worker.open(app)
         harness = Harness(worker)
@@ -416,6 +420,41 @@ def test_retiring_worker_answers_each_next_request_with_close(make_worker):
     assert closed_within(parked, 5)
 
 
+def test_sigwinch_closes_idle_connections_and_answers_with_close(make_worker):
+    h = make_worker(keepalive=30)
+    parked = h.client()
+    parked.sendall(GET % b"before")
+    assert ResponseReader(parked).read()[0] == 200
+
+    def winch() -> None:
+        h.worker.pending_signals.append(signal.SIGWINCH)
+        h.worker._handle_signals()
+
+    h.on_loop(winch)
+    assert closed_within(parked, 5)  # idle keep-alive: closed at once
+    fresh = h.client()  # still serving (and accepting), each response closes
+    fresh.sendall(GET % b"after")
+    status, headers, body = ResponseReader(fresh).read()
+    assert (status, headers.get("connection"), body) == (200, "close", b"/after")
+    assert closed_within(fresh, 5)
+    assert not h.worker.stopping
+
+
+def test_notify_fd_gets_a_byte_when_ready_and_when_asking_to_be_recycled(make_worker):
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        h = make_worker(max_requests=1, notify_fd=w)
+        assert os.read(r, 16) == b"!"  # ready
+        client = h.client()
+        client.sendall(GET % b"x")
+        assert ResponseReader(client).read()[0] == 200
+        h.on_loop(lambda: None)
+        assert os.read(r, 16) == b"!"  # recycle reason set
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_stopping_worker_gives_idle_connections_a_grace_period(make_worker):
     h = make_worker(keepalive=30)
     parked, silent = h.client(), h.client()
@@ -479,3 +518,14 @@ def test_a_client_socket_on_a_standard_fd_is_moved_above_2(make_worker):
         os.dup2(saved, 0)
         os.close(saved)
         mine.close()
+
+
+def test_with_reload_the_worker_reports_the_files_its_app_is_made_of(make_worker, tmp_path):
+    report_dir = tmp_path / "reports"
+    report_dir.mkdir()
+    h = make_worker(reload_dir=str(report_dir))
+    inherited = set(sys.modules) - {__name__}
+    h.worker._report_modules(inherited)
+    (report,) = report_dir.iterdir()
+    assert report.name.startswith(f"worker-{os.getpid()}")
+    assert __file__ in report.read_text()
