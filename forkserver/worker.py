@@ -33,6 +33,7 @@ from forkserver.http.errors import HTTPError, RequestTimeout
 from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
 from forkserver.scoreboard import Reason, Scoreboard, State
+from forkserver.threaded import Lending
 from forkserver.wsgi import ClientDisconnected, Verdict
 
 if TYPE_CHECKING:
@@ -121,13 +122,16 @@ class Connection:
         "deadline",
         "drained",
         "fd",
+        "lent",
         "parser",
         "phase",
         "registered",
         "remote",
         "request",
         "requests",
+        "running",
         "sock",
+        "view",
         "worker",
     )
 
@@ -147,6 +151,25 @@ class Connection:
         self.body_deadline = 0.0
         self.drained = 0                 # bytes discarded while lingering
         self.registered = False          # known to epoll (only once it outlives its first read)
+        self.view = worker.view          # receive()'s buffer; a pool thread brings its own
+        self.lent: tuple[Request, Any, bool] | None = None  # what a pool thread is to run
+        self.running = ""                # "METHOD target" of the request lent to a thread
+
+    def drain(self) -> bool:
+        """Lingering: read and discard what the client sends; True once that is over (the
+        client closed, or sent more than linger_bytes)."""
+        limit = self.worker.settings.linger_bytes
+        buffer = self.worker.buffer
+        while True:
+            try:
+                n = self.sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                n = 0
+            self.drained += n
+            if n == 0 or self.drained > limit:
+                return True
 
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
     def receive(self) -> bool:
@@ -160,7 +183,7 @@ class Connection:
                                   else float("inf"))
         while True:
             try:
-                n = self.sock.recv_into(worker.buffer)
+                n = self.sock.recv_into(self.view)
             except BlockingIOError:
                 left = self.body_deadline - time.monotonic()
                 if left <= 0:
@@ -173,7 +196,7 @@ class Connection:
                 return False
             if rate:
                 self.body_deadline += n / rate
-            self.parser.feed(worker.view[:n])
+            self.parser.feed(self.view[:n])
             return True
 
     def send_all(self, data: bytes) -> None:
@@ -274,6 +297,53 @@ class Requests:
             self._retire(state)
         return verdict
 
+    def lend(self, conn: Connection, request: Request, body: Any) -> None:
+        """The reactor's part of a request a pool thread will run (see ``run_lent``)."""
+        conn.body_deadline = 0.0
+        conn.requests += 1
+        settings = self.settings
+        keep_alive = (request.keep_alive and settings.keepalive > 0
+                      and conn.requests < settings.keepalive_requests
+                      and (not self.retiring or conn.parser.buffered > 0))
+        conn.lent = (request, body, keep_alive)
+        conn.running = f"{request.method} {request.target}"
+
+    def run_lent(self, conn: Connection, seat: Any) -> Verdict:
+        """In a pool thread: run the request lent with ``conn`` (as ``dispatch`` does inline),
+        recording it in the thread's own scoreboard record; return the connection's verdict."""
+        request, body, keep_alive = conn.lent
+        conn.lent = None
+        local = seat.state
+        conn.view = local.view
+        record = local.record
+        record.request_started(request.method, request.target)
+        started = time.monotonic()
+        status = bytes_sent = 0
+        try:
+            environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
+            if self.pre_request is not None:
+                call_hook(self.pre_request, environ)
+            exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
+                                   SERVER_HEADER, self._log_app_error)
+            status, bytes_sent = exchange.status_code, exchange.bytes_sent
+            if self.post_request is not None:
+                call_hook(self.post_request, environ, status)
+        finally:
+            duration = time.monotonic() - started
+            record.request_finished(status, bytes_sent, duration)
+        if self.spec.access_log is not None:
+            self._log_access(environ, request, exchange, duration)
+        if exchange.close_reason:
+            self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
+                           request.target, exchange.close_reason)
+        return exchange.verdict
+
+    def finished(self) -> None:
+        """The reactor's count of a request a thread has finished."""
+        self.count += 1
+        if self.spec.max_requests and self.count == self.spec.max_requests:
+            self._retire(State.IDLE)
+
     def _retire(self, state: State) -> None:
         """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
         never dips. Until then this worker keeps serving, closing each connection after its
@@ -304,7 +374,9 @@ class Listeners:
 
     def __init__(self, worker: Worker, socks: list[socket.socket]) -> None:
         self.worker = worker
-        self.listeners = {sock.fileno(): (sock, listener_environ(sock)) for sock in socks}
+        multithread = worker.settings.threads > 1
+        self.listeners = {sock.fileno(): (sock, listener_environ(sock, multithread))
+                          for sock in socks}
         self.accepting = False
 
     def __contains__(self, fd: int) -> bool:
@@ -321,6 +393,9 @@ class Listeners:
             sock.close()
 
     def on(self) -> None:
+        lending = self.worker.lending
+        if lending is not None and not lending.has_free_thread:
+            return  # accept only with a free thread; the next give-back resumes
         if not self.accepting and not self.worker.stopping:
             for fd in self.listeners:
                 # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
@@ -386,13 +461,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.settings = settings = spec.settings
-        self.limits = Limits(
-            max_line=settings.limit_request_line,
-            max_fields=settings.limit_request_fields,
-            max_field_size=settings.limit_request_field_size,
-            max_body=settings.limit_request_body,
-            max_head=settings.limit_request_head,
-        )
+        self.limits = request_limits(settings)
         self.log = logs.get_logger()
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
@@ -400,6 +469,7 @@ class Worker:
         self.idle: dict[int, Connection] = {}  # IDLE connections, longest-idle first
         self.epoll = select.epoll()
         self.stopping = False          # graceful: finish what was received, then exit
+        self.closing_idle = False      # SIGWINCH: no connection may stay idle
         self.stop_deadline = 0.0
         self.quick_exit = False
         self.pending_signals: deque[int] = deque()
@@ -407,56 +477,28 @@ class Worker:
         self.slot = spec.scoreboard.writer(spec.index)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.requests = Requests(spec, self.slot)
+        self.lending: Lending | None = None  # the thread pool, with threads > 1
         self.listeners = Listeners(self, spec.listeners)
 
     # -- setup ------------------------------------------------------------------------------
     def boot(self) -> int | None:
         """Become a worker process and load the app; returns an exit code if it cannot serve."""
-        spec = self.spec
-        guard_std_fds()
         self.slot.set_pid(os.getpid())
-        try:
-            import setproctitle
-            setproctitle.setproctitle(spec.title)
-        except ImportError:  # pragma: no cover - it is a declared dependency
-            pass
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
-        # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
-        faulthandler.enable(file=logs.error_stream(), all_threads=True)
+        _become_worker_process(self.spec.title)
         _install_signals(self.pending_signals, self.wake_w)
-        hooks = spec.hooks
-        inherited = set(sys.modules)  # what the app brought in is the reloader's to watch
-        try:
-            _drop_privileges(spec.settings.user, spec.settings.group)
-            if "post_fork" in hooks:
-                hooks["post_fork"](os.getpid())
-            app = spec.load_app()
-            if "post_worker_init" in hooks:
-                hooks["post_worker_init"](os.getpid())
-        except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
-            self.log.error("worker %d failed to boot: %s", os.getpid(), error)
-            self._report_modules(inherited, error)
+        app = load_app(self.spec)
+        if app is None:
             return EXIT_BOOT_ERROR
-        self._report_modules(inherited)
         self.open(app)
         return None
-
-    def _report_modules(self, inherited: set[str], error: BaseException | None = None) -> None:
-        """With ``reload``: tell the master's reloader which files this app is made of (on a
-        failed load too, so fixing the broken file brings the worker back)."""
-        if self.spec.reload_dir is None:
-            return
-        from forkserver import reloader
-        try:
-            reloader.report_modules(self.spec.reload_dir, inherited, error=error)
-        except OSError as problem:
-            self.log.warning("cannot report modules for reload: %s", problem)
 
     def open(self, app: Callable) -> None:
         """Start serving ``app``: watch the wakeup pipe, accept, tell the master we are ready.
         (Process-wide setup is ``boot``'s; tests drive a worker from here on.)"""
         self.requests.app = app
         self.epoll.register(self.wake_r, select.EPOLLIN)
+        if self.settings.threads > 1:
+            self.lending = Lending(self, self.settings.threads, RECV_SIZE)
         self.listeners.on()
         self.slot.set_state(State.IDLE)
         notify_master(self.spec.notify_fd)
@@ -467,7 +509,8 @@ class Worker:
         if sock.fileno() <= 2:
             sock = _move_above_std_fds(sock)
         sock.setblocking(False)
-        conn = Connection(self, sock, remote, base or listener_environ(sock))
+        conn = Connection(self, sock, remote,
+                          base or listener_environ(sock, self.settings.threads > 1))
         self.conns[conn.fd] = conn
         self._arm(conn)
         # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
@@ -587,23 +630,13 @@ class Worker:
         conn.drained = 0
         self._go(conn, LINGER)
 
-    def _drain(self, conn: Connection) -> None:
-        limit = self.settings.linger_bytes
-        while True:
-            try:
-                n = conn.sock.recv_into(self.buffer)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
-            conn.drained += n
-            if n == 0 or conn.drained > limit:
-                self.close(conn)
-                return
-
     def _readable(self, conn: Connection) -> None:
         if conn.phase is LINGER:
-            self._drain(conn)
+            if conn.drain():
+                self.close(conn)
+            return
+        if conn.phase is BUSY:  # lent to a pool thread, which alone reads it now
+            self.lending.mute(conn)
             return
         try:
             n = conn.sock.recv_into(self.buffer)
@@ -647,6 +680,9 @@ class Worker:
                         del self.idle[conn.fd]
                     conn.phase = BUSY  # BUSY follows every phase but LINGER (see _NEXT)
                     conn.deadline = _NEVER
+                if self.lending is not None:
+                    self.lending.lend(conn, request, body)
+                    return
                 verdict = self.requests.dispatch(conn, request, body)
                 if verdict is not KEEP:
                     self._end(conn, verdict)
@@ -655,8 +691,19 @@ class Worker:
         except HTTPError as error:
             self._fail(conn, error)
 
+    def given_back(self, conn: Connection, verdict: Verdict) -> None:
+        """A pool thread has finished with ``conn``: carry out its verdict, then serve what
+        the client pipelined meanwhile."""
+        if verdict is KEEP and self.closing_idle and not conn.parser.buffered:
+            verdict = CLOSE  # after SIGWINCH an idle keep-alive connection is closed at once
+        if verdict is not KEEP:
+            self._end(conn, verdict)
+            return
+        conn.parser.start_next()
+        self._process(conn)
+
     # -- lifecycle --------------------------------------------------------------------------
-    def _begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
+    def begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
         if self.stopping:
             return
         self.stopping = self.requests.retiring = True
@@ -675,21 +722,18 @@ class Worker:
         while self.pending_signals:
             signum = self.pending_signals.popleft()
             if signum == signal.SIGTERM:
-                self._begin_stop()
+                self.begin_stop()
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.quick_exit = True
             elif signum == signal.SIGUSR1:
                 logs.reopen()
             elif signum == signal.SIGWINCH:
-                self._close_after_each_response()
-
-    def _close_after_each_response(self) -> None:
-        """The master's shutdown_delay: keep serving and accepting (a load balancer still
-        sends traffic until it notices), but each response says Connection: close and idle
-        keep-alive connections go now, so clients move to the replacement quickly."""
-        self.requests.retiring = True
-        for conn in list(self.idle.values()):
-            self.close(conn)
+                # The master's shutdown_delay: serve and accept on (a load balancer sends
+                # traffic until it notices), but close after each response and close idle
+                # keep-alive connections now, so clients move on quickly.
+                self.requests.retiring = self.closing_idle = True
+                for conn in list(self.idle.values()):
+                    self.close(conn)
 
     def _housekeeping(self) -> None:
         self.slot.heartbeat()
@@ -697,8 +741,10 @@ class Worker:
         if os.getppid() != self.spec.master_pid and not self.stopping:
             # Nobody supervises us any more: finish what clients already sent, then go.
             self.log.warning("worker %d: master is gone; exiting", os.getpid())
-            self._begin_stop()
+            self.begin_stop()
         self.slot.set_connections(len(self.conns))
+        if self.lending is not None:
+            self.lending.check_stuck(time.monotonic())
         if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
             self.listeners.on()  # resume after an accept failure paused us
@@ -708,6 +754,8 @@ class Worker:
         if code is not None:
             return code
         code = self._loop()
+        if self.lending is not None:
+            self.lending.finish()
         hook = self.spec.hooks.get("worker_exit")
         if hook is not None:
             call_hook(hook, os.getpid())
@@ -730,6 +778,8 @@ class Worker:
             elif fd in self.listeners:
                 if not self.stopping:
                     self.listeners.accept(fd)
+            elif self.lending is not None and fd == self.lending.fd:
+                self.lending.collect()
             elif fd == self.wake_r:
                 try:
                     os.read(fd, 512)
@@ -756,6 +806,56 @@ class Worker:
                 return EXIT_OK
 
 
+def _become_worker_process(title: str) -> None:
+    guard_std_fds()
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover - it is a declared dependency
+        pass
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
+    # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
+    faulthandler.enable(file=logs.error_stream(), all_threads=True)
+
+
+def request_limits(settings: Settings) -> Limits:
+    return Limits(max_line=settings.limit_request_line, max_fields=settings.limit_request_fields,
+                  max_field_size=settings.limit_request_field_size,
+                  max_body=settings.limit_request_body, max_head=settings.limit_request_head)
+
+
+def load_app(spec: WorkerSpec) -> Callable | None:
+    """Run the boot hooks and import the app; None (logged) if that fails."""
+    hooks = spec.hooks
+    inherited = set(sys.modules)  # what the app brought in is the reloader's to watch
+    try:
+        _drop_privileges(spec.settings.user, spec.settings.group)
+        if "post_fork" in hooks:
+            hooks["post_fork"](os.getpid())
+        app = spec.load_app()
+        if "post_worker_init" in hooks:
+            hooks["post_worker_init"](os.getpid())
+    except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
+        logs.get_logger().error("worker %d failed to boot: %s", os.getpid(), error)
+        report_modules(spec, inherited, error)
+        return None
+    report_modules(spec, inherited)
+    return app
+
+
+def report_modules(spec: WorkerSpec, inherited: set[str],
+                   error: BaseException | None = None) -> None:
+    """With ``reload``: tell the master's reloader which files this app is made of (on a
+    failed load too, so fixing the broken file brings the worker back)."""
+    if spec.reload_dir is None:
+        return
+    from forkserver import reloader
+    try:
+        reloader.report_modules(spec.reload_dir, inherited, error=error)
+    except OSError as problem:
+        logs.get_logger().warning("cannot report modules for reload: %s", problem)
+
+
 def _install_signals(pending: deque[int], wake_fd: int) -> None:
     """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
@@ -767,14 +867,16 @@ def _install_signals(pending: deque[int], wake_fd: int) -> None:
     signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
 
 
-def listener_environ(sock: socket.socket) -> dict[str, Any]:
+def listener_environ(sock: socket.socket, multithread: bool = False) -> dict[str, Any]:
     """The constant part of the environ for connections on ``sock``."""
     address = sock.getsockname()
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         name, port = str(address[0]), str(address[1])
     else:
         name, port = (address if isinstance(address, str) else address.decode()), ""
-    return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+    base = wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+    base["wsgi.multithread"] = multithread
+    return base
 
 
 def notify_master(fd: int) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import pytest
 
-from forkserver import config, logs
+from forkserver import config, logs, worker
 from forkserver.scoreboard import Scoreboard
 from forkserver.worker import Worker, WorkerSpec
 from tests.conftest import ResponseReader, read_until_closed
@@ -38,14 +38,18 @@ def hello(environ, start_response):
 class Harness:
     """One worker whose loop runs in a thread; everything it does happens on that thread."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, app: Callable) -> None:
         self.worker = worker
         self.calls: queue.Queue[Callable[[], None]] = queue.Queue()
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        opened = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(app, opened), daemon=True)
         self.thread.start()
+        assert opened.wait(10), "the worker did not open"
 
-    def _run(self) -> None:
+    def _run(self, app: Callable, opened: threading.Event) -> None:
+        self.worker.open(app)  # on the loop's thread: the reactor owns its thread pool
+        opened.set()
         while not self.stop.is_set():
             while not self.calls.empty():
                 self.calls.get()()
@@ -67,6 +71,11 @@ class Harness:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(10)
+        lending = self.worker.lending
+        if lending is not None:
+            lending.pool.stop(timeout=5)
+            self.worker.epoll.unregister(lending.fd)
+            lending.pool.close()
         for conn in list(self.worker.conns.values()):
             conn.sock.close()
         self.worker.epoll.close()
@@ -89,9 +98,7 @@ def make_worker(tmp_path):
                           title="test worker", max_requests=max_requests, hooks={},
                           access_log=None, tls_context=None, reload_dir=reload_dir,
                           notify_fd=notify_fd)
-        worker = Worker(spec)
-        worker.open(app)
-        harness = Harness(worker)
+        harness = Harness(Worker(spec), app)
         made.append((harness, board))
         return harness
 
@@ -462,7 +469,7 @@ def test_stopping_worker_gives_idle_connections_a_grace_period(make_worker):
     for client in (parked, silent):
         client.sendall(GET % b"before")
         assert ResponseReader(client).read()[0] == 200
-    h.on_loop(h.worker._begin_stop)
+    h.on_loop(h.worker.begin_stop)
     time.sleep(0.3)  # a client reusing its connection right after the worker began to stop
     parked.sendall(GET % b"after")
     status, headers, body = reader.read()
@@ -525,7 +532,153 @@ def test_with_reload_the_worker_reports_the_files_its_app_is_made_of(make_worker
     report_dir.mkdir()
     h = make_worker(reload_dir=str(report_dir))
     inherited = set(sys.modules) - {__name__}
-    h.worker._report_modules(inherited)
+    worker.report_modules(h.worker.spec, inherited)
     (report,) = report_dir.iterdir()
     assert report.name.startswith(f"worker-{os.getpid()}")
     assert __file__ in report.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: threads; the reactor lends complete requests to a pool and takes connections back
+
+
+def gated(gate: threading.Event, started: queue.Queue) -> Callable:
+    """An app whose /wait requests block until ``gate`` is set (each reports its start)."""
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/wait":
+            started.put(threading.current_thread().name)
+            gate.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode(), b" ", threading.current_thread().name.encode()]
+    return app
+
+
+def test_threads_answer_pipelined_requests_in_order(make_worker):
+    def app(environ, start_response):
+        time.sleep(0.05 if environ["PATH_INFO"] == "/1" else 0)  # the first is the slowest
+        start_response("200 OK", [])
+        return [environ["PATH_INFO"].encode()]
+    h = make_worker(app, threads=4)
+    client = h.client()
+    client.sendall(b"".join(GET % str(n).encode() for n in range(1, 6)))
+    reader = ResponseReader(client)
+    assert [reader.read()[2] for _ in range(5)] == [b"/%d" % n for n in range(1, 6)]
+
+
+def test_a_slow_request_in_one_thread_does_not_hold_the_others(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=4, keepalive=30)
+    slow = h.client()
+    slow.sendall(GET % b"wait")
+    busy_thread = started.get(timeout=5)
+    fast = h.client()
+    reader = ResponseReader(fast)
+    for _ in range(20):  # keep-alive: each request is lent and given back in turn
+        fast.sendall(GET % b"fast")
+        status, _, body = reader.read()
+        assert status == 200 and body.startswith(b"/fast w0.t")
+        assert not body.endswith(busy_thread.encode())
+    time.sleep(0.1)
+    phases = []
+    h.on_loop(lambda: phases.extend(sorted(c.phase.name for c in h.worker.conns.values())))
+    assert phases == ["BUSY", "IDLE"]  # the fast connection waits in epoll, not in a thread
+    gate.set()
+    status, _, body = ResponseReader(slow).read()
+    assert (status, body) == (200, f"/wait {busy_thread}".encode())
+
+
+def test_environ_says_multithread_only_with_threads(make_worker):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [repr(environ["wsgi.multithread"]).encode()]
+    for threads, expected in ((1, b"False"), (3, b"True")):
+        client = make_worker(app, threads=threads).client()
+        client.sendall(GET % b"")
+        assert ResponseReader(client).read()[2] == expected
+
+
+def test_a_job_that_raises_closes_its_connection_and_the_thread_lives_on(make_worker, caplog):
+    h = make_worker(threads=2)
+
+    def broken(conn, seat):
+        raise RuntimeError("job broke")
+    h.worker.requests.run_lent = broken
+    client = h.client()
+    client.sendall(GET % b"x")
+    assert closed_within(client, 5)
+    assert "job broke" in caplog.text or "raised" in caplog.text
+    del h.worker.requests.run_lent  # back to the real job: the same threads serve on
+    for _ in range(4):
+        client = h.client()
+        client.sendall(GET % b"y")
+        assert ResponseReader(client).read()[0] == 200
+
+
+def test_a_client_gone_while_its_request_runs_is_closed_without_a_spin(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=2)
+    client = h.client()
+    client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    client.close()  # hang up while the app runs: the reactor hears it and mutes the socket
+    time.sleep(0.2)
+    turns = []
+    h.on_loop(lambda: turns.append(h.worker.conns and
+                                   next(iter(h.worker.conns.values())).registered))
+    assert turns == [False]  # out of epoll while lent, so the hang-up is not reported again
+    gate.set()
+    deadline = time.monotonic() + 5
+    while h.worker.conns and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not h.worker.conns
+    other = h.client()
+    other.sendall(GET % b"after")
+    assert ResponseReader(other).read()[0] == 200
+
+
+def test_accepting_pauses_while_every_thread_is_busy(make_worker, listener):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), listeners=(listener,), threads=2)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    for client in clients:
+        client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    started.get(timeout=5)
+    states = []
+    h.on_loop(lambda: states.append(h.worker.listeners.accepting))
+    assert states == [False]
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=5)  # in the backlog
+    waiting.sendall(GET % b"later")
+    time.sleep(0.2)
+    assert len(h.worker.conns) == 2
+    gate.set()
+    assert ResponseReader(waiting).read()[2].startswith(b"/later")  # accepting resumed
+    deadline = time.monotonic() + 5
+    while not states[-1] and time.monotonic() < deadline:  # until every give-back is taken
+        time.sleep(0.02)
+        h.on_loop(lambda: states.append(h.worker.listeners.accepting))
+    assert states[-1] is True
+    for client in [*clients, waiting]:
+        client.close()
+
+
+def test_threads_report_to_their_own_scoreboard_records(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=3)
+    board = h.worker.spec.scoreboard
+    client = h.client()
+    client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    view = board.read(0)
+    assert view.busy_threads == 1 and view.state.name == "BUSY"
+    assert view.request_line == "GET /wait"
+    gate.set()
+    assert ResponseReader(client).read()[0] == 200
+    for _ in range(2):
+        client.sendall(GET % b"x")
+        ResponseReader(client).read()
+    h.on_loop(lambda: None)
+    view = board.read(0)
+    assert view.busy_threads == 0 and view.requests == 3
+    assert h.worker.requests.count == 3
