@@ -119,6 +119,11 @@ class Lending:
                 self.worker.begin_stop(Reason.TIMEOUT)
                 return
 
+    def only_stuck_left(self) -> bool:
+        """Stopping after a stuck request: whether every other connection is done."""
+        return self.stuck is not None and len(self.worker.conns) == 1 and \
+            self.stuck.conn.fd in self.worker.conns
+
     def finish(self) -> None:
         """At exit: after a stuck request, log each thread and its stack."""
         if self.stuck is None and not self.pool.held():

@@ -802,7 +802,8 @@ class Worker:
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             if self.quick_exit:
                 return EXIT_OK
-            if self.stopping and (not self.conns or now >= self.stop_deadline):
+            if self.stopping and (not self.conns or now >= self.stop_deadline or (
+                    self.lending is not None and self.lending.only_stuck_left())):
                 return EXIT_OK
 
 
