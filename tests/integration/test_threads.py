@@ -8,6 +8,7 @@ one's own multi-second duration, never against a tight bound.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -18,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import ResponseReader
+from tests.conformance import test_conformance as _conformance
+from tests.conftest import ResponseReader, Server
+from tests.corpus.http_verdicts import SERVER_ARGS
 
 APP = "tests.apps.threads_app:app"
 
@@ -130,8 +133,30 @@ def test_pipelined_requests_stay_in_order_with_threads(server_factory):
     assert all(status == 200 for status, _, _ in threads)
 
 
-@pytest.mark.xfail(strict=True, reason="the master aborts at `timeout` without the grace a "
-                   "threaded worker gives its other threads (supervision.timeouts, master2)")
+def master_gives_threads_their_grace() -> bool:
+    """Whether the master's timeout policy waits graceful_timeout past `timeout` for a threaded
+    worker (which begins draining its other threads itself at `timeout`)."""
+    from types import SimpleNamespace
+
+    from forkserver.scoreboard import Scoreboard, State
+    from forkserver.supervision import timeouts
+    board = Scoreboard(1)
+    try:
+        board.claim(0, os.getpid(), 1)
+        slot = board.writer(0)
+        slot.set_state(State.IDLE)
+        slot.thread_writers(2)[0].request_started("GET", "/stuck")
+        view = board.read(0)
+        settings = SimpleNamespace(timeout=2.0, graceful_timeout=8.0)
+        now = view.request_start + 3.0
+        return not timeouts(view, settings, now, quiet_until=now + 60).actions  # (no silence)
+    finally:
+        board.close()
+
+
+@pytest.mark.skipif(not master_gives_threads_their_grace(),
+                    reason="the master aborts at `timeout` without the graceful_timeout a "
+                    "threaded worker gives its other threads (supervision.timeouts, master2)")
 def test_a_stuck_request_costs_only_itself(server_factory):
     server = server_factory(APP, "--threads", "4", "--timeout", "2",
                             "--graceful-timeout", "8", workers=1)
@@ -166,3 +191,25 @@ def test_threads_survive_a_burst_of_concurrent_clients(server_factory):
     with ThreadPoolExecutor(16) as pool:
         names = set().union(*pool.map(client, range(16)))
     assert names and all(re.fullmatch(r"w\d\.t[0-3]", name) for name in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP verdict corpus once more, against 2 workers with 4 threads each: the conformance
+# suite's tests collected here run with this module's `conformance_server`.
+
+@pytest.fixture(scope="module")
+def conformance_server(tmp_path_factory):
+    records_dir = tmp_path_factory.mktemp("conformance-records")
+    server = Server(tmp_path_factory.mktemp("conformance"), "tests.apps.conformance_app:app",
+                    *SERVER_ARGS, "--threads", "4", env={"CONFORMANCE_DIR": str(records_dir)})
+    server.start()
+    server.records_dir = records_dir
+    server.first_workers = sorted(server.worker_pids())
+    yield server
+    server.stop()
+
+
+test_verdict_corpus_with_threads = _conformance.test_case
+test_verdict_corpus_split_with_threads = _conformance.test_case_split
+test_no_smuggled_request_reached_the_threaded_app = \
+    _conformance.test_no_smuggled_request_ever_reached_the_app
