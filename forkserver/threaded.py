@@ -96,10 +96,22 @@ class Lending:
             if not conn.registered:
                 worker.epoll.register(conn.fd, select.EPOLLIN)
                 conn.registered = True
-            worker.given_back(conn, verdict)
+            self._given_back(conn, verdict)
         if not worker.listeners.accepting and \
                 len(worker.conns) < worker.settings.worker_connections:
             worker.listeners.on()  # (on() itself checks for a free thread and for stopping)
+
+    def _given_back(self, conn: Connection, verdict: Verdict) -> None:
+        """Carry out the verdict of a thread's request, then serve what the client pipelined
+        meanwhile (the same steps as the inline path in ``Worker._process``)."""
+        worker = self.worker
+        if verdict is Verdict.KEEP and worker.closing_idle and not conn.parser.buffered:
+            verdict = Verdict.CLOSE  # after SIGWINCH no connection is left idle
+        if verdict is not Verdict.KEEP:
+            worker._end(conn, verdict)
+            return
+        conn.parser.start_next()
+        worker._process(conn)
 
     def check_stuck(self, now: float) -> None:
         """A request over ``timeout``: stop accepting and offering keep-alive, give the other

@@ -11,7 +11,6 @@ the loop sleeps until the nearest one (rule 7 of style.md).
 
 from __future__ import annotations
 
-import enum
 import errno
 import faulthandler
 import fcntl
@@ -28,10 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forkserver import logs, wsgi
+from forkserver import logs, tls, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
 from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
+from forkserver.phases import NEXT, Phase, check_move
+from forkserver.preamble import Preamble
 from forkserver.scoreboard import Reason, Scoreboard, State
 from forkserver.threaded import Lending
 from forkserver.wsgi import ClientDisconnected, Verdict
@@ -52,6 +53,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 STOP_IDLE_GRACE = 2.0      # a stopping worker's idle keep-alive connections get this long
 SERVER_HEADER = b"forkserver"
 _NEVER = float("inf")
+WOULD_BLOCK = tls.WOULD_BLOCK  # BlockingIOError, or an SSLSocket's want-read/want-write
 
 # accept() errors that concern only the connection being accepted (see accept(2), Linux).
 _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
@@ -61,27 +63,9 @@ _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 _CLIENT_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN})
 
 
-class Phase(enum.IntEnum):
-    """Where a connection is; each phase but BUSY has a deadline of its own. (An IntEnum, so
-    the transition check hashes in C: a plain Enum's __hash__ is Python code.)"""
-
-    HEAD = 0    # reading a request head (header_timeout)
-    BODY = 1    # reading a small body before the app runs (header_timeout)
-    BUSY = 2    # the app runs; its reads and writes block under their own timeouts
-    IDLE = 3    # keep-alive, between requests (keepalive)
-    LINGER = 4  # answered and shut for writing; draining the client (linger_timeout)
-
-
-# Every legal move, by the phase it starts from; any other raises.
-_NEXT: tuple[frozenset[Phase], ...] = (
-    frozenset({Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),              # HEAD
-    frozenset({Phase.BUSY, Phase.LINGER}),                                      # BODY
-    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),  # BUSY
-    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER}),              # IDLE
-    frozenset(),                                                                # LINGER
-)
 # Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
 HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER
+PROXY, HANDSHAKE = Phase.PROXY, Phase.HANDSHAKE
 KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
 EMPTY_INPUT = wsgi.EMPTY_INPUT
 
@@ -122,15 +106,18 @@ class Connection:
         "deadline",
         "drained",
         "fd",
+        "handshake",
         "lent",
         "parser",
         "phase",
+        "proxy",
         "registered",
         "remote",
         "request",
         "requests",
         "running",
         "sock",
+        "tls",
         "view",
         "worker",
     )
@@ -154,6 +141,9 @@ class Connection:
         self.view = worker.view          # receive()'s buffer; a pool thread brings its own
         self.lent: tuple[Request, Any, bool] | None = None  # what a pool thread is to run
         self.running = ""                # "METHOD target" of the request lent to a thread
+        self.proxy: Any = None           # the PROXY header reader, while in PROXY
+        self.handshake: Any = None       # the TLS handshake, while in HANDSHAKE
+        self.tls = False                 # sock is an SSLSocket: no sendfile
 
     def drain(self) -> bool:
         """Lingering: read and discard what the client sends; True once that is over (the
@@ -163,7 +153,7 @@ class Connection:
         while True:
             try:
                 n = self.sock.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 return False
             except OSError:
                 n = 0
@@ -184,11 +174,12 @@ class Connection:
         while True:
             try:
                 n = self.sock.recv_into(self.view)
-            except BlockingIOError:
+            except WOULD_BLOCK as blocked:
                 left = self.body_deadline - time.monotonic()
                 if left <= 0:
                     raise RequestTimeout("request body arrives too slowly") from None
-                self._wait(select.POLLIN, "send the request body", left)
+                self._wait(select.POLLOUT if isinstance(blocked, ssl.SSLWantWriteError)
+                           else select.POLLIN, "send the request body", left)
                 continue
             except OSError as error:
                 raise ClientDisconnected(f"receiving: {error}") from None
@@ -201,26 +192,33 @@ class Connection:
 
     def send_all(self, data: bytes) -> None:
         sock = self.sock
+        events = select.POLLOUT
         try:
             sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
+        except WOULD_BLOCK as blocked:
+            sent, events = 0, _wait_for(blocked)
         except OSError as error:
             raise ClientDisconnected(f"sending: {error}") from None
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
         while view:
-            self._wait(select.POLLOUT, "read the response")
+            self._wait(events, "read the response")
             try:
                 sent = sock.send(view)
-            except BlockingIOError:
+            except WOULD_BLOCK as blocked:
+                events = _wait_for(blocked)
                 continue
             except OSError as error:
                 raise ClientDisconnected(f"sending: {error}") from None
             view = view[sent:]
 
     def send_file(self, fd: int, offset: int, count: int) -> int:
+        if self.tls:  # the kernel cannot encrypt: read and send through the SSLSocket
+            data = tls.read_file_chunk(fd, offset, count)
+            if data:
+                self.send_all(data)
+            return len(data)
         while True:
             try:
                 return os.sendfile(self.fd, fd, offset, count)
@@ -479,6 +477,7 @@ class Worker:
         self.requests = Requests(spec, self.slot)
         self.lending: Lending | None = None  # the thread pool, with threads > 1
         self.listeners = Listeners(self, spec.listeners)
+        self.preamble = Preamble.for_worker(self)  # PROXY header, TLS; None: HTTP at once
 
     # -- setup ------------------------------------------------------------------------------
     def boot(self) -> int | None:
@@ -513,6 +512,9 @@ class Worker:
                           base or listener_environ(sock, self.settings.threads > 1))
         self.conns[conn.fd] = conn
         self._arm(conn)
+        if self.preamble is not None:
+            self.preamble.begin(conn)
+            return self.conns.get(conn.fd) is conn
         # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
         # and involve epoll only if the connection stays open.
         self._readable(conn)
@@ -526,8 +528,8 @@ class Worker:
     def _go(self, conn: Connection, phase: Phase) -> None:
         """Move ``conn`` to ``phase`` (an unlisted move raises) and start its deadline."""
         old = conn.phase
-        if phase not in _NEXT[old]:
-            raise RuntimeError(f"connection cannot go from {old.name} to {phase.name}")
+        if phase not in NEXT[old]:
+            check_move(old, phase)
         if old is IDLE:
             del self.idle[conn.fd]
         conn.phase = phase
@@ -606,16 +608,16 @@ class Worker:
         except OSError:
             self.close(conn)
             return
-        self._linger(conn)
+        self.linger(conn)
 
     def _end(self, conn: Connection, verdict: Verdict) -> None:
         """Carry out an exchange's verdict other than KEEP."""
         if verdict is ABORT or (verdict is CLOSE and not conn.parser.buffered):
             self.close(conn)
         else:
-            self._linger(conn)
+            self.linger(conn)
 
-    def _linger(self, conn: Connection) -> None:
+    def linger(self, conn: Connection) -> None:
         """Shut down our side, then read and discard what the client still sends, for up to
         linger_timeout and linger_bytes: closing with unread input would make the kernel send
         a reset, which can destroy the response still in flight (nginx's lingering close)."""
@@ -631,16 +633,19 @@ class Worker:
         self._go(conn, LINGER)
 
     def _readable(self, conn: Connection) -> None:
-        if conn.phase is LINGER:
-            if conn.drain():
-                self.close(conn)
-            return
-        if conn.phase is BUSY:  # lent to a pool thread, which alone reads it now
-            self.lending.mute(conn)
+        phase = conn.phase
+        if phase is not IDLE and phase is not HEAD and phase is not BODY:
+            if phase is LINGER:
+                if conn.drain():
+                    self.close(conn)
+            elif phase is BUSY:  # lent to a pool thread, which alone reads it now
+                self.lending.mute(conn)
+            else:
+                self.preamble.advance(conn)
             return
         try:
             n = conn.sock.recv_into(self.buffer)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError:
             self.close(conn)
@@ -678,7 +683,7 @@ class Worker:
                 if conn.phase is not BUSY:  # (the one hot move, inlined from _go)
                     if conn.phase is IDLE:
                         del self.idle[conn.fd]
-                    conn.phase = BUSY  # BUSY follows every phase but LINGER (see _NEXT)
+                    conn.phase = BUSY  # legal from every phase _process runs in (phases.NEXT)
                     conn.deadline = _NEVER
                 if self.lending is not None:
                     self.lending.lend(conn, request, body)
@@ -690,17 +695,6 @@ class Worker:
                 parser.start_next()
         except HTTPError as error:
             self._fail(conn, error)
-
-    def given_back(self, conn: Connection, verdict: Verdict) -> None:
-        """A pool thread has finished with ``conn``: carry out its verdict, then serve what
-        the client pipelined meanwhile."""
-        if verdict is KEEP and self.closing_idle and not conn.parser.buffered:
-            verdict = CLOSE  # after SIGWINCH an idle keep-alive connection is closed at once
-        if verdict is not KEEP:
-            self._end(conn, verdict)
-            return
-        conn.parser.start_next()
-        self._process(conn)
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
@@ -878,6 +872,11 @@ def listener_environ(sock: socket.socket, multithread: bool = False) -> dict[str
     base = wsgi.base_environ(name, port, errors=logs.ErrorsStream())
     base["wsgi.multithread"] = multithread
     return base
+
+
+def _wait_for(blocked: BaseException) -> int:
+    """The poll event a WOULD_BLOCK send waits for (a TLS send may need to read first)."""
+    return select.POLLIN if isinstance(blocked, ssl.SSLWantReadError) else select.POLLOUT
 
 
 def notify_master(fd: int) -> None:
