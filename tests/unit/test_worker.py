@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 
-from forkserver import config, logs, worker
+from forkserver import config, logs, tls, worker
 from forkserver.scoreboard import Scoreboard
 from forkserver.worker import Worker, WorkerSpec
 from tests.conftest import ResponseReader, read_until_closed
@@ -89,14 +90,14 @@ def make_worker(tmp_path):
 
     def make(app: Callable = hello, listeners: tuple[socket.socket, ...] = (),
              max_requests: int = 0, notify_fd: int = -1, reload_dir: str | None = None,
-             **overrides: object) -> Harness:
+             tls_context: ssl.SSLContext | None = None, **overrides: object) -> Harness:
         settings = config.resolve({"app": "tests.apps.basic:app", **overrides}, None, {},
                                   str(tmp_path))
         board = Scoreboard(1)
         spec = WorkerSpec(settings=settings, index=0, generation=1, listeners=list(listeners),
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
-                          access_log=None, tls_context=None, reload_dir=reload_dir,
+                          access_log=None, tls_context=tls_context, reload_dir=reload_dir,
                           notify_fd=notify_fd)
         harness = Harness(Worker(spec), app)
         made.append((harness, board))
@@ -682,3 +683,107 @@ def test_threads_report_to_their_own_scoreboard_records(make_worker):
     view = board.read(0)
     assert view.busy_threads == 0 and view.requests == 3
     assert h.worker.requests.count == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: TLS and the PROXY protocol before HTTP, in the reactor
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA (trustme), the server's certificate for 127.0.0.1 and localhost, and its files."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("tls")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    return ca, directory
+
+
+def server_tls(certificates) -> ssl.SSLContext:
+    _, directory = certificates
+    settings = config.resolve({"app": "tests.apps.basic:app",
+                               "certfile": str(directory / "server.pem")}, None, {}, "/")
+    return tls.server_context(settings)
+
+
+def tls_client(h: Harness, certificates, timeout: float = 5.0) -> ssl.SSLSocket:
+    ca, _ = certificates
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    sock = h.client(timeout)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def test_tls_keep_alive_and_pipelining_through_the_reactor(make_worker, certificates):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [f"{environ['wsgi.url_scheme']} {environ['HTTPS']} "
+                f"{environ['SSL_PROTOCOL']} {environ['PATH_INFO']}".encode()]
+    h = make_worker(app, tls_context=server_tls(certificates))
+    client = tls_client(h, certificates)
+    reader = ResponseReader(client)
+    client.sendall(GET % b"one")
+    assert reader.read()[2].split()[:2] == [b"https", b"on"]
+    client.sendall(GET % b"two" + GET % b"three")
+    assert [reader.read()[2].split()[-1] for _ in range(2)] == [b"/two", b"/three"]
+
+
+def test_tls_with_threads_and_a_file_body(make_worker, certificates, tmp_path):
+    data = os.urandom(300_000)
+    (tmp_path / "blob").write_bytes(data)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return environ["wsgi.file_wrapper"](open(tmp_path / "blob", "rb"))
+    h = make_worker(app, tls_context=server_tls(certificates), threads=2)
+    client = tls_client(h, certificates)
+    reader = ResponseReader(client)
+    for _ in range(2):
+        client.sendall(GET % b"blob")
+        status, _, body = reader.read()
+        assert status == 200 and body == data
+
+
+def test_a_stalled_handshake_is_cut_at_header_timeout_and_others_are_served(
+        make_worker, certificates):
+    h = make_worker(tls_context=server_tls(certificates), header_timeout=0.5)
+    stalled = h.client()
+    stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and then nothing
+    served = tls_client(h, certificates)
+    served.sendall(GET % b"fine")
+    assert ResponseReader(served).read()[0] == 200
+    started = time.monotonic()
+    assert closed_within(stalled, 5)
+    assert time.monotonic() - started < 3
+
+
+def test_plain_http_to_the_tls_port_gets_a_400_and_a_close(make_worker, certificates):
+    h = make_worker(tls_context=server_tls(certificates))
+    client = h.client()
+    client.sendall(GET % b"plain")
+    answer = read_until_closed(client)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTPS" in answer
+
+
+def test_proxy_v1_header_names_the_remote_address(make_worker, listener):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
+    make_worker(app, listeners=(listener,), proxy_protocol="v1")
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4567 80\r\n" + GET % b"")
+        assert ResponseReader(client).read()[2] == b"203.0.113.9 4567"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(GET % b"")  # no header where one is required: closed unanswered
+        assert read_until_closed(client) == b""
+
+
+def test_proxy_header_from_a_peer_not_allowed_is_never_read(make_worker, listener):
+    make_worker(listeners=(listener,), proxy_protocol="auto", proxy_allow_ips="192.0.2.1")
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4567 80\r\n" + GET % b"")
+        assert read_until_closed(client) == b""
