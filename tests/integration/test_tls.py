@@ -222,3 +222,14 @@ def conformance_tls_server(tmp_path_factory, pki):
 def test_verdict_corpus_over_tls(conformance_tls_server, pki, case, monkeypatch):
     monkeypatch.setattr(conformance, "socket", _TLSSockets(client_context(pki)))
     conformance.run_case(conformance_tls_server, case)
+
+
+def test_proxy_header_then_tls(server_factory, pki):
+    server = server_factory("tests.apps.basic:app", *tls_args(pki, "--proxy-protocol", "v1"),
+                            workers=1)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"PROXY TCP4 198.51.100.4 127.0.0.1 5555 443\r\n")  # before the ClientHello
+    with client_context(pki).wrap_socket(sock, server_hostname="127.0.0.1") as tls_sock:
+        tls_sock.sendall(b"GET /environ HTTP/1.1\r\nHost: t\r\n\r\n")
+        body = ResponseReader(tls_sock).read()[2]
+    assert b'"REMOTE_ADDR": "198.51.100.4"' in body and b'"HTTPS": "on"' in body
