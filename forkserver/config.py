@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from forkserver import addresses, logs, proxy, tls
+from forkserver import addresses, handoff, logs, proxy, tls
 
 ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
@@ -37,7 +37,7 @@ ENV_PREFIX = "FORKSERVER_"
 # Passed by a USR2 upgrade to the new master (see generations); never settings.
 ENV_INHERIT_FDS = "FORKSERVER_INHERIT_FDS"
 ENV_OLD_WORKERS = "FORKSERVER_OLD_WORKERS"
-RESERVED_ENV = frozenset({ENV_INHERIT_FDS, ENV_OLD_WORKERS})
+RESERVED_ENV = frozenset({ENV_INHERIT_FDS, ENV_OLD_WORKERS, handoff.ENV_HANDOFF_FDS})
 CONFIG_FILE = "forkserver.toml"
 PYPROJECT = "pyproject.toml"
 
@@ -112,7 +112,7 @@ class Int(Kind):
 
 @dataclass(frozen=True)
 class Seconds(Kind):
-    """A duration as a float number of seconds.
+    """A duration as a float number of seconds (or of ``unit``, e.g. milliseconds).
 
     ``allow_zero`` is off for deadlines whose absence would let one slow client hold a worker
     forever (header and send timeouts); where 0 is allowed it means "off", as the help says.
@@ -120,17 +120,18 @@ class Seconds(Kind):
 
     allow_zero: bool = True
     metavar: str = "SECONDS"
+    unit: str = "seconds"
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        return "seconds >= 0" if self.allow_zero else "seconds > 0"
+        return f"{self.unit} >= 0" if self.allow_zero else f"{self.unit} > 0"
 
     def from_value(self, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid("expected a number of seconds")
+            raise _Invalid(f"expected a number of {self.unit}")
         seconds = float(value)
         if not math.isfinite(seconds):
-            raise _Invalid("expected a finite number of seconds")
+            raise _Invalid(f"expected a finite number of {self.unit}")
         if seconds < 0 or (seconds == 0 and not self.allow_zero):
             raise _Invalid("must not be negative" if seconds < 0 else "must be greater than 0")
         return seconds
@@ -139,7 +140,7 @@ class Seconds(Kind):
         try:
             seconds = float(text)
         except ValueError:
-            raise _Invalid("expected a number of seconds") from None
+            raise _Invalid(f"expected a number of {self.unit}") from None
         return self.from_value(seconds)
 
 
@@ -579,6 +580,12 @@ class Settings:
         "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
         "HTTP APIs); CPU-bound apps want more workers instead.",
     )
+    handoff_delay: float = setting(
+        Seconds(unit="milliseconds", metavar="MS"), 2.0, ("--handoff-delay",),
+        "Milliseconds all of a worker's threads must have been busy before it passes a "
+        "keep-alive connection with a request waiting to an idle worker (connection handoff), "
+        "so no request waits behind another while a worker is free; 0 disables handoff.",
+    )
     backlog: int = setting(
         _POSITIVE, 2048, ("--backlog",),
         "Listen queue length: connections the kernel holds until a worker accepts them.",
@@ -686,12 +693,15 @@ class Settings:
     )
     max_worker_memory: int = setting(
         _COUNT, 0, ("--max-worker-memory",),
-        "MiB of memory a worker may use beyond what it shares with the master before it is "
-        "replaced; 0 disables.",
+        "MiB of memory a worker may hold on its own (USS: the pages only it maps, as "
+        "/proc/PID/smaps counts them; pages shared with the master after fork or preload do not "
+        "count) before it is replaced, its successor starting first. Read every "
+        "memory_check_interval; 0 disables.",
     )
     memory_check_interval: float = setting(
         _POSITIVE_SECONDS, 10.0, ("--memory-check-interval",),
-        "Seconds between the master's checks of max_worker_memory.",
+        "Seconds between the master's readings of each process's memory (RSS, USS, PSS: one "
+        "walk of /proc/PID/smaps per process), used by max_worker_memory, /metrics and /status.",
     )
     preload: bool = setting(
         Bool(), False, ("--preload",),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from forkserver import config, loader, logs, systemd
-from forkserver.pool import WORKER_HOOKS, Pool, call_hook
+from forkserver.pool import WORKER_HOOKS, Pool, call_hook, workers_text
 from forkserver.scoreboard import Reason
 
 MASTER_HOOKS = ("on_starting", "when_ready", "pre_fork", "on_reload", "on_exit")
@@ -83,20 +83,27 @@ class Rollback:
     settings: Any
     target: int
     hooks: dict[str, Callable]
+    prepared: Any
 
 
 class Generations:
     """The current generation (its number, settings and hooks) and the transition in progress.
 
     ``reload`` builds fresh settings for a HUP (None: keep the same); ``on_config`` is called
-    with the settings whenever the current ones change (the master reopens its logs there).
+    with the settings whenever the current ones change (the master reopens its logs there);
+    ``prepare`` builds from new settings what a generation's workers share and the master
+    makes before forking (the TLS context), kept as ``prepared``; if it raises, the reload is
+    refused and the running generation keeps serving.
     """
 
     def __init__(self, settings: Any, reload: Callable[[], Any] | None,
-                 on_config: Callable[[Any], None]) -> None:
+                 on_config: Callable[[Any], None],
+                 prepare: Callable[[Any], Any] | None = None) -> None:
         self.settings = settings
         self.hooks: dict[str, Callable] = {}
+        self.prepared: Any = None
         self.reload = reload
+        self.prepare = prepare
         self.on_config = on_config
         self.log = logs.get_logger()
         self.current = 1
@@ -135,19 +142,20 @@ class Generations:
         current = self.current
         if self.announced != current and pool.all_ready(current):
             self.announced = current
-            self.log.info("%d workers ready (generation %d)", len(pool.serving(current)),
-                          current)
+            self.log.info("%s ready (generation %d)", workers_text(len(pool.serving(current))),
+                          current, extra={"generation": current})
             if current == 1 and self.steady:
                 call_hook(self.hooks, "when_ready", self.settings)
                 systemd.notify("READY=1\nSTATUS=serving")
 
     # -- HUP ----------------------------------------------------------------------------------
-    def begin(self, pool: Pool) -> None:
-        """HUP: read the configuration again and start a new generation with it."""
+    def begin(self, pool: Pool, why: str = "HUP") -> None:
+        """HUP (or a development reload): read the configuration again and start a new
+        generation with it."""
         if not self.steady:
             self.log.warning("HUP ignored: the %s in progress must finish first", self.kind.value)
             return
-        rollback = Rollback(self.current, self.settings, pool.target, self.hooks)
+        rollback = Rollback(self.current, self.settings, pool.target, self.hooks, self.prepared)
         if self.reload is not None and not self._reload_settings():
             return
         self._move(Event.BEGIN)
@@ -159,7 +167,8 @@ class Generations:
         pool.boot_failures = 0
         pool.next_spawn = 0.0
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
-        self.log.info("HUP: reloading, starting generation %d", self.current)
+        self.log.info("%s: reloading, starting generation %d", why, self.current,
+                      extra={"generation": self.current})
         call_hook(self.hooks, "on_reload", self.settings)
 
     def _reload_settings(self) -> bool:
@@ -167,13 +176,14 @@ class Generations:
         try:
             new = self.reload()
             new_hooks = load_hooks(new)
+            prepared = self.prepare(new) if self.prepare is not None else None
         except Exception as error:  # noqa: BLE001 - a bad config must not stop the server
             self.log.error("reload failed, keeping the running configuration: %s", error)
             return False
         if list(new.bind) != list(old.bind):
             self.log.warning("bind changed in the configuration; listeners change only on "
                              "restart or USR2")
-        self.settings, self.hooks = new, new_hooks
+        self.settings, self.hooks, self.prepared = new, new_hooks, prepared
         self.on_config(new)
         return True
 
@@ -183,7 +193,8 @@ class Generations:
         if self.stage is not Stage.BOOTING or not pool.all_ready(self.current):
             return
         old = [record for record in pool.records.values() if record.generation != self.current]
-        self.log.info("generation %d ready; retiring %d old workers", self.current, len(old))
+        self.log.info("generation %d ready; retiring %d old %s", self.current, len(old),
+                      "worker" if len(old) == 1 else "workers", extra={"generation": self.current})
         for record in old:
             pool.retire(record, Reason.RELOAD)
         self._move(Event.ADVANCE)
@@ -200,6 +211,7 @@ class Generations:
                 pool.retire(record, Reason.RELOAD)
         self.current = rollback.generation
         self.settings, self.hooks = rollback.settings, rollback.hooks
+        self.prepared = rollback.prepared
         self.on_config(self.settings)
         pool.target = rollback.target
         pool.next_spawn = 0.0
@@ -212,7 +224,7 @@ class Generations:
         self._move(Event.ADOPT)
         self.kind = Kind.UPGRADE
         self.ever_ready = True
-        self.rollback = Rollback(0, self.settings, pool.target, self.hooks)
+        self.rollback = Rollback(0, self.settings, pool.target, self.hooks, self.prepared)
         pool.adopt(pids, now)
         self.log.info("upgraded in place: %d old workers drain once the new ones are ready",
                       len(pids))

@@ -18,42 +18,68 @@ import os
 import select
 import signal
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
-from forkserver import generations, loader, logs, metrics, sockets, supervision, systemd
+from forkserver import (
+    generations,
+    loader,
+    logs,
+    memory,
+    metrics,
+    outputs,
+    reloader,
+    sockets,
+    supervision,
+    systemd,
+    tls,
+    worker,
+)
 from forkserver.generations import Generations, load_hooks
-from forkserver.pool import Blueprint, Phase, Pool, WorkerRecord, call_hook
-from forkserver.scoreboard import Reason, Scoreboard, State
+from forkserver.pool import (
+    Blueprint,
+    Phase,
+    Pool,
+    WorkerRecord,
+    call_hook,
+    log_fields,
+    workers_text,
+)
+from forkserver.scoreboard import Reason, Scoreboard
 from forkserver.supervision import NEVER, Act, Action, BootOutcome
 
 QUICK_STOP_GRACE = 2.0    # after SIGQUIT on a quick stop, SIGKILL follows this much later
-STATUS_INTERVAL = 5.0     # how often systemd's STATUS= line is refreshed
 METRICS_POLL = metrics.CONNECTION_TTL / 4  # while a scrape is open, so its TTL is enforced
+# Set by worker.py once its workers write a byte to WorkerSpec.notify_fd when they become
+# ready and when they ask to be replaced; until then the master polls their slots.
+NOTIFY_WORKS = bool(getattr(worker, "NOTIFIES_MASTER", False))
 
 
 class StopMode(enum.Enum):
     RUNNING = "running"
+    DELAYING = "delaying"    # TERM with shutdown_delay: serve on (closing), /readyz says 503
     GRACEFUL = "graceful"    # TERM: stop listening, workers drain up to graceful_timeout
     QUICK = "quick"          # INT, QUIT: workers quit at once
 
 
-# Where each mode may go (an unlisted move raises), and what /readyz would say meanwhile. A
-# shutdown delay fits in as RUNNING -> DELAYING -> GRACEFUL (DELAYING -> QUICK), "shutting down".
+# Where each mode may go (a move not listed is ignored: a stop only gets harder), and what
+# /readyz says meanwhile.
 STOP_MOVES: dict[StopMode, frozenset[StopMode]] = {
-    StopMode.RUNNING: frozenset({StopMode.GRACEFUL, StopMode.QUICK}),
+    StopMode.RUNNING: frozenset({StopMode.DELAYING, StopMode.GRACEFUL, StopMode.QUICK}),
+    StopMode.DELAYING: frozenset({StopMode.GRACEFUL, StopMode.QUICK}),
     StopMode.GRACEFUL: frozenset({StopMode.QUICK}),
     StopMode.QUICK: frozenset(),
 }
 STOP_READINESS: dict[StopMode, str | None] = {
     StopMode.RUNNING: None,
+    StopMode.DELAYING: "shutting down",
     StopMode.GRACEFUL: "draining",
     StopMode.QUICK: "shutting down",
 }
+SERVING_MODES = frozenset({StopMode.RUNNING, StopMode.DELAYING})  # still taking connections
 
 # The signal table: signal -> (handler method, acted on while stopping). CHLD only wakes the
 # loop, which reaps on every pass; its handler must exist, or it would write nothing.
@@ -75,19 +101,23 @@ class Master:
     def __init__(self, settings: Any, reload: Callable[[], Any] | None = None) -> None:
         self.log = logs.get_logger()
         self.pid = os.getpid()
-        self.pending_signals: deque[int] = deque()
+        self.wakeups = Wakeups()
+        self.pending_signals = self.wakeups.pending
         self.listeners: list[socket.socket] = []
         self.bind_specs: list[sockets.BindSpec] = []
         self.scoreboard: Scoreboard | None = None
         self.pool: Pool | None = None
-        self.outputs = Outputs()
-        self.generations = Generations(settings, reload, self._config_changed)
+        self.outputs = outputs.Outputs()
+        self.generations = Generations(settings, reload, self._config_changed,
+                                       prepare=_tls_context)
+        self.memory = memory.Sampler(settings.memory_check_interval)
+        self.dev_reload: DevReload | None = None
         self.app: Callable | None = None
         self.stop_mode = StopMode.RUNNING
+        self.delay_until = NEVER           # end of the shutdown delay
         self.exit_code = 0
         self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
-        self.wake_r = self.wake_w = -1
         self.started = time.monotonic()
 
     @property
@@ -96,12 +126,14 @@ class Master:
         return self.generations.settings
 
     @property
-    def hooks(self) -> dict[str, Callable]:
-        return self.generations.hooks
+    def running(self) -> bool:
+        """Not stopping at all: reloads, scaling and recycling go on."""
+        return self.stop_mode is StopMode.RUNNING
 
     @property
-    def running(self) -> bool:
-        return self.stop_mode is StopMode.RUNNING
+    def serving(self) -> bool:
+        """Still taking connections (running, or in the shutdown delay): workers are kept."""
+        return self.stop_mode in SERVING_MODES
 
     @property
     def readiness(self) -> str | None:
@@ -115,37 +147,43 @@ class Master:
     # -- startup ----------------------------------------------------------------------------
     def run(self) -> int:
         settings = self.settings
-        self.log = logs.setup(settings.log_level, settings.error_log, proc="master")
+        self.log = logs.setup(settings.log_level, settings.error_log, proc="master",
+                              fmt=settings.error_log_format)
         if settings.umask is not None:
             os.umask(settings.umask)
         if not self._open():
             return 1
-        _write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
+        outputs.write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
         self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
-        self._install_signals()
-        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS, self._in_child)
-        self._adopt_old_workers()
+        self.wakeups.install()
+        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS,
+                         self.wakeups.in_child)
+        old = generations.take_old_workers(os.environ)  # a USR2 re-exec's: still our children
+        if old:
+            self.generations.adopt(self.pool, old, time.monotonic())
+        self.dev_reload = DevReload(settings) if settings.reload else None
         import setproctitle
         setproctitle.setproctitle(f"{settings.proc_name}: master [{settings.app}]")
-        self.log.info("forkserver master %d starting, app %s, %d workers",
-                      self.pid, settings.app, settings.workers)
-        call_hook(self.hooks, "on_starting", settings)
+        self.log.info("forkserver master %d starting, app %s, %s", self.pid, settings.app,
+                      workers_text(settings.workers))
+        call_hook(self.generations.hooks, "on_starting", settings)
         try:
             self._loop()
         finally:
             self._cleanup()
-            call_hook(self.hooks, "on_exit", self.settings)
+            call_hook(self.generations.hooks, "on_exit", self.settings)
         self.log.info("forkserver master %d exiting (%d)", self.pid, self.exit_code)
         return self.exit_code
 
     def _open(self) -> bool:
-        """Hooks, listeners, the preloaded app, metrics and access log; False (logged) if one
-        cannot be had."""
+        """Hooks, the TLS context, listeners, the preloaded app, metrics and access log; False
+        (logged) if one cannot be had."""
         settings = self.settings
         try:
             self.generations.hooks = load_hooks(settings)
+            self.generations.prepared = _tls_context(settings)
             self.listeners, self.bind_specs = _open_listeners(settings, self.pid, self.log)
-        except (sockets.BindError, ValueError, loader.LoadError) as error:
+        except (sockets.BindError, ValueError, loader.LoadError, tls.TLSConfigError) as error:
             self.log.error("%s", error)
             return False
         try:
@@ -158,45 +196,23 @@ class Master:
             return False
         return True
 
-    def _adopt_old_workers(self) -> None:
-        """After a USR2 re-exec, the previous image's workers are still our children."""
-        pids = generations.take_old_workers(os.environ)
-        if pids:
-            self.generations.adopt(self.pool, pids, time.monotonic())
-
     def _config_changed(self, settings: Any) -> None:
-        """A reload (or its rollback) changed the settings: follow their logs."""
+        """A reload (or its rollback) changed the settings: follow their logs and options."""
+        self.memory.interval = settings.memory_check_interval
         try:
-            logs.setup(settings.log_level, settings.error_log, proc="master")
-            self.outputs.set_access_log(settings)
+            logs.setup(settings.log_level, settings.error_log, proc="master",
+                       fmt=settings.error_log_format)
+            self.outputs.configure(settings)
         except (OSError, ValueError) as error:
             self.log.error("reload: %s; keeping the old log", error)
 
     def _snapshot(self) -> metrics.Snapshot:
         records = self.pool.records
         workers = [(pid, record.index, record.generation) for pid, record in records.items()]
+        readings = self.memory.readings([self.pid, *records], time.monotonic())
         return metrics.collect(self.scoreboard, workers, self.pool.totals, self.pool.restarts,
-                               self.generations.reloads, self.started, self.listeners)
-
-    def _install_signals(self) -> None:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._record_signal)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        # A USR2 re-exec arrives with these blocked (they were blocked across exec).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-    def _record_signal(self, signum: int, frame: Any) -> None:
-        # NO logging, no work: the loop acts on it (a handler can interrupt anything).
-        self.pending_signals.append(signum)
-
-    def _in_child(self) -> None:
-        """In a new worker, signals still blocked: undo the master's signal plumbing."""
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+                               self.generations.reloads, self.started, self.listeners,
+                               not_ready=self.readiness, readings=readings, others={})
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -207,8 +223,10 @@ class Master:
             self._reap()
             self._handle_signals()
             now = time.monotonic()
-            wake_at = self._supervise(now)
-            if self.running:
+            wake_at = min(self._supervise(now), self._delay(now))
+            if self.dev_reload is not None and self.running:
+                wake_at = min(wake_at, self.dev_reload.check(now, self.generations, self.pool))
+            if self.serving:
                 self.generations.advance(self.pool)
                 self.pool.retire_recycled(self.generations.current)
                 wake_at = min(wake_at, self.pool.maintain(self._blueprint(), now))
@@ -216,27 +234,35 @@ class Master:
                 return
             status_due = self.generations.ever_ready and self.running
             planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
-            self._sleep(planned)
+            self.wakeups.sleep(planned, self.outputs)
 
     def _blueprint(self) -> Blueprint:
-        return Blueprint(self.settings, self.generations.current, self.listeners, self.app,
-                         self.hooks, self.outputs.access_log, self.pid)
+        settings = self.settings
+        dev_reload = self.dev_reload
+        return Blueprint(
+            settings, self.generations.current, self.listeners, self.app, self.generations.hooks,
+            self.outputs.access_log, self.pid, tls_context=self.generations.prepared,
+            reload_dir=dev_reload.watcher.report_dir if dev_reload is not None else None,
+            notify_fd=self.wakeups.notify_w, freeze=bool(settings.preload and settings.gc_freeze),
+            # A development reload boots one worker first: a broken change then costs one
+            # traceback, not one per worker.
+            one_first=settings.reload and self.generations.reloading)
 
     def _supervise(self, now: float) -> float:
         """Apply the policies to every worker; returns when the next one is due."""
         settings = self.settings
         wake_at = NEVER
-        sample = False
+        uss: dict[int, int] = {}
         if settings.max_worker_memory and self.running:
-            sample = now >= self.next_memory_check
-            if sample:
+            if now >= self.next_memory_check:
                 self.next_memory_check = now + settings.memory_check_interval
             wake_at = self.next_memory_check
+            uss = _own_memory(self.pool, self.memory, now)
         for record in list(self.pool.records.values()):
             slot = self.scoreboard.read(record.index) if record.index >= 0 else None
-            memory = _own_memory(record.pid) if sample and record.phase is Phase.READY else None
-            verdict = supervision.supervise(record, slot, settings, now, own_memory=memory,
-                                            quiet_until=self.quiet_until)
+            verdict = supervision.supervise(record, slot, settings, now,
+                                            own_memory=uss.get(record.pid),
+                                            quiet_until=self.quiet_until, notified=NOTIFY_WORKS)
             wake_at = min(wake_at, verdict.wake_at)
             for action in verdict.actions:
                 wake_at = min(wake_at, self._carry_out(record, action, now))
@@ -246,16 +272,20 @@ class Master:
         """One action of a verdict; returns when to look at the worker again. A worker whose
         phase changed is looked at again at once: the rules of its new phase (the timeouts of
         a worker just ready) were not part of the verdict that moved it."""
+        fields = log_fields(record, reason=action.reason)
         if action.act is Act.READY:
             self.pool.mark_ready(record, now)
             self.generations.worker_ready(self.pool)
+            if self.stop_mode is StopMode.DELAYING:
+                self.pool.signal(record, signal.SIGWINCH)  # born in the delay: close too
             return now
         if action.act is Act.ABORT:
-            self.log.error("worker %d %s; aborting", record.pid, action.why)
+            self.log.error("worker %d %s; aborting", record.pid, action.why, extra=fields)
             self.pool.abort(record, action.reason, now + supervision.KILL_GRACE)
             return record.kill_at
         if action.act is Act.KILL:
-            self.log.error("worker %d %s; sending SIGKILL", record.pid, action.why)
+            self.log.error("worker %d %s; sending SIGKILL", record.pid, action.why,
+                           extra=fields)
             self.pool.kill(record, action.reason)  # only its reap is left: SIGCHLD wakes us
             return NEVER
         if not self.running:  # Act.RECYCLE: pointless while stopping
@@ -264,30 +294,9 @@ class Master:
         if retry_at:
             return retry_at
         if action.reason in (Reason.LIFETIME, Reason.MEMORY):
-            self.log.info("worker %d %s", record.pid, action.why)
+            self.log.info("worker %d %s", record.pid, action.why, extra=fields)
         self.pool.mark_recycle(record, action.reason, now)
         return now
-
-    def _sleep(self, wake_at: float) -> None:
-        """Wait for a signal, a scrape, or ``wake_at`` (NEVER: no deadline at all)."""
-        if self.pending_signals:
-            return
-        readers, writers = self.outputs.fds()
-        timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
-        if self.outputs.scraped():
-            # A scrape connection is open: its time limit lives in the metrics server.
-            timeout = METRICS_POLL if timeout is None else min(timeout, METRICS_POLL)
-        try:
-            ready, writable, _ = select.select([self.wake_r, *readers], writers, [], timeout)
-        except InterruptedError:
-            return
-        self.outputs.serve(ready, writable)
-        if self.wake_r in ready:
-            try:
-                while os.read(self.wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
 
     # -- children ---------------------------------------------------------------------------
     def _reap(self) -> None:
@@ -302,7 +311,11 @@ class Master:
             if check is not None and pid == check.pid:
                 self._upgrade_checked(status)
                 continue
-            exit_ = self.pool.reaped(pid, status)
+            self.memory.forget(pid)
+            if self.dev_reload is not None:
+                self.dev_reload.watcher.forget(pid)
+            stopping = not self.running or _stop_queued(self.pending_signals)
+            exit_ = self.pool.reaped(pid, status, stopping=stopping)
             if exit_ is not None and exit_.boot_failed:
                 self._boot_failed(exit_.record)
 
@@ -310,25 +323,27 @@ class Master:
         pool = self.pool
         outcome, delay = supervision.after_boot_failure(
             pool.boot_failures + 1, current=record.generation == self.generations.current,
-            stopping=not self.running, reloading=self.generations.reloading,
+            stopping=not self.serving, reloading=self.generations.reloading,
             ever_ready=self.generations.ever_ready)
+        fields = log_fields(record, reason=Reason.CRASH)
         if outcome is BootOutcome.IGNORE:
             self.log.info("worker %d of abandoned generation %d exited", record.pid,
-                          record.generation)
+                          record.generation, extra=fields)
             return
         pool.boot_failures += 1
         if outcome is BootOutcome.ABANDON:
             self.generations.abandon(pool, "a new worker failed to boot")
         elif outcome is BootOutcome.HALT:
             self.log.error("worker %d failed to boot in the first generation; shutting down",
-                           record.pid)
+                           record.pid, extra=fields)
             self.exit_code = 1
             self._begin_stop(StopMode.QUICK)
         else:
             pool.next_spawn = time.monotonic() + delay
-            self.log.error("worker %d failed to boot; next try in %.0fs", record.pid, delay)
+            self.log.error("worker %d failed to boot; next try in %.0fs", record.pid, delay,
+                           extra=fields)
 
-    # -- reload (HUP) and upgrade (USR2): see generations -----------------------------------
+    # -- reload (HUP, or a source change: DevReload) and upgrade (USR2): see generations ----
     def _on_hup(self) -> None:
         self.generations.begin(self.pool)
 
@@ -339,7 +354,7 @@ class Master:
         argv = self.generations.checked(status, go=self.running)
         if argv is not None:
             error = generations.exec_image(argv, self.listeners, list(self.pool.records),
-                                           HANDLED_SIGNALS, self.wake_w)
+                                           HANDLED_SIGNALS, self.wakeups.wake_w)
             self.generations.exec_failed(error)
 
     # -- signals ----------------------------------------------------------------------------
@@ -350,7 +365,9 @@ class Master:
                 getattr(self, name)()
 
     def _on_term(self) -> None:
-        self._begin_stop(StopMode.GRACEFUL)
+        """The first TERM starts the shutdown delay if there is one; a second cuts it short."""
+        delayed = self.running and self.settings.shutdown_delay > 0
+        self._begin_stop(StopMode.DELAYING if delayed else StopMode.GRACEFUL)
 
     def _on_quick(self) -> None:
         self._begin_stop(StopMode.QUICK)
@@ -362,19 +379,36 @@ class Master:
 
     def _on_ttin(self) -> None:
         self.pool.target += 1
-        self.log.info("TTIN: %d workers", self.pool.target)
+        self.log.info("TTIN: %s", workers_text(self.pool.target))
 
     def _on_ttou(self) -> None:
-        if self.pool.target > 1:
-            self.pool.target -= 1
-            self.log.info("TTOU: %d workers", self.pool.target)
+        self.pool.target = max(1, self.pool.target - 1)
+        self.log.info("TTOU: %s", workers_text(self.pool.target))
+
+    def _delay(self, now: float) -> float:
+        """The shutdown delay runs out: the graceful drain begins."""
+        if self.stop_mode is not StopMode.DELAYING:
+            return NEVER
+        if now < self.delay_until:
+            return self.delay_until
+        self._begin_stop(StopMode.GRACEFUL)
+        return NEVER
 
     def _begin_stop(self, mode: StopMode) -> None:
         if mode not in STOP_MOVES[self.stop_mode]:
             return  # already stopping this way, or a harder one
+        if self.running:
+            systemd.notify("STOPPING=1")
         self.stop_mode = mode
         now = time.monotonic()
-        systemd.notify("STOPPING=1")
+        if mode is StopMode.DELAYING:
+            delay = self.settings.shutdown_delay
+            self.delay_until = now + delay
+            self.log.info("shutdown in %gs: /readyz says 503 and every response closes its "
+                          "connection while load balancers stop sending", delay)
+            self.outputs.status(f"shutting down in {delay:g} s: draining from load balancers")
+            self.pool.signal_all(signal.SIGWINCH)  # serve on, but close after each response
+            return
         # Stop listening now: new clients are refused at once instead of waiting in a backlog
         # that nobody will accept from. Workers take what is already queued before they close
         # their own copies (systemd's copy, if any, keeps the socket for the next start).
@@ -383,26 +417,24 @@ class Master:
         if mode is StopMode.GRACEFUL:
             grace = self.settings.graceful_timeout
             self.log.info("graceful shutdown: draining workers (up to %gs)", grace)
+            self.outputs.status(f"shutting down: draining workers (up to {grace:g} s)")
             self.pool.retire_all(Reason.SHUTDOWN, now + grace, signal.SIGTERM)
         else:
             self.log.info("quick shutdown")
+            self.outputs.status("shutting down now")
             self.pool.retire_all(Reason.SHUTDOWN, now + QUICK_STOP_GRACE, signal.SIGQUIT)
 
     # -- exit -------------------------------------------------------------------------------
     def _cleanup(self) -> None:
         # Make sure no child outlives us even on an unexpected error in the loop.
-        pids = list(self.pool.records) if self.pool is not None else []
-        if self.generations.check is not None:
-            pids.append(self.generations.check.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+        check = self.generations.check
+        _kill_and_wait([*(self.pool.records if self.pool is not None else ()),
+                        *([check.pid] if check is not None else [])])
         sockets.cleanup(self.listeners, self.bind_specs)
         self.outputs.close()
-        _remove_pidfile(self.settings.pidfile, self.pid)
+        if self.dev_reload is not None:
+            self.dev_reload.watcher.close()
+        outputs.remove_pidfile(self.settings.pidfile, self.pid)
         if self.scoreboard is not None:
             self.scoreboard.close()
         signal.set_wakeup_fd(-1)
@@ -410,102 +442,85 @@ class Master:
         # death by signal: keep them pending until the process is gone.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
 
-
-class Outputs:
-    """What the master tells the world besides serving: the metrics listener, answered from
-    the master's own loop so a scrape works while every worker is busy; the access log, opened
-    here so every worker inherits the same file; systemd's watchdog and status line."""
+class Wakeups:
+    """What ends the master's sleep: a signal (its handler only records it; ``set_wakeup_fd``
+    writes to a pipe), a worker's note on a second pipe (``notify_w`` is the workers'
+    ``notify_fd``: they write a byte when they become ready or ask to be replaced, so their
+    slots need no polling), the metrics listener's sockets, or the nearest deadline."""
 
     def __init__(self) -> None:
-        self.server: metrics.MetricsServer | None = None
-        self.listener: tuple[socket.socket, sockets.BindSpec] | None = None
-        self.access_log: logs.AccessLog | None = None
-        self.access_log_config: tuple[str, str] = ("", "")
-        self.watchdog = systemd.watchdog_interval(os.environ, os.getpid())
-        self.next_watchdog = 0.0
-        # STATUS= lines only mean something under systemd; elsewhere they cost wakeups.
-        self.status_lines = bool(os.environ.get("NOTIFY_SOCKET"))
-        self.next_status = 0.0
+        self.pending: deque[int] = deque()
+        self.wake_r = self.wake_w = -1
+        self.notify_r = self.notify_w = -1
 
-    def tell_systemd(self, now: float, pool: Pool, status_due: bool) -> float:
-        """Watchdog pings at half of WATCHDOG_USEC, and (once serving) a STATUS line every few
-        seconds; returns when the next one is due."""
-        wake_at = NEVER
-        if self.watchdog:
-            if now >= self.next_watchdog:
-                systemd.notify("WATCHDOG=1")
-                self.next_watchdog = now + self.watchdog
-            wake_at = self.next_watchdog
-        if status_due and self.status_lines:
-            if now >= self.next_status:
-                self.next_status = now + STATUS_INTERVAL
-                views = [pool.scoreboard.read(record.index)
-                         for record in pool.records.values() if record.index >= 0]
-                busy = sum(1 for view in views if view.state == State.BUSY)
-                served = pool.totals.requests + sum(view.requests for view in views)
-                systemd.notify(f"STATUS={len(pool)} workers ({busy} busy), "
-                               f"{served} requests served")
-            wake_at = min(wake_at, self.next_status)
-        return wake_at
+    def install(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Workers get the write end by fork; CLOEXEC keeps both ends out of a USR2 image and
+        # of the upgrade check.
+        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._record)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # A USR2 re-exec arrives with these blocked (they were blocked across exec).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
-    def open(self, settings: Any, snapshot: Callable[[], metrics.Snapshot]) -> None:
-        if settings.metrics_bind:
-            spec = sockets.parse_bind(settings.metrics_bind)
-            sock = sockets.bind(spec, 64)
-            self.listener = (sock, spec)
-            self.server = metrics.MetricsServer(sock, snapshot)
-            logs.get_logger().info("Metrics at: %s", sockets.describe(sock))
-        self.set_access_log(settings)
+    def _record(self, signum: int, frame: Any) -> None:
+        # NO logging, no work: the loop acts on it (a handler can interrupt anything).
+        self.pending.append(signum)
 
-    def set_access_log(self, settings: Any) -> None:
-        """Open the access log the settings ask for (at start, and when a reload changes it).
-        Workers already forked keep the file they inherited; the master's copy can go."""
-        old = self.access_log
-        wanted = (settings.access_log, settings.access_log_format)
-        if old is not None and wanted == self.access_log_config:
+    def in_child(self) -> None:
+        """In a new worker, signals still blocked: undo the master's signal plumbing (the
+        worker keeps only the write end of the note pipe)."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self.wake_r, self.wake_w, self.notify_r):
+            os.close(fd)
+
+    def sleep(self, wake_at: float, outs: outputs.Outputs) -> None:
+        """Wait for a signal, a worker's note, a scrape, or ``wake_at`` (NEVER: no deadline)."""
+        if self.pending:
             return
-        self.access_log = (logs.AccessLog(settings.access_log, settings.access_log_format)
-                           if settings.access_log else None)
-        self.access_log_config = wanted
-        if old is not None:
-            old.close()
-
-    def metrics_address(self) -> str:
-        """HOST:PORT of the metrics listener (its real port), or "" without one."""
-        if self.listener is None:
-            return ""
-        return sockets.describe(self.listener[0]).removeprefix("http://")
-
-    def fds(self) -> tuple[list[int], list[int]]:
-        """What to select() on for reading and for writing."""
-        if self.server is None:
-            return [], []
-        return self.server.fds(), self.server.write_fds()
-
-    def scraped(self) -> bool:
-        """A scrape connection is open (fds() holds more than the listener, or output waits)."""
-        return self.server is not None and (len(self.server.fds()) > 1
-                                            or bool(self.server.write_fds()))
-
-    def serve(self, readable: list[int], writable: list[int]) -> None:
-        server = self.server
-        if server is None:
+        readers, writers = outs.fds()
+        timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
+        if outs.scraped():
+            # A scrape connection is open: its time limit lives in the metrics server.
+            timeout = METRICS_POLL if timeout is None else min(timeout, METRICS_POLL)
+        own = [self.wake_r, self.notify_r]
+        try:
+            ready, writable, _ = select.select([*own, *readers], writers, [], timeout)
+        except InterruptedError:
             return
-        own = set(server.fds())
-        for fd in readable:
-            if fd in own:
-                server.on_readable(fd)
-        for fd in writable:
-            server.on_writable(fd)
-        server.expire(time.monotonic())
+        outs.serve(ready, writable)
+        for fd in own:
+            if fd in ready:
+                _drain(fd)  # the loop reads every slot on its next pass anyway
 
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            sock, spec = self.listener
-            sockets.cleanup([sock], [spec])
-        if self.access_log is not None:
-            self.access_log.close()
+
+class DevReload:
+    """Development reload (``reload``): a changed source file, a file matching
+    ``reload_extra_files`` or the configuration file starts a reload through the HUP path,
+    after the one in progress if any. A generation that fails to boot is rolled back and not
+    tried again until the next change: no back-off."""
+
+    def __init__(self, settings: Any) -> None:
+        watched = [settings.config_file] if settings.config_file else []
+        self.watcher = reloader.Reloader.for_workers(settings.reload_extra_files, files=watched)
+        self.due = False  # a change waits for the reload in progress
+
+    def check(self, now: float, gens: Generations, pool: Pool) -> float:
+        """Scan if due, start the reload a change asks for; returns when to look again."""
+        watcher = self.watcher
+        if watcher.check(now):
+            shown = ", ".join(map(_shown_path, watcher.changed[:3]))
+            more = len(watcher.changed) - 3
+            logs.get_logger().info("reload: %s changed%s", shown,
+                                   f" (and {more} more)" if more > 0 else "")
+            self.due = True
+        if self.due and gens.steady:
+            self.due = False
+            gens.begin(pool, why="source changed")
+        return watcher.next_check()
 
 
 # -- startup helpers (no master state) ------------------------------------------------------
@@ -535,44 +550,42 @@ def _open_listeners(settings: Any, pid: int, log: Any) -> tuple[list[socket.sock
     return listeners, specs
 
 
-def _write_pidfile(path: str, pid: int, metrics_address: str) -> None:
-    if not path:
-        return
-    _write_atomically(path, f"{pid}\n", pid)
-    if metrics_address:
-        # `forkserver status --pidfile` finds the metrics listener here (its real port,
-        # even when metrics_bind asked for port 0).
-        _write_atomically(path + ".metrics", metrics_address + "\n", pid)
+def _tls_context(settings: Any) -> ssl.SSLContext | None:
+    """One context per generation, built before its workers fork (they share its session
+    ticket key); raises TLSConfigError naming the setting."""
+    return tls.server_context(settings) if tls.enabled(settings) else None
 
 
-def _remove_pidfile(path: str, pid: int) -> None:
-    if not path:
-        return
+def _drain(fd: int) -> None:
     try:
-        with open(path) as handle:
-            if handle.read().strip() != str(pid):
-                return
-        os.unlink(path)
-    except OSError:
-        return
-    try:
-        os.unlink(path + ".metrics")
-    except FileNotFoundError:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
         pass
 
 
-def _write_atomically(path: str, text: str, pid: int) -> None:
-    tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def _shown_path(path: str) -> str:
+    """A path as the log shows it: relative to the working directory when it is inside."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
-def _own_memory(pid: int) -> int:
-    """Resident memory not shared with other processes: RSS minus shared pages, so a preloaded
-    app's copy-on-write pages do not count against every worker at once."""
-    try:
-        info = psutil.Process(pid).memory_info()
-    except psutil.Error:
-        return 0
-    return max(0, info.rss - getattr(info, "shared", 0))
+def _stop_queued(pending: deque[int]) -> bool:
+    """A stop signal waits to be acted on: Ctrl-C sends INT to the workers too, and one of
+    them may be reaped before the master acts on its own INT."""
+    return any(SIGNALS[signum][0] in ("_on_term", "_on_quick") for signum in pending)
+
+
+def _kill_and_wait(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _own_memory(pool: Pool, sampler: memory.Sampler, now: float) -> dict[int, int]:
+    """The USS of each ready worker, by pid (read at most once per interval)."""
+    ready = [pid for pid, record in pool.records.items() if record.phase is Phase.READY]
+    return {pid: reading.uss for pid, reading in sampler.readings(ready, now).items()}

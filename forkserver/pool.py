@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import enum
 import functools
+import gc
 import math
 import os
 import random
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ from forkserver.scoreboard import Reason, Scoreboard
 
 WORKER_HOOKS = ("post_fork", "post_worker_init", "worker_exit", "pre_request", "post_request")
 FORK_RETRY = 1.0  # after a failed fork(), the next try waits this long
+# A worker that exits on one of these (or with code 0) while the server stops was stopped with
+# it, never a crash: a terminal's Ctrl-C sends INT to the whole process group.
+STOPPED_BY = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
 
 
 class Phase(enum.Enum):
@@ -84,6 +89,11 @@ class Blueprint:
     hooks: dict[str, Callable]    # every loaded hook; workers get the worker-side ones
     access_log: logs.AccessLog | None
     master_pid: int
+    tls_context: ssl.SSLContext | None = None  # the generation's, shared by its workers
+    reload_dir: str | None = None  # development reload: where workers report their modules
+    notify_fd: int = -1           # the write end of the master's note pipe
+    freeze: bool = False          # gc.collect() + gc.freeze() before forking (preload)
+    one_first: bool = False       # boot one worker of the generation before the others
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,23 @@ class Exit:
     record: WorkerRecord
     status: int
     boot_failed: bool             # exited with the boot-error code before it ever served
+
+
+def workers_text(count: int) -> str:
+    """"1 worker", "2 workers"."""
+    return f"{count} worker{'' if count == 1 else 's'}"
+
+
+def log_fields(record: WorkerRecord, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about a worker (logs.FIELDS); a Reason is named."""
+    fields: dict[str, Any] = {"worker_pid": record.pid, "slot": record.index,
+                              "generation": record.generation}
+    for name, value in more.items():
+        if isinstance(value, Reason):
+            value = value.name.lower() if value is not Reason.NONE else None
+        if value is not None:
+            fields[name] = value
+    return fields
 
 
 def call_hook(hooks: dict[str, Callable], name: str, *args: Any) -> None:
@@ -123,7 +150,8 @@ def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard) -> wor
                       if settings.max_requests else 0),
         hooks={name: hook for name, hook in blueprint.hooks.items() if name in WORKER_HOOKS},
         access_log=blueprint.access_log,
-        tls_context=None, reload_dir=None, notify_fd=-1,  # wired by the master's next step
+        tls_context=blueprint.tls_context, reload_dir=blueprint.reload_dir,
+        notify_fd=blueprint.notify_fd, handoff=None, mold_link=None,  # wired next
     )
 
 
@@ -175,9 +203,14 @@ class Pool:
         watched), at the end of a back-off, or never (a reaped child wakes the master)."""
         serving = self.serving(blueprint.generation)
         missing = self.target - len(serving)
+        if blueprint.one_first and not any(r.phase is Phase.READY for r in serving):
+            missing = min(missing, 1 - len(serving))
         spawned = False
         while missing > 0 and now >= self.next_spawn:
-            if not self.spawn(blueprint):
+            # One collection and freeze per batch: the first moves every object the master
+            # holds into the permanent generation; between two forks of a batch the master
+            # makes only a few short-lived objects of its own, not worth a pass per fork.
+            if not self.spawn(blueprint, freeze=blueprint.freeze and not spawned):
                 break
             spawned = True
             missing -= 1
@@ -189,12 +222,20 @@ class Pool:
             return now
         return self.next_spawn if missing > 0 and self.next_spawn > now else math.inf
 
-    def spawn(self, blueprint: Blueprint) -> bool:
+    def spawn(self, blueprint: Blueprint, freeze: bool = False) -> bool:
+        """Fork one worker. With ``freeze`` (preload), collect and freeze first, after the
+        pre_fork hook: the workers' own collections then never write to the headers of (and
+        so never unshare) the objects they inherited. The master never unfreezes: frozen
+        objects are still freed by reference counting, and collect() runs right before each
+        freeze, so what stays uncollected is at most a cycle the master drops later."""
         index = self.scoreboard.free_index()
         if index is None:
             return False
         spec = worker_spec(blueprint, index, self.scoreboard)
         call_hook(blueprint.hooks, "pre_fork", blueprint.settings, index)
+        if freeze:
+            gc.collect()
+            gc.freeze()
         self.scoreboard.claim(index, 0, blueprint.generation)
         signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
         try:
@@ -212,7 +253,7 @@ class Pool:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.blocked)
         self.records[pid] = WorkerRecord(pid, index, blueprint.generation, time.monotonic())
         self.log.info("booting worker %d (slot %d, generation %d)", pid, index,
-                      blueprint.generation)
+                      blueprint.generation, extra=log_fields(self.records[pid]))
         return True
 
     def adopt(self, pids: list[int], now: float) -> None:
@@ -237,7 +278,8 @@ class Pool:
             return
         for record in list(self.records.values()):
             if record.phase is Phase.RECYCLING:
-                self.log.info("recycling worker %d (%s)", record.pid, record.reason.name.lower())
+                self.log.info("recycling worker %d (%s)", record.pid, record.reason.name.lower(),
+                              extra=log_fields(record, reason=record.reason))
                 self.retire(record, record.reason)
 
     def retire(self, record: WorkerRecord, reason: Reason, kill_at: float = 0.0,
@@ -275,6 +317,9 @@ class Pool:
         for pid in list(self.records):
             self._signal(pid, signum)
 
+    def signal(self, record: WorkerRecord, signum: int) -> None:
+        self._signal(record.pid, signum)
+
     def _signal(self, pid: int, signum: int) -> None:
         try:
             os.kill(pid, signum)
@@ -282,8 +327,9 @@ class Pool:
             pass
 
     # -- exits ------------------------------------------------------------------------------
-    def reaped(self, pid: int, status: int) -> Exit | None:
-        """Book a reaped child if it is one of ours: fold its counters, free its slot, log."""
+    def reaped(self, pid: int, status: int, stopping: bool = False) -> Exit | None:
+        """Book a reaped child if it is one of ours: fold its counters, free its slot, log.
+        ``stopping``: the server stops (or a stop signal waits to be acted on)."""
         record = self.records.pop(pid, None)
         if record is None:
             return None
@@ -296,25 +342,36 @@ class Pool:
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_BOOT_ERROR \
                 and not record.ready_at:
             return Exit(record, status, boot_failed=True)
-        self._log_exit(record, status, requests)
+        self._log_exit(record, status, requests, stopping)
         return Exit(record, status, boot_failed=False)
 
-    def _log_exit(self, record: WorkerRecord, status: int, requests: int) -> None:
+    def _log_exit(self, record: WorkerRecord, status: int, requests: int,
+                  stopping: bool) -> None:
         told_to_go = record.phase in LEAVING
+        fields = log_fields(record)
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
-            how = f"killed by {signal.Signals(signum).name}"
+            fields["signal"] = signal.Signals(signum).name
+            how = f"killed by {fields['signal']}"
             if signum == signal.SIGKILL and record.phase not in (Phase.ABORTING, Phase.KILLED):
                 how += " (not sent by the master: out of memory?)"
                 record.reason, told_to_go = Reason.OOM, False
+            elif stopping and signum in STOPPED_BY:
+                told_to_go = True
         else:
-            how = f"exited with code {os.WEXITSTATUS(status)}"
+            fields["exit_code"] = os.WEXITSTATUS(status)
+            how = f"exited with code {fields['exit_code']}"
+            told_to_go = told_to_go or (stopping and fields["exit_code"] == 0)
+        if told_to_go and record.reason is Reason.NONE:
+            record.reason = Reason.SHUTDOWN  # stopped with the server (Ctrl-C reaches all)
         if not told_to_go and record.reason is not Reason.OOM:
             record.reason = Reason.CRASH
-        reason = record.reason.name.lower() if record.reason is not Reason.NONE else "crash"
+        reason = record.reason.name.lower()
+        fields["reason"] = reason
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         if told_to_go and record.reason is not Reason.TIMEOUT:
-            self.log.info("worker %d %s (%s, %d requests)", record.pid, how, reason, requests)
+            self.log.info("worker %d %s (%s, %d requests)", record.pid, how, reason, requests,
+                          extra=fields)
         else:
             self.log.error("worker %d %s after %d requests (%s)", record.pid, how, requests,
-                           reason)
+                           reason, extra=fields)

@@ -61,21 +61,23 @@ class Verdict:
 
 
 def supervise(worker: WorkerRecord, slot: SlotView | None, settings: Any, now: float, *,
-              own_memory: int | None = None, quiet_until: float = 0.0) -> Verdict:
+              own_memory: int | None = None, quiet_until: float = 0.0,
+              notified: bool = False) -> Verdict:
     """Every policy for one worker. ``slot`` is None for a worker without one (adopted after a
-    USR2); ``own_memory`` is given on passes that sampled it; silence is not judged before
-    ``quiet_until`` (see `overslept`)."""
+    USR2); ``own_memory`` (its USS, bytes) is given when it was read; silence is not judged
+    before ``quiet_until`` (see `overslept`); ``notified``: workers write to the master's note
+    pipe when they become ready or ask to be replaced, so their slots need no polling."""
     verdict = escalation(worker, now)
     if verdict.actions or slot is None:
         return verdict
     if worker.phase is Phase.BOOTING or slot.state is State.BOOTING:
-        return verdict + readiness(worker, slot, settings, now)
+        return verdict + readiness(worker, slot, settings, now, notified)
     if worker.phase not in JUDGED:
         return verdict
     verdict += timeouts(slot, settings, now, quiet_until)
     if verdict.actions or worker.phase is not Phase.READY:
         return verdict
-    return verdict + recycling(worker, slot, settings, now, own_memory)
+    return verdict + recycling(worker, slot, settings, now, own_memory, notified)
 
 
 def escalation(worker: WorkerRecord, now: float) -> Verdict:
@@ -87,16 +89,17 @@ def escalation(worker: WorkerRecord, now: float) -> Verdict:
     return Verdict(wake_at=worker.kill_at)
 
 
-def readiness(worker: WorkerRecord, slot: SlotView, settings: Any, now: float) -> Verdict:
+def readiness(worker: WorkerRecord, slot: SlotView, settings: Any, now: float,
+              notified: bool = False) -> Verdict:
     """A booting worker is ready once its slot leaves BOOTING. Until then (even if it was told
     to go meanwhile) only ``boot_timeout`` applies: importing the app is not a hang.
 
-    Readiness is only visible in shared memory, so while a worker boots its slot is read every
-    BOOT_POLL: short, and only while something boots (a readiness byte on a pipe would need
-    the worker to write it; see the report of issue 11)."""
+    A worker that is ``notified`` wakes the master with a byte once ready; otherwise readiness
+    is only visible in shared memory, and while a worker boots its slot is read every
+    BOOT_POLL: short, and only while something boots."""
     if slot.state is not State.BOOTING:
         return Verdict((Action(Act.READY),)) if worker.phase is Phase.BOOTING else Verdict()
-    wake_at = now + BOOT_POLL
+    wake_at = NEVER if notified else now + BOOT_POLL
     limit = settings.boot_timeout
     if limit:
         if now >= worker.started + limit:
@@ -135,15 +138,16 @@ def timeouts(slot: SlotView, settings: Any, now: float, quiet_until: float = 0.0
 
 
 def recycling(worker: WorkerRecord, slot: SlotView, settings: Any, now: float,
-              own_memory: int | None = None) -> Verdict:
+              own_memory: int | None = None, notified: bool = False) -> Verdict:
     """Replace a serving worker that asked for it (max_requests), outlived
-    max_worker_lifetime, or uses more than max_worker_memory MiB of its own.
+    max_worker_lifetime, or uses more than max_worker_memory MiB of its own (USS: the pages
+    only it maps, what it would give back by exiting).
 
-    A worker asks in its slot, which wakes nobody, so with max_requests on the slot is read
-    every REQUEST_POLL (a byte on a pipe from the worker would do without; see readiness)."""
+    A worker asks in its slot; unless it is ``notified`` (it then also writes a byte to the
+    master's note pipe), with max_requests on the slot is read every REQUEST_POLL."""
     if slot.reason is not Reason.NONE and slot.state is not State.EXITING:
         return Verdict((Action(Act.RECYCLE, slot.reason, "asked to be replaced"),))
-    wake_at = now + REQUEST_POLL if settings.max_requests else NEVER
+    wake_at = now + REQUEST_POLL if settings.max_requests and not notified else NEVER
     lifetime = settings.max_worker_lifetime
     if lifetime:
         if now >= worker.started + lifetime:
@@ -151,7 +155,7 @@ def recycling(worker: WorkerRecord, slot: SlotView, settings: Any, now: float,
         wake_at = min(wake_at, worker.started + lifetime)
     limit = settings.max_worker_memory
     if limit and own_memory is not None and own_memory > limit * 1024 * 1024:
-        why = f"uses {own_memory / 1048576:.1f} MiB of its own memory (limit {limit} MiB)"
+        why = f"uses {own_memory / 1048576:.1f} MiB of its own memory (USS; limit {limit} MiB)"
         return Verdict((Action(Act.RECYCLE, Reason.MEMORY, why),))
     return Verdict(wake_at=wake_at)
 

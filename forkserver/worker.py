@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forkserver import logs, tls, wsgi
+from forkserver import handoff, logs, tls, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
 from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
@@ -90,6 +90,8 @@ class WorkerSpec:
     tls_context: ssl.SSLContext | None  # built once per generation by the master; None: plain
     reload_dir: str | None  # with `reload`: where the worker reports the module files it imported
     notify_fd: int  # write end of the master's wakeup pipe (readiness, recycle requests); -1: none
+    handoff: handoff.Channel | None  # the channel busy workers pass connections over; None: off
+    mold_link: socket.socket | None  # refork: where a promoted template announces its mold
 
 
 class Connection:

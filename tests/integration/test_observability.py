@@ -243,8 +243,6 @@ def test_probes_on_the_metrics_listener(server_factory, short_dir):
     assert unix_get(sock, "/livez") == (200, b"ok\n")
 
 
-@pytest.mark.xfail(strict=True, reason="the master does not pass its settings to "
-                   "metrics.MetricsServer yet, so metrics_token is not enforced")
 def test_metrics_token_guards_metrics_and_status_but_not_probes(server_factory, short_dir):
     sock = short_dir / "metrics.sock"
     server_factory("tests.apps.basic:app", "--metrics-bind", f"unix:{sock}",
@@ -367,38 +365,6 @@ def test_combined_access_log_cannot_be_forged(server_factory, tmp_path):
     assert unescape(referer) == HOSTILE_REFERER.decode("latin-1")
 
 
-def test_usr1_reopens_the_access_log_after_it_was_moved(server_factory, tmp_path):
-    log = tmp_path / "access.log"
-    rotated = tmp_path / "access.log.1"
-    server = server_factory("tests.apps.basic:app", "--access-log", str(log),
-                            "--access-log-format", "{path} {status}")
-    for i in range(4):
-        requests.get(f"{server.url}/before-{i}", timeout=10)
-    wait_for_lines(log, 4)
-    os.rename(log, rotated)
-    server.send_signal(signal.SIGUSR1)
-    server.wait_for_log(r"USR1")
-    # Every worker reopens on its own USR1; probe until lines land in the new file, then give
-    # the slower worker a moment before the requests that must all land there.
-    deadline = time.monotonic() + 10
-    n = 0
-    while not log.exists() or not log.read_text():
-        assert time.monotonic() < deadline, "no worker ever wrote to the new file"
-        requests.get(f"{server.url}/probe-{n}", timeout=10)
-        n += 1
-        time.sleep(0.05)
-    time.sleep(0.5)
-    after = [f"/after-{i}" for i in range(10)]
-    for path in after:
-        requests.get(f"{server.url}{path}", timeout=10, headers={"Connection": "close"})
-    lines = wait_for_lines(log, 1 + len(after), timeout=10)
-    new_paths = [line.split()[0] for line in lines]
-    assert all(path in new_paths for path in after), lines
-    old_paths = [line.split()[0] for line in rotated.read_text().splitlines()]
-    assert old_paths[:4] == [f"/before-{i}" for i in range(4)]
-    assert not set(after) & set(old_paths)
-
-
 # ---------------------------------------------------------------------- forkserver status
 
 
@@ -482,8 +448,6 @@ def test_hup_picks_up_a_new_access_log(server_factory, tmp_path):
     server.known_pids.update(server.worker_pids())
 
 
-@pytest.mark.xfail(strict=True, reason="the master does not pass error_log_format to "
-                   "logs.setup(..., fmt=) yet")
 def test_json_error_log_beside_the_json_access_log(server_factory, tmp_path):
     access = tmp_path / "access.log"
     server = server_factory("tests.apps.basic:app", "--error-log-format", "json",
@@ -494,3 +458,39 @@ def test_json_error_log_beside_the_json_access_log(server_factory, tmp_path):
     records = [json.loads(line) for line in server.log().splitlines() if line]
     assert records and {"time", "level", "pid", "message"} <= set(records[0])
     assert any(r["message"].startswith("Listening at: ") for r in records)
+    # The master's lines about a worker carry its fields as keys of their own.
+    booted = [r for r in records if r["message"].startswith("booting worker")]
+    assert booted and all({"worker_pid", "slot", "generation"} <= set(r) for r in booted)
+    victim = booted[0]["worker_pid"]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(rf"worker {victim} killed by SIGKILL")
+    [died] = [json.loads(line) for line in server.log().splitlines()
+              if f'"worker {victim} killed' in line]
+    assert died["level"] == "ERROR" and died["signal"] == "SIGKILL" and died["reason"] == "oom"
+    assert (died["worker_pid"], died["slot"], died["generation"]) == \
+        (victim, booted[0]["slot"], 1)
+    server.wait_for_log(r"booting worker", count=3)
+    server.known_pids.update(server.worker_pids())
+
+
+def test_hup_takes_a_new_metrics_token(server_factory, short_dir, tmp_path):
+    sock = short_dir / "metrics.sock"
+    config_file = tmp_path / "forkserver.toml"
+    config_file.write_text('metrics_token = "first"\n')
+    server = server_factory("tests.apps.basic:app", "--config", str(config_file),
+                            "--metrics-bind", f"unix:{sock}")
+
+    def status_with(token: str) -> int:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(str(sock))
+            conn.sendall(f"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
+                         f"Authorization: Bearer {token}\r\n\r\n".encode())
+            return int(conn.recv(64).split()[1])
+
+    assert (status_with("first"), status_with("second")) == (200, 401)
+    config_file.write_text('metrics_token = "second"\n')
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"2 workers ready \(generation 2\)")
+    assert (status_with("first"), status_with("second")) == (401, 200)
+    server.known_pids.update(server.worker_pids())

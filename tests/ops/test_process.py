@@ -133,3 +133,38 @@ def test_pipelined_requests_on_a_connection_survive_graceful_stop(server):
         second = reader.read()
     assert first[2] == b"slept" and second[2] == b"Hello, world!"
     assert server.stop() == 0
+
+
+# -- freeze before fork (issue 17 item 1) -----------------------------------------------------
+FREEZE_APP = """\
+import gc
+
+# Built at import: with preload, in the master, before the workers are forked.
+CACHE = [[n] for n in range(1000)]
+
+
+def app(environ, start_response):
+    tracked = any(obj is CACHE for obj in gc.get_objects())  # frozen objects are not listed
+    body = f"{gc.get_freeze_count()} {int(tracked)}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+@pytest.mark.parametrize(("args", "frozen"), [
+    (("--preload",), True),
+    (("--preload", "--no-gc-freeze"), False),
+    ((), False),  # without preload the master holds nothing of the app to share
+])
+def test_a_preloaded_app_is_frozen_before_the_fork(server_factory, tmp_path, args, frozen):
+    appdir = tmp_path / "app"
+    appdir.mkdir()
+    (appdir / "freeze_app.py").write_text(FREEZE_APP)
+    server = server_factory("freeze_app:app", *args, workers=2,
+                            env={"PYTHONPATH": f"{ROOT}{os.pathsep}{appdir}"})
+    for _ in range(4):
+        count, tracked = map(int, requests.get(server.url, timeout=10).text.split())
+        # Frozen: the app's objects sit in the permanent generation, which the worker's
+        # collections never walk (so never write to, so never unshare).
+        assert (count > 0, tracked == 0) == (frozen, frozen)

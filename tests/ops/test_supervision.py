@@ -205,6 +205,9 @@ def test_a_stopped_idle_worker_is_aborted_and_its_clients_released(server_factor
     server = server_factory("tests.apps.basic:app", "--timeout", "2", workers=2)
     conns = _keepalive_per_worker(server, 2)
     victim, other = sorted(conns)
+    # The client has its answer before the worker's send call returns and its slot says idle:
+    # give it a moment to get back to its wait, or the stop lands mid-request.
+    time.sleep(0.3)
     os.kill(victim, signal.SIGSTOP)  # idle, with a parked keep-alive client: it never beats
     stopped_at = time.monotonic()
     try:

@@ -7,6 +7,7 @@ actions due and the moment the worker next needs a look; the tests below pin bot
 from __future__ import annotations
 
 import signal
+import ssl
 import tempfile
 
 import pytest
@@ -14,7 +15,17 @@ import pytest
 from forkserver import config, generations, supervision
 from forkserver.generations import Generations, TransitionError
 from forkserver.master import STOP_MOVES, STOP_READINESS, Master, StopMode
-from forkserver.pool import TRANSITIONS, Phase, PhaseError, Pool, WorkerRecord
+from forkserver.pool import (
+    TRANSITIONS,
+    Blueprint,
+    Phase,
+    PhaseError,
+    Pool,
+    WorkerRecord,
+    log_fields,
+    worker_spec,
+    workers_text,
+)
 from forkserver.scoreboard import Reason, SlotView, State
 from forkserver.supervision import (
     BOOT_POLL,
@@ -239,7 +250,7 @@ def test_memory_recycles_only_on_a_sampled_pass_over_the_limit():
     assert acts(recycling(record(), slot(), settings, T0, 100 * mib)) == []
     over = recycling(record(), slot(), settings, T0, 150 * mib)
     assert acts(over) == [(Act.RECYCLE, Reason.MEMORY)]
-    assert over.actions[0].why == "uses 150.0 MiB of its own memory (limit 100 MiB)"
+    assert over.actions[0].why == "uses 150.0 MiB of its own memory (USS; limit 100 MiB)"
 
 
 def test_only_a_ready_worker_is_recycled():
@@ -305,6 +316,10 @@ def test_stop_modes_only_get_harder():
     assert set(STOP_MOVES) == set(StopMode) == set(STOP_READINESS)
     assert StopMode.RUNNING not in set().union(*STOP_MOVES.values())
     assert STOP_MOVES[StopMode.QUICK] == frozenset()
+    # The shutdown delay sits between running and the drain; INT/QUIT may cut it short.
+    assert STOP_MOVES[StopMode.DELAYING] == {StopMode.GRACEFUL, StopMode.QUICK}
+    assert StopMode.DELAYING not in STOP_MOVES[StopMode.GRACEFUL]
+    assert STOP_READINESS[StopMode.DELAYING] == "shutting down"
 
 
 def test_generation_moves_outside_the_table_raise():
@@ -318,7 +333,7 @@ def test_generation_moves_outside_the_table_raise():
 def test_the_usr2_handover_environment_round_trips():
     env = generations.handover_env({"PATH": "/bin"}, [3, 4], [101, 102])
     assert env["PATH"] == "/bin"
-    assert {generations.ENV_INHERIT_FDS, generations.ENV_OLD_WORKERS} == config.RESERVED_ENV
+    assert {generations.ENV_INHERIT_FDS, generations.ENV_OLD_WORKERS} <= config.RESERVED_ENV
     assert generations.take_inherited_fds(env) == [3, 4]
     assert generations.take_old_workers(env) == [101, 102]
     assert generations.take_old_workers(env) == []  # taken: no child inherits the note
@@ -339,3 +354,97 @@ def test_readiness_reason_follows_the_pool_and_the_stop_mode(board):
     assert master.readiness == "draining"
     master.stop_mode = StopMode.QUICK
     assert master.readiness == "shutting down"
+
+
+# -- worker notes instead of polls -------------------------------------------------------------
+def test_a_notifying_worker_is_not_polled_while_it_boots():
+    """With the note pipe, the worker's byte wakes the master: only boot_timeout is a deadline."""
+    booting = readiness(record(Phase.BOOTING), slot(State.BOOTING), DEFAULTS, T0 + 1,
+                        notified=True)
+    assert acts(booting) == [] and booting.wake_at == T0 + DEFAULTS.boot_timeout
+    no_limit = make_settings(boot_timeout=0)
+    assert readiness(record(Phase.BOOTING), slot(State.BOOTING), no_limit, T0 + 1,
+                     notified=True).wake_at == NEVER
+    ready = supervise(record(Phase.BOOTING), slot(State.IDLE), DEFAULTS, T0 + 1, notified=True)
+    assert acts(ready) == [(Act.READY, Reason.NONE)]
+
+
+def test_a_notifying_worker_asking_to_be_replaced_needs_no_request_poll():
+    settings = make_settings(max_requests=100)
+    assert recycling(record(), slot(), settings, T0 + 5, notified=True).wake_at == NEVER
+    assert supervise(record(), slot(heartbeat=T0 + 5), settings, T0 + 5,
+                     notified=True).wake_at > T0 + 5 + supervision.REQUEST_POLL
+    asked = slot(State.IDLE, heartbeat=T0 + 5, reason=Reason.REQUESTS)
+    assert acts(supervise(record(), asked, settings, T0 + 5, notified=True)) == \
+        [(Act.RECYCLE, Reason.REQUESTS)]
+
+
+# -- stopping -------------------------------------------------------------------------------
+def stopping_master(board, **overrides) -> Master:
+    master = Master(make_settings(**overrides))
+    master.pool = Pool(board, 2, (signal.SIGTERM,), lambda: None)
+    return master
+
+
+def test_term_with_a_shutdown_delay_delays_and_a_second_term_drains(board):
+    master = stopping_master(board, shutdown_delay=10.0)
+    master._on_term()
+    assert master.stop_mode is StopMode.DELAYING and master.serving and not master.running
+    assert master.readiness == "shutting down"
+    assert master._delay(master.delay_until - 1) == master.delay_until
+    master._on_term()
+    assert master.stop_mode is StopMode.GRACEFUL and not master.serving
+
+
+def test_the_shutdown_delay_runs_out_into_the_drain_and_int_cuts_it_short(board):
+    master = stopping_master(board, shutdown_delay=10.0)
+    master._on_term()
+    assert master._delay(master.delay_until) == NEVER
+    assert master.stop_mode is StopMode.GRACEFUL
+    quick = stopping_master(board, shutdown_delay=10.0)
+    quick._on_term()
+    quick._on_quick()
+    assert quick.stop_mode is StopMode.QUICK
+
+
+def test_term_without_a_shutdown_delay_drains_at_once(board):
+    master = stopping_master(board)
+    master._on_term()
+    assert master.stop_mode is StopMode.GRACEFUL
+    assert master._delay(T0) == NEVER
+
+
+# -- exits while stopping (Ctrl-C reaches every worker) ---------------------------------------
+@pytest.mark.parametrize(("status", "stopping", "reason"), [
+    (0, True, "shutdown"),                        # exit code 0 during a stop
+    (signal.SIGINT, True, "shutdown"),            # killed by the group's INT during a stop
+    (signal.SIGTERM, True, "shutdown"),
+    (0, False, "crash"),                          # nobody asked it to go
+    (signal.SIGINT, False, "crash"),
+    (1 << 8, True, "crash"),                      # exit code 1 is a failure even then
+    (signal.SIGSEGV, True, "crash"),
+])
+def test_a_worker_stopped_with_the_server_is_not_a_crash(board, status, stopping, reason):
+    pool = Pool(board, 1, (signal.SIGTERM,), lambda: None)
+    board.claim(0, 0, 1)
+    pool.records[4242] = record(Phase.READY, ready_at=T0)
+    exit_ = pool.reaped(4242, status, stopping=stopping)
+    assert not exit_.boot_failed
+    assert pool.restarts == {reason: 1}
+
+
+def test_log_fields_and_counted_words():
+    fields = log_fields(record(), reason=Reason.MEMORY, exit_code=None)
+    assert fields == {"worker_pid": 4242, "slot": 0, "generation": 1, "reason": "memory"}
+    assert workers_text(1) == "1 worker" and workers_text(2) == "2 workers"
+
+
+def test_the_worker_spec_carries_what_the_master_made_for_the_generation(board):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    blueprint = Blueprint(DEFAULTS, 3, [], None, {}, None, 1, tls_context=context,
+                          reload_dir="/tmp/reports", notify_fd=17)
+    spec = worker_spec(blueprint, 1, board)
+    assert (spec.tls_context, spec.reload_dir, spec.notify_fd) == (context, "/tmp/reports", 17)
+    assert (spec.generation, spec.index) == (3, 1)
+    plain = worker_spec(Blueprint(DEFAULTS, 1, [], None, {}, None, 1), 0, board)
+    assert (plain.tls_context, plain.reload_dir, plain.notify_fd) == (None, None, -1)

@@ -98,7 +98,7 @@ def make_worker(tmp_path):
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
                           access_log=None, tls_context=tls_context, reload_dir=reload_dir,
-                          notify_fd=notify_fd)
+                          notify_fd=notify_fd, handoff=None, mold_link=None)
         harness = Harness(Worker(spec), app)
         made.append((harness, board))
         return harness
