@@ -136,9 +136,10 @@ class Lending:
         return self.stuck is not None and len(self.worker.conns) == 1 and \
             self.stuck.conn.fd in self.worker.conns
 
-    def finish(self) -> None:
-        """At exit: after a stuck request, log each thread and its stack."""
-        if self.stuck is None and not self.pool.held():
+    def finish(self, quick: bool) -> None:
+        """At exit: after a stuck request, or a graceful stop whose time ran out with requests
+        still running, log each thread and its stack (a quick stop is asked to cut them)."""
+        if self.stuck is None and (quick or not self.pool.held()):
             return
         log = self.worker.log
         for line in self.pool.describe():

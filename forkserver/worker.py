@@ -751,7 +751,7 @@ class Worker:
             return code
         code = self._loop()
         if self.lending is not None:
-            self.lending.finish()
+            self.lending.finish(self.quick_exit)
         hook = self.spec.hooks.get("worker_exit")
         if hook is not None:
             call_hook(hook, os.getpid())

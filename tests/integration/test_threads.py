@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -191,6 +192,34 @@ def test_threads_survive_a_burst_of_concurrent_clients(server_factory):
     with ThreadPoolExecutor(16) as pool:
         names = set().union(*pool.map(client, range(16)))
     assert names and all(re.fullmatch(r"w\d\.t[0-3]", name) for name in names)
+
+
+def test_term_lets_every_running_request_finish(server_factory):
+    server = server_factory(APP, "--threads", "4", "--graceful-timeout", "20", workers=1)
+    with ThreadPoolExecutor(3) as pool:
+        slow = [pool.submit(get, f"{server.url}/sleep?s=1.5") for _ in range(3)]
+        time.sleep(0.5)  # all three are running in their threads
+        server.send_signal(signal.SIGTERM)
+        assert [future.result()[0] for future in slow] == [200, 200, 200]
+    assert server.proc.wait(20) == 0
+
+
+def test_max_requests_recycles_a_threaded_worker_without_a_failed_request(server_factory):
+    server = server_factory(APP, "--threads", "4", "--max-requests", "10",
+                            "--max-requests-jitter", "0", workers=1)
+
+    def one(_: int) -> tuple[int, str]:
+        response = requests.get(f"{server.url}/fast", headers={"Connection": "close"},
+                                timeout=20)
+        return response.status_code, response.text.split()[0]
+
+    results = []
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            results += pool.map(one, range(8))
+            time.sleep(0.2)
+    assert [status for status, _ in results] == [200] * 40
+    assert len({pid for _, pid in results}) >= 2  # recycled at least once
 
 
 # ---------------------------------------------------------------------------------------------
