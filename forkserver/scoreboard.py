@@ -172,6 +172,11 @@ _HANDOFF_SIZE = 128
 _THREAD_STARTED = struct.Struct(f"=B7xd{RECORD_LINE_MAX}s")
 _THREAD = struct.Struct(f"=B7xd{RECORD_LINE_MAX}sQQ{_STATUS_CLASSES}Qd{_BUCKETS}Q")
 RECORD_SIZE = 8 + _THREAD.size
+# Bound methods and plain ints for the two per-request writes (no attribute or Enum lookups).
+_pack_started = _STARTED.pack_into
+_pack_dynamic = _DYNAMIC.pack_into
+_bisect_left = bisect.bisect_left
+_BUSY = int(State.BUSY)
 
 _OFF_PID = 8
 _OFF_CONNECTIONS = 24
@@ -546,61 +551,61 @@ class SlotWriter:
         finally:
             seqs[word] = seq + 1
 
-    def request_started(self, request_line: bytes) -> None:
+    def request_started(self, request_line: bytes, now: float | None = None) -> None:
         """Mark the worker BUSY with this request (line truncated to LINE_MAX bytes).
 
-        Also refreshes the heartbeat: starting a request is a sign of life.
+        Also refreshes the heartbeat: starting a request is a sign of life. ``now`` is a
+        ``time.monotonic()`` reading the caller already took (it is read here if not given).
         """
-        now = time.monotonic()
-        mm, seqs, word = self._mm, self._seqs, self._word
+        if now is None:
+            now = time.monotonic()
+        seqs, word = self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
             seqs[word] = seq
             # "80s" truncates longer lines and NUL-pads shorter ones by itself.
             block = self._started
-            _STARTED.pack_into(block, 0, State.BUSY, now, self._requests, self._bytes, now,
-                               request_line)
-            mm[self._state_off:self._started_end] = block
+            _pack_started(block, 0, _BUSY, now, self._requests, self._bytes, now, request_line)
+            self._mm[self._state_off:self._started_end] = block
         finally:
             seqs[word] = seq + 1
 
     def request_finished(self, status: int, bytes_sent: int, state: State,
-                         duration: float = 0.0) -> None:
+                         duration: float = 0.0, now: float | None = None) -> None:
         """Count a finished response that took `duration` seconds; return to `state`.
 
         `state` is IDLE or KEEPALIVE. A status outside 100..599 is counted as a request but in
-        no status class. Every request lands in exactly one duration bucket.
+        no status class. Every request lands in exactly one duration bucket. ``now``: as for
+        ``request_started``.
         """
-        if bytes_sent < 0:
-            raise ValueError(f"bytes_sent must not be negative, not {bytes_sent}")
-        if not duration >= 0.0:  # also refuses NaN, which would poison the sum for good
-            raise ValueError(f"duration must be a number of seconds >= 0, not {duration}")
-        now = time.monotonic()
+        # One test for both (this runs per request); NaN fails it too, which would poison the
+        # sum for good.
+        if bytes_sent < 0 or not duration >= 0.0:
+            raise ValueError(f"bytes_sent must be >= 0 and duration a number of seconds >= 0, "
+                             f"not {bytes_sent} and {duration}")
+        if now is None:
+            now = time.monotonic()
         c = self._counts
         klass = status // 100 - 1
         if 0 <= klass < _STATUS_CLASSES:
             c[klass] += 1
         b = self._buckets
         # bisect_left finds the first bound >= duration: Prometheus buckets are inclusive.
-        b[bisect.bisect_left(_FINITE_BOUNDS, duration)] += 1
-        duration_sum = self._duration_sum + duration
-        self._duration_sum = duration_sum
-        requests = self._requests + 1
-        total = self._bytes + bytes_sent
-        self._requests = requests
-        self._bytes = total
-        mm, seqs, word = self._mm, self._seqs, self._word
+        b[_bisect_left(_FINITE_BOUNDS, duration)] += 1
+        duration_sum = self._duration_sum = self._duration_sum + duration
+        requests = self._requests = self._requests + 1
+        total = self._bytes = self._bytes + bytes_sent
+        seqs, word = self._seqs, self._word
         seq = self._seq + 1
         self._seq = seq + 1
         try:
             seqs[word] = seq
             block = self._dynamic
-            _DYNAMIC.pack_into(block, 0, state, now, requests, total, 0.0, b"",
-                               c[0], c[1], c[2], c[3], c[4], duration_sum,
-                               b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
-                               b[11])
-            mm[self._state_off:self._dynamic_end] = block
+            _pack_dynamic(block, 0, state, now, requests, total, 0.0, b"",
+                          c[0], c[1], c[2], c[3], c[4], duration_sum,
+                          b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11])
+            self._mm[self._state_off:self._dynamic_end] = block
         finally:
             seqs[word] = seq + 1
 

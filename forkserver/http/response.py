@@ -171,6 +171,75 @@ def _app_header_lines(headers: object, lines: list[bytes],
     return declared, close, own_server, own_date
 
 
+# A response plan: everything about a head that does not change from one response to the next
+# with the same status, headers and circumstances: (bytes before the Date line, whether the
+# server adds Date, whether Content-Length comes from the body length, the framing line
+# otherwise, the bytes after the framing line, keep-alive, chunked, declared length, has body).
+_Plan = tuple[bytes, bool, bool, bytes, bytes, bool, bool, "int | None", bool]
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 256          # emptied when full: a varied mix just misses, a steady one refills it
+_PLAN_HEAD_MAX = 2048     # heads longer than this are built each time
+
+
+def _plan(status: object, headers: object, minor: int, is_head: bool, keep_alive: bool,
+          server: bytes, by_length: bool) -> _Plan:
+    """Validate the app's status and headers and lay out the head (see ``_Plan``)."""
+    status_line = _STATUS_LINES.get(status) if type(status) is str else None
+    if status_line is None:
+        status_line = _status_line(status)
+    line, code = status_line
+    # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 204 no Content-Length.
+    bodiless_status = code == 204
+    has_body = not (is_head or bodiless_status or code == 304)
+
+    lines = [line]
+    declared, close, own_server, own_date = _app_header_lines(headers, lines, bodiless_status)
+    if close:
+        keep_alive = False  # the app's "Connection: close" is honoured; nothing else of it
+    if server and not own_server:
+        lines.append(b"Server: " + server + b"\r\n")
+
+    chunked = False
+    framing = b""
+    length = declared
+    if not has_body:
+        # HEAD and 304 may announce the length a GET would have had; nothing is enforced.
+        length = declared if not bodiless_status else None
+        by_length = False
+    elif declared is not None:
+        by_length = False
+    elif by_length:
+        pass  # Content-Length: the body's length, filled in per response
+    elif minor >= 1:
+        chunked = True
+        framing = _CHUNKED
+    else:
+        # An HTTP/1.0 client cannot read chunks: the end of the body is the end of the
+        # connection.
+        keep_alive = False
+
+    if not keep_alive:
+        connection = _CLOSE
+    elif minor == 0:
+        connection = _KEEP_ALIVE  # HTTP/1.0 closes unless told otherwise
+    else:
+        connection = b""
+    return (b"".join(lines), not own_date, by_length, framing, connection + b"\r\n",
+            bool(keep_alive), chunked, length, has_body)
+
+
+def _remember(key: tuple, plan: _Plan) -> None:
+    """Keep a plan for reuse if its key is made of plain, immutable values."""
+    status, items, server = key[0], key[1], key[5]
+    if (type(status) is not str or type(server) is not bytes or len(plan[0]) > _PLAN_HEAD_MAX
+            or not all(type(item) is tuple and type(item[0]) is str and type(item[1]) is str
+                       for item in items)):
+        return
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 class Response:
     """Validates and serializes one response head and frames its body. Sans-IO: returns bytes.
 
@@ -178,6 +247,10 @@ class Response:
     application said "Connection: close", or the body can only be delimited by closing).
     ``remaining`` counts the bytes still owed under a Content-Length; it is None when no length
     is enforced (chunked, close-delimited, or a response without a body).
+
+    Apps answer with the same few statuses and header lists over and over, so the validated
+    layout of a head is remembered (``_PLANS``): the usual response costs one dict lookup, the
+    Date line and, when the server frames the body, its Content-Length line.
     """
 
     __slots__ = ("_has_body", "chunked", "content_length", "head", "keep_alive", "remaining")
@@ -199,63 +272,29 @@ class Response:
         server: bytes = b"forkserver",
         body_length: int | None = None,
     ) -> None:
-        status_line = _STATUS_LINES.get(status) if type(status) is str else None
-        if status_line is None:
-            status_line = _status_line(status)
-        line, code = status_line
-        # RFC 9110 sections 6.4.1, 8.6: these never carry content, and 204 no Content-Length.
-        bodiless_status = code == 204
-        has_body = not (is_head or bodiless_status or code == 304)
-
-        lines = [line]
-        declared, close, own_server, own_date = _app_header_lines(headers, lines, bodiless_status)
-        if close:
-            keep_alive = False  # the app's "Connection: close" is honoured; nothing else of it
-        send_server = bool(server) and not own_server
-        send_date = not own_date
-
-        chunked = False
-        framing = b""
-        if not has_body:
-            # HEAD and 304 may announce the length a GET would have had; nothing is enforced.
-            length = declared if declared is not None and not bodiless_status else None
-            remaining = None
-        elif declared is not None:
-            length = remaining = declared
-        elif body_length is not None:
-            length = remaining = body_length
+        by_length = body_length is not None
+        try:
+            items = tuple(headers)  # iterated once: the plan is built from this copy
+            key = (status, items, minor, is_head, keep_alive, server, by_length)
+            plan = _PLANS.get(key)
+        except TypeError:  # not iterable, or an unhashable part: _plan says what is wrong
+            items, key, plan = headers, None, None
+        if plan is None:
+            plan = _plan(status, items, minor, is_head, keep_alive, server, by_length)
+            if key is not None:
+                _remember(key, plan)
+        prefix, send_date, by_length, framing, tail, keep_alive, chunked, length, has_body = plan
+        if by_length:
             framing = b"Content-Length: %d\r\n" % body_length
-        elif minor >= 1:
-            length = remaining = None
-            chunked = True
-            framing = _CHUNKED
+            length = body_length
+        if send_date:
+            self.head = b"".join((prefix, _http_date_line(), framing, tail))
         else:
-            # An HTTP/1.0 client cannot read chunks: the end of the body is the end of the
-            # connection.
-            length = remaining = None
-            keep_alive = False
-
-        if not keep_alive:
-            connection = _CLOSE
-        elif minor == 0:
-            connection = _KEEP_ALIVE  # HTTP/1.0 closes unless told otherwise
-        else:
-            connection = b""
-
-        self.head = b"".join(
-            (
-                b"".join(lines),
-                b"Server: " + server + b"\r\n" if send_server else b"",
-                _http_date_line() if send_date else b"",
-                framing,
-                connection,
-                b"\r\n",
-            )
-        )
+            self.head = b"".join((prefix, framing, tail))
         self.keep_alive = keep_alive
         self.chunked = chunked
         self.content_length = length
-        self.remaining = remaining
+        self.remaining = length if has_body else None
         self._has_body = has_body
 
     def body(self, data: bytes) -> bytes:
@@ -281,6 +320,14 @@ class Response:
                 )
             self.remaining = remaining - size
         return data
+
+    def whole(self, data: bytes) -> bytes:
+        """The head, a body that is all of ``data``, and its end: one send's worth. Raises
+        InvalidResponse as ``body`` and ``end`` would."""
+        if type(data) is bytes and self.remaining == len(data) and self._has_body:
+            self.remaining = 0  # the usual case: exactly the length the head announced
+            return self.head + data
+        return self.head + self.body(data) + self.end()
 
     def end(self) -> bytes:
         """The bytes that finish the body; raises InvalidResponse if it fell short."""

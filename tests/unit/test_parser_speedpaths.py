@@ -1,8 +1,9 @@
 """The parser's fast paths give exactly the line-by-line path's answer, and are really taken.
 
-A head that arrives whole goes through one findall (``_parse_whole_head``); fed one byte at a
-time, the same head goes through the reference line-by-line path. Each case here is one the fast
-path treats specially (OWS after a value, dropped names, the caches, long lines, stray CR/LF),
+A head that arrives whole is split on CRLF and its field lines looked up among the lines seen
+before, or matched one by one (``_parse_whole_head``); fed one byte at a time, the same head goes
+through the reference line-by-line path. Each case here is one the fast path treats specially
+(OWS after a value, dropped names, the caches, long lines, stray CR/LF),
 checked against the reference, with a spy proving which path produced the request.
 """
 
@@ -170,3 +171,52 @@ def test_lists_handed_out_are_never_reused() -> None:
     parser.feed(b"Host: third\r\n\r\n")
     assert parser.next_event().headers == [("HOST", "third")]
     assert second.headers == [("HOST", "other")]
+
+
+def test_known_lines_are_looked_up_not_matched(monkeypatch, fast_requests) -> None:
+    first = same_both_ways(BROWSER)
+    calls = []
+    original = parser_module._field_lines
+    monkeypatch.setattr(parser_module, "_field_lines", lambda lines: calls.append(lines)
+                        or original(lines))
+    parser = RequestParser()
+    parser.feed(BROWSER)
+    request = parser.next_event()
+    assert headers(first) == request.headers and not calls  # every line was known
+    assert parser.next_event() is parser_module.END_OF_MESSAGE
+    parser.start_next()
+    parser.feed(BROWSER.replace(b"theme=dark", b"theme=light"))
+    assert parser.next_event().headers[4][1].endswith("theme=light")
+    assert len(calls) == 1  # one new line: matched, then remembered
+
+
+@pytest.mark.parametrize("inside", [b"X-A: a\nHost: h", b"Host: h\rX-A: a", b"Host: h\r\r"])
+def test_a_known_line_glued_to_a_stray_cr_or_lf_is_not_known(inside) -> None:
+    same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n\r\n")  # both lines now known
+    events = same_both_ways(b"GET / HTTP/1.1\r\n" + inside + b"\r\n\r\n")
+    assert events[-1] == ("error", 400)
+
+
+def test_a_known_line_still_counts_against_a_smaller_field_size(fast_requests) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: " + b"v" * 60 + b"\r\n\r\n"
+    assert headers(same_both_ways(raw))[1] == ("X-LONG", "v" * 60)
+    assert same_both_ways(raw, max_field_size=40)[-1] == ("error", 431)
+
+
+def test_known_lines_are_bounded_and_skip_dropped_names(monkeypatch) -> None:
+    monkeypatch.setattr(parser_module, "_KNOWN_LINES", {})
+    for n in range(parser_module._KNOWN_LINES_MAX + 5):
+        raw = b"GET / HTTP/1.1\r\nHost: h\r\nX-N: %d\r\nX_Drop: 1\r\n\r\n" % n
+        assert headers(same_both_ways(raw)) == [("HOST", "h"), ("X-N", str(n))]
+    known = parser_module._KNOWN_LINES
+    assert 0 < len(known) <= parser_module._KNOWN_LINES_MAX
+    assert not any(line.startswith("X_Drop") for line in known)
+    long_line = "X-Big: " + "v" * parser_module._KNOWN_LINE_MAX
+    same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\n" + long_line.encode() + b"\r\n\r\n")
+    assert long_line not in known
+
+
+def test_a_pipelined_head_without_fields_under_a_small_field_size() -> None:
+    raw = b"GET / HTTP/1.0\r\n\r\n" * 2
+    events = same_both_ways(raw, max_field_size=5)
+    assert [event[0] for event in events].count("request") == 2

@@ -308,6 +308,84 @@ def test_http_date_is_recomputed_only_when_the_second_changes(frozen_clock, monk
     assert calls == [1000, 1001]
 
 
+# --- Remembered head layouts ----------------------------------------------------------------------
+
+
+def fresh(*args, **kwargs) -> Response:
+    """A Response built with no remembered layout to help it."""
+    saved = dict(response._PLANS)
+    response._PLANS.clear()
+    try:
+        return make(*args, **kwargs)
+    finally:
+        response._PLANS.clear()
+        response._PLANS.update(saved)
+
+
+CASES = [
+    {"headers": [("Content-Type", "text/plain")], "body_length": 13},
+    {"headers": [("Content-Type", "text/plain")], "body_length": 99999},
+    {"headers": [("Content-Length", "5")], "body_length": 3},
+    {"headers": [], "minor": 0},
+    {"headers": [], "minor": 0, "body_length": 2},
+    {"headers": [("Connection", "close")], "body_length": 1},
+    {"headers": [("X-A", "1")], "is_head": True, "body_length": 7},
+    {"status": "204 No Content", "headers": [("Content-Length", "0")]},
+    {"status": "304 Not Modified", "headers": [("Content-Length", "10")]},
+    {"headers": [("Date", "Mon, 01 Jan 2024 00:00:00 GMT"), ("Server", "x")]},
+    {"headers": [], "keep_alive": False},
+    {"headers": [], "server": b""},
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_remembered_layout_gives_what_a_fresh_build_gives(case):
+    expected = fresh(**case)
+    for _ in range(2):  # the first builds and keeps the layout, the second uses it
+        got = make(**case)
+        assert got.head == expected.head
+        assert (got.keep_alive, got.chunked, got.content_length, got.remaining) == (
+            expected.keep_alive, expected.chunked, expected.content_length, expected.remaining)
+
+
+def test_a_remembered_layout_takes_the_current_date_and_body_length(frozen_clock):
+    headers = [("Content-Type", "text/plain")]
+    make(headers=headers, body_length=13)
+    frozen_clock["now"] = 86400.0 * 365
+    later = make(headers=headers, body_length=4)
+    assert b"Date: Fri, 01 Jan 1971 00:00:00 GMT\r\n" in later.head
+    assert b"Content-Length: 4\r\n" in later.head and later.remaining == 4
+
+
+def test_layouts_are_bounded_and_only_plain_values_are_kept():
+    class Text(str):
+        pass
+
+    response._PLANS.clear()
+    make(headers=[(Text("X-A"), "1")])
+    assert not response._PLANS  # a str subclass could change under the key
+    for n in range(response._PLANS_MAX + 10):
+        make(headers=[("X-N", str(n))])
+    assert 0 < len(response._PLANS) <= response._PLANS_MAX
+
+
+def test_headers_are_read_once_and_later_changes_do_not_leak():
+    headers = [("X-A", "1")]
+    first = make(headers=headers)
+    headers.append(("X-B", "2"))
+    assert b"X-B" not in first.head
+    assert b"X-B: 2\r\n" in make(headers=headers).head
+    once = iter([("X-C", "3")])
+    assert b"X-C: 3\r\n" in Response("200 OK", once, minor=1, is_head=False,  # type: ignore
+                                        keep_alive=True).head
+
+
+def test_an_invalid_header_is_refused_even_after_a_valid_layout_was_kept():
+    make(headers=[("X-A", "1")])
+    with pytest.raises(InvalidResponse):
+        make(headers=[("X-A", "1\r\nX-Evil: 1")])
+
+
 # --- Prebuilt error responses -------------------------------------------------------------------
 
 ERRORS = [
@@ -349,3 +427,17 @@ def test_error_response_is_built_once_per_class():
 def test_error_str_names_status_and_detail():
     assert str(errors.URITooLong("line too long")) == "414 URI Too Long: line too long"
     assert str(errors.RequestTimeout()) == "408 Request Timeout"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("data", [b"", b"abc", b"x" * 13, bytearray(b"abc")])
+def test_whole_gives_what_head_body_and_end_give(case, data):
+    one, other = make(**case), make(**case)
+    try:
+        expected = other.head + other.body(data) + other.end()
+    except InvalidResponse:
+        with pytest.raises(InvalidResponse):
+            one.whole(data)
+        return
+    assert one.whole(data) == expected
+    assert one.remaining == other.remaining

@@ -138,6 +138,28 @@ def test_request_counters(board):
     assert v.state is State.IDLE
 
 
+def test_request_updates_take_the_callers_clock_reading(board):
+    """The worker already read the clock; the writer uses that reading instead of its own,
+    and takes plain ints for the state as well as State members."""
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    w.request_started(b"GET /clock", 1234.5)
+    v = board.read(0)
+    assert (v.state, v.request_start, v.heartbeat) == (State.BUSY, 1234.5, 1234.5)
+    w.request_finished(404, 7, int(State.KEEPALIVE), 0.2, 1240.0)
+    v = board.read(0)
+    assert (v.state, v.heartbeat, v.requests, v.bytes_sent) == (State.KEEPALIVE, 1240.0, 1, 7)
+    assert v.status_counts == (0, 0, 0, 1, 0) and v.duration_sum == pytest.approx(0.2)
+
+
+def test_request_finished_refuses_a_nan_duration(board):
+    board.claim(0, 1, 1)
+    w = board.writer(0)
+    with pytest.raises(ValueError):
+        w.request_finished(200, 1, State.IDLE, float("nan"))
+    assert board.read(0).requests == 0  # nothing was counted
+
+
 def test_odd_status_counts_request_but_no_class(board):
     board.claim(0, 1, 1)
     w = board.writer(0)
