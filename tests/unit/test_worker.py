@@ -787,3 +787,20 @@ def test_proxy_header_from_a_peer_not_allowed_is_never_read(make_worker, listene
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
         client.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4567 80\r\n" + GET % b"")
         assert read_until_closed(client) == b""
+
+
+def test_a_trickling_body_is_cut_in_its_thread_while_others_are_served(make_worker):
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [])
+        return [b"%d" % len(body)]
+    h = make_worker(app, threads=2, header_timeout=0.5, min_body_rate=1024)
+    slow = h.client(timeout=10)
+    slow.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10)
+    started = time.monotonic()
+    fast = h.client()
+    fast.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+    assert ResponseReader(fast).read()[2] == b"5"  # served while the slow body waits
+    answer = read_until_closed(slow)
+    assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 408 ")
