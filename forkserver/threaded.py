@@ -105,8 +105,6 @@ class Lending:
         """Carry out the verdict of a thread's request, then serve what the client pipelined
         meanwhile (the same steps as the inline path in ``Worker._process``)."""
         worker = self.worker
-        if verdict is Verdict.KEEP and worker.closing_idle and not conn.parser.buffered:
-            verdict = Verdict.CLOSE  # after SIGWINCH no connection is left idle
         if verdict is not Verdict.KEEP:
             worker._end(conn, verdict)
             return

@@ -469,7 +469,6 @@ class Worker:
         self.idle: dict[int, Connection] = {}  # IDLE connections, longest-idle first
         self.epoll = select.epoll()
         self.stopping = False          # graceful: finish what was received, then exit
-        self.closing_idle = False      # SIGWINCH: no connection may stay idle
         self.stop_deadline = 0.0
         self.quick_exit = False
         self.pending_signals: deque[int] = deque()
@@ -725,11 +724,9 @@ class Worker:
                 logs.reopen()
             elif signum == signal.SIGWINCH:
                 # The master's shutdown_delay: serve and accept on (a load balancer sends
-                # traffic until it notices), but close after each response and close idle
-                # keep-alive connections now, so clients move on quickly.
-                self.requests.retiring = self.closing_idle = True
-                for conn in list(self.idle.values()):
-                    self.close(conn)
+                # traffic until it notices), but every next response closes its connection
+                # (an idle one is not closed under a request its client may be sending).
+                self.requests.retiring = True
 
     def _housekeeping(self) -> None:
         self.slot.heartbeat()
@@ -833,7 +830,13 @@ def load_app(spec: WorkerSpec) -> Callable | None:
         if "post_worker_init" in hooks:
             hooks["post_worker_init"](os.getpid())
     except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
-        logs.get_logger().error("worker %d failed to boot: %s", os.getpid(), error)
+        # In development (reload) the traceback of the error in the app's own code is what its
+        # author needs (once: the loader's wrapping error adds nothing to it).
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        logs.get_logger().error("worker %d failed to boot: %s", os.getpid(), error,
+                                exc_info=root if spec.reload_dir is not None else None)
         report_modules(spec, inherited, error)
         return None
     report_modules(spec, inherited)
