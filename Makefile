@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint load bench bench-mixed bench-memory fuzz clean
+.PHONY: run test lint load bench bench-mixed bench-memory bench-all fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,9 @@ load: $(STAMP)
 	$(BIN)/python load/run.py $(LOAD_ARGS)
 
 # forkserver vs the ceiling loop, granian, bjoern, meinheld and gunicorn (sync, gthread) under wrk,
-# keep-alive, close and TLS, with CPU per request; writes load/results/bench.md (BENCH_ARGS=--quick).
+# keep-alive, close, browser-like, TLS and Flask at c=50, median of 3, with CPU per request (about
+# 8 minutes on 2 cores); writes load/results/bench.md and .png (BENCH_ARGS=--full adds 1, 10 and
+# 200 connections, about 17 minutes; BENCH_ARGS=--quick is a 2-minute smoke run).
 bench: $(STAMP)
 	$(BIN)/python load/bench.py $(BENCH_ARGS)
 
@@ -42,6 +44,11 @@ bench-mixed: $(STAMP)
 # freeze, refork) beside gunicorn; writes load/results/bench-memory.md and .png (BENCH_ARGS=--quick).
 bench-memory: $(STAMP)
 	$(BIN)/python load/bench_memory.py $(BENCH_ARGS)
+
+# All three benchmarks in a row (about 13 minutes on 2 cores), then their tables and pictures
+# copied to docs/benchmark/ (BENCH_ARGS=--quick: smoke runs, nothing copied).
+bench-all: $(STAMP)
+	$(BIN)/python load/bench_all.py $(BENCH_ARGS)
 
 # Mutated and random requests thrown at a live server for a bounded time.
 fuzz: $(STAMP)

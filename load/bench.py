@@ -1,7 +1,8 @@
 """Side-by-side benchmark: forkserver against the ceiling and its peers (``make bench``).
 
-    .venv/bin/python load/bench.py            # full matrix, about 15 minutes
-    .venv/bin/python load/bench.py --quick    # 2 s runs, concurrency 50 only, about 2 minutes
+    .venv/bin/python load/bench.py            # c=50, 3 rounds, about 8 minutes on 2 cores
+    .venv/bin/python load/bench.py --full     # also 1, 10 and 200 connections, about 17 minutes
+    .venv/bin/python load/bench.py --quick    # smoke run: 2 s runs, 1 round, about 2 minutes
 
 Every server serves ``load.apps:hello`` with the same number of workers on 127.0.0.1, from its
 own virtualenv ``load/.bench-venv`` (load/bench_env.py). The rows:
@@ -11,18 +12,22 @@ own virtualenv ``load/.bench-venv`` (load/bench_env.py). The rows:
 - ``forkserver`` (this checkout), ``granian`` (WSGI), ``bjoern`` (forked N times, as its
   README does; needs libev-dev), ``meinheld``, gunicorn ``sync`` and ``gthread``.
 
-``wrk -t1`` measures keep-alive and ``Connection: close`` at each concurrency; at 50
-connections only, keep-alive with a browser-like request (9 header fields, a cookie) and
-keep-alive over TLS for forkserver and gunicorn gthread with one certificate made by trustme
-for the run (when the forkserver under test has ``--certfile``). All servers stay up for the whole run and
-take turns within each round, with the order rotated every round, so drift on a shared machine
-hits them all alike; each figure is the median of the rounds. CPU per request is the user +
-system CPU time of the server's whole process tree (psutil, before and after each run) over the
-requests served. Every table is ratio-first: each row against forkserver and against the
-ceiling, measured in the same run; absolute figures move with the machine.
+``wrk -t1`` measures keep-alive and ``Connection: close`` at 50 connections (``--full``: at 1,
+10, 50 and 200); at 50 connections only, keep-alive with a browser-like request (9 header
+fields, a cookie), keep-alive over TLS for forkserver and gunicorn gthread with one certificate
+made by trustme for the run (when the forkserver under test completes a TLS handshake), and
+keep-alive on a Flask app (load/flaskapp.py: hello and a small ``jsonify`` object) for
+forkserver, granian, meinheld and gunicorn gthread (the ceiling runs no app: not applicable).
+All servers stay up for the whole run and take turns within each round, with the order rotated
+every round, so drift on a shared machine hits them all alike; each figure is the median of the
+rounds. CPU per request is the user + system CPU time of the server's whole process tree
+(psutil, before and after each run) over the requests served. Every table is ratio-first: each
+row against forkserver and against the ceiling, measured in the same run; absolute figures move
+with the machine.
 
-Writes ``load/results/bench.md`` (tables, targets, machine), ``bench.png`` (requests/s against
-concurrency) and ``bench.json`` (every single run, for re-analysis).
+Writes ``load/results/bench.md`` (tables, targets, machine), ``bench.png`` (requests/s per
+server at 50 connections; with ``--full``, against concurrency) and ``bench.json`` (every
+single run, for re-analysis).
 
 Exit status: 0 after a complete run, 1 when a server failed or left processes behind,
 3 when wrk or the bench venv cannot be set up.
@@ -45,17 +50,26 @@ if __package__ in (None, ""):  # run as a script: make the ``load`` package impo
 
 from load import bench_env
 from load.contenders import KINDS, Contender, Tls, gunicorn_common_flags, start_command
-from load.servers import ManagedServer, ServerError
+from load.servers import ManagedServer, NoTls, ServerError
 from load.wrk import run_wrk
 
 APP = "load.apps:hello"
+FLASK_APP = "load.flaskapp:app"
 REFERENCE = "forkserver"
 CEILING = "ceiling"
-MODES = ("keepalive", "close", "browser", "tls")
+MODES = ("keepalive", "close", "browser", "tls", "flask", "flask-json")
 MODE_LABEL = {"keepalive": "keep-alive", "close": "Connection: close",
-              "browser": "keep-alive, browser-like request", "tls": "keep-alive over TLS"}
+              "browser": "keep-alive, browser-like request", "tls": "keep-alive over TLS",
+              "flask": "Flask hello, keep-alive", "flask-json": "Flask JSON, keep-alive"}
 # Run at one concurrency (--side-concurrency), not the whole range.
-SIDE_MODES = ("browser", "tls")
+SIDE_MODES = ("browser", "tls", "flask", "flask-json")
+# The modes whose servers run the Flask app (load/flaskapp.py), and the path each one asks.
+FLASK_MODES = ("flask", "flask-json")
+MODE_PATH = {"flask-json": "/json"}
+FLASK_KINDS = ("forkserver", "granian", "meinheld", "gunicorn-gthread")
+# Why the ceiling has no row in a mode: it speaks no TLS and runs no app.
+NO_CEILING = {"tls": "it speaks no TLS", "flask": "it runs no app",
+              "flask-json": "it runs no app"}
 # With wrk's own Host, the 9 header fields a browser sends for a page (issue 14's request).
 BROWSER_HEADERS = (
     "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
@@ -69,15 +83,19 @@ BROWSER_HEADERS = (
 )
 TLS_KINDS = ("forkserver", "gunicorn-gthread")
 TLS_FLAGS = ("--certfile", "--keyfile")
-CONCURRENCIES = (1, 10, 50, 200)
-QUICK_CONCURRENCIES = (50,)
+# The default run measures the headline concurrency only (about 8 minutes on 2 cores);
+# --full adds the curve.
+CONCURRENCIES = (50,)
+FULL_CONCURRENCIES = (1, 10, 50, 200)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_SETUP = 3
 
 # Seconds each run costs beyond its duration: wrk start-up and exit, and the pause.
-RUN_OVERHEAD = 0.4
+RUN_OVERHEAD = 0.15
+# Seconds a server takes to start and stop, besides its warm-up.
+START_SECONDS = 1.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +124,8 @@ class Run:
 def measure(wrk: str, server: ManagedServer, mode: str, concurrency: int, duration: int,
             round_no: int) -> Run:
     before = server.cpu_seconds()
-    result = run_wrk(wrk, server.url + "/", concurrency, duration, close=mode == "close",
+    result = run_wrk(wrk, server.url + MODE_PATH.get(mode, "/"), concurrency, duration,
+                     close=mode == "close",
                      headers=BROWSER_HEADERS if mode == "browser" else ())
     spent = server.cpu_seconds() - before
     cpu_us = spent / result.requests * 1e6 if result.requests else None
@@ -203,6 +222,10 @@ def check_targets(cells: list[Cell], rss: dict[str, dict]) -> list[Target]:
                  ratio("tls", 50, "gunicorn-gthread"), 2.0),
         _verdict("CPU per request, browser-like vs wrk's request, c=50: <= 1.5x",
                  _cpu_ratio(cells), 1.5, higher=False),
+        _verdict("Flask hello, keep-alive, c=50: >= 1.0x meinheld",
+                 ratio("flask", 50, "meinheld"), 1.0),
+        _verdict("Flask JSON, keep-alive, c=50: >= 1.0x meinheld",
+                 ratio("flask-json", 50, "meinheld"), 1.0),
         _verdict("keep-alive, c=50: >= 6x gunicorn sync",
                  ratio("keepalive", 50, "gunicorn-sync"), 6.0),
         _verdict("Connection: close, c=50: >= 2.5x gunicorn sync",
@@ -227,17 +250,23 @@ def _x(value: float | None) -> str:
 
 
 def _mode_table(cells: list[Cell], mode: str, info: dict[str, str]) -> list[str]:
-    lines = [f"## {MODE_LABEL[mode]}", "", bench_env.caption(info), "",
-             ("| server | concurrency | x forkserver | x ceiling | req/s | CPU µs/req | "
-              "p50 (ms) | p99 (ms) | errors |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"## {MODE_LABEL[mode]}", ""]
+    if mode in FLASK_MODES:
+        lines += [f"App `{FLASK_APP}`, path `{MODE_PATH.get(mode, '/')}`.", ""]
+    lines += [bench_env.caption(info), "",
+              ("| server | concurrency | x forkserver | x ceiling | req/s | CPU µs/req | "
+               "p50 (ms) | p99 (ms) | errors |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    no_ceiling = NO_CEILING.get(mode)
     for c in cells:
         if c.mode != mode:
             continue
         cpu = "-" if c.cpu_us is None else f"{c.cpu_us:.0f}"
         lines.append(f"| {c.server} | {c.concurrency} | {_x(c.x_reference)} | "
-                     f"{_x(c.x_ceiling)} | {c.rps:,.0f} | {cpu} | {c.p50_ms:.2f} | "
-                     f"{c.p99_ms:.2f} | {c.errors} |")
+                     f"{'n/a' if no_ceiling else _x(c.x_ceiling)} | {c.rps:,.0f} | {cpu} | "
+                     f"{c.p50_ms:.2f} | {c.p99_ms:.2f} | {c.errors} |")
+    if no_ceiling:
+        lines.append(f"| {CEILING} | - | not applicable: {no_ceiling} | | | | | | |")
     return [*lines, ""]
 
 
@@ -250,8 +279,9 @@ def render_markdown(cells: list[Cell], rss: dict[str, dict], info: dict[str, str
                    "matrix only.**"), ""]
     lines += [
         f"{info['date']} on {info['machine']}.", "", bench_env.versions_line(info), "",
-        (f"App `{APP}` (13-byte body with Content-Length), {settings['workers']} workers per "
-         f"server (gthread: {settings['threads']} threads each), "
+        (f"App `{APP}` (13-byte body with Content-Length; the Flask rows: `{FLASK_APP}`), "
+         f"{settings['workers']} workers per server (gthread: {settings['threads']} threads "
+         "each), "
          f"`wrk -t1 -d{settings['duration']}s`, median of {settings['rounds']} rounds with the "
          "server order rotated every round. Ratios: requests/s over forkserver's and over the "
          "ceiling's (load/ceiling.py: a pure-Python prefork epoll loop with no parsing) in "
@@ -284,39 +314,69 @@ def render_png(cells: list[Cell], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    modes = [m for m in ("keepalive", "close") if any(c.mode == m for c in cells)]
+    curve = len({c.concurrency for c in cells if c.mode in ("keepalive", "close")}) > 1
+    modes = [m for m in (("keepalive", "close") if curve else MODES)
+             if any(c.mode == m for c in cells)]
     if not modes:
         return
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for server in dict.fromkeys(c.server for c in cells if c.mode == mode):
-            points = sorted((c.concurrency, c.rps) for c in cells
-                            if c.mode == mode and c.server == server)
-            # One colour per server in every panel, whichever servers took part.
-            color = f"C{KINDS.index(server)}" if server in KINDS else None
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color,
-                    linewidth=2.5 if server == REFERENCE else 1.5,
-                    linestyle="--" if server == CEILING else "-", label=server)
-        concs = sorted({c.concurrency for c in cells})
-        ax.set_xscale("log")
-        ax.set_xticks(concs, [str(c) for c in concs])
-        ax.minorticks_off()
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("concurrent connections (wrk -t1)")
-        ax.set_ylabel("requests/s (median of rounds)")
-        ax.set_title(MODE_LABEL[mode])
-        ax.grid(True, alpha=0.3)
-    # One legend for both panels, below them, where it cannot hide a line.
-    handles: dict[str, object] = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
-               frameon=False)
+    columns = min(len(modes), 3)
+    rows = -(-len(modes) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False)
+    for ax, mode in zip(axes.flat, modes):
+        (_draw_curve if curve else _draw_bars)(ax, [c for c in cells if c.mode == mode])
+        ax.set_title(MODE_LABEL[mode], fontsize=10)
+    for ax in list(axes.flat)[len(modes):]:
+        ax.set_visible(False)
+    if curve:
+        # One legend for both panels, below them, where it cannot hide a line.
+        handles: dict[str, object] = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=len(handles), frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if curve else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _color(server: str) -> str | None:
+    # One colour per server in every panel, whichever servers took part.
+    return f"C{KINDS.index(server)}" if server in KINDS else None
+
+
+def _draw_curve(ax: object, cells: list[Cell]) -> None:
+    """Requests/s against concurrency, one line per server (the --full matrix)."""
+    for server in dict.fromkeys(c.server for c in cells):
+        points = sorted((c.concurrency, c.rps) for c in cells if c.server == server)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                color=_color(server), linewidth=2.5 if server == REFERENCE else 1.5,
+                linestyle="--" if server == CEILING else "-", label=server)
+    concs = sorted({c.concurrency for c in cells})
+    ax.set_xscale("log")
+    ax.set_xticks(concs, [str(c) for c in concs])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent connections (wrk -t1)")
+    ax.set_ylabel("requests/s (median of rounds)")
+    ax.grid(True, alpha=0.3)
+
+
+def _draw_bars(ax: object, cells: list[Cell]) -> None:
+    """Requests/s of each server at one concurrency, labelled with its ratio to forkserver."""
+    from matplotlib.ticker import FuncFormatter
+
+    cells = sorted(cells, key=lambda c: c.rps)
+    bars = ax.barh([c.server for c in cells], [c.rps for c in cells],
+                   color=[_color(c.server) for c in cells])
+    ax.bar_label(bars, [f"{c.rps:,.0f}" + ("" if c.x_reference is None
+                                           else f" ({c.x_reference:.2f}x)") for c in cells],
+                 padding=3, fontsize=8)
+    ax.set_xlim(0, max(c.rps for c in cells) * 1.45)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
+    ax.set_xlabel(f"requests/s at c={cells[0].concurrency} (median of rounds; x forkserver)")
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,13 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark forkserver against the ceiling loop and its peers with wrk.")
     parser.add_argument("--quick", action="store_true",
-                        help="2 s runs at concurrency 50 only (unless --concurrency is given)")
+                        help="a smoke run: 2 s runs, 1 round (unless --rounds is given)")
+    parser.add_argument("--full", action="store_true",
+                        help="keep-alive and close at 1, 10, 50 and 200 connections, not 50 only "
+                             "(about 3 times as long)")
     parser.add_argument("--duration", type=int, default=None,
                         help="seconds per wrk run (default: 4; 2 with --quick)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds per figure; the median is reported (default: 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per figure; the median is reported (default: 3; 1 with "
+                             "--quick)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None,
-                        help="wrk connection counts (default: 1 10 50 200; 50 with --quick)")
+                        help="wrk connection counts of the keep-alive and close runs "
+                             "(default: 50; 1 10 50 200 with --full)")
     parser.add_argument("--side-concurrency", type=int, default=50,
                         help="connection count of the browser-like and TLS runs (default: 50)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -374,6 +439,19 @@ class Plan:
     servers: dict[str, list[ManagedServer]]
     notes: list[str]
 
+    def distinct(self) -> list[ManagedServer]:
+        """Every server once, in the order the modes name them (modes share servers)."""
+        seen: dict[int, ManagedServer] = {}
+        for group in self.servers.values():
+            for server in group:
+                seen.setdefault(id(server), server)
+        return list(seen.values())
+
+    def drop(self, server: ManagedServer) -> None:
+        """Take a server out of every mode (it could not be started)."""
+        self.servers = {mode: kept for mode, group in self.servers.items()
+                        if (kept := [s for s in group if s is not server])}
+
 
 def plan_servers(args: argparse.Namespace, python: Path, missing: dict[str, str],
                  results: Path) -> Plan:
@@ -383,14 +461,19 @@ def plan_servers(args: argparse.Namespace, python: Path, missing: dict[str, str]
              if why and name in args.servers]
     names = [s for s in args.servers if not missing.get(s)]
 
-    def make(kind: str, tls: Tls | None = None) -> ManagedServer:
+    def make(kind: str, tls: Tls | None = None, app: str = APP, tag: str = "") -> ManagedServer:
         contender = Contender(kind, kind, args.workers,
                               args.threads if kind == "gunicorn-gthread" else 1)
-        log = results / f"bench_{kind}{'_tls' if tls else ''}.log"
-        return start_command(contender, python, APP, log, gunicorn_extra, tls)
+        log = results / f"bench_{kind}{tag}.log"
+        return start_command(contender, python, app, log, gunicorn_extra, tls)
 
     plain = [make(kind) for kind in names]
-    servers = {mode: plain for mode in args.modes if mode != "tls"}
+    servers = {mode: plain for mode in args.modes if mode in ("keepalive", "close", "browser")}
+    flask_modes = [mode for mode in args.modes if mode in FLASK_MODES]
+    if flask_modes:
+        flask = [make(kind, app=FLASK_APP, tag="_flask") for kind in FLASK_KINDS
+                 if kind in names]
+        servers.update({mode: flask for mode in flask_modes if flask})
     if "tls" in args.modes:
         tls = make_tls(results)
         tls_kinds = [k for k in TLS_KINDS if k in names]
@@ -401,8 +484,39 @@ def plan_servers(args: argparse.Namespace, python: Path, missing: dict[str, str]
             notes.append("forkserver over TLS: not supported by this build (no --certfile)")
             tls_kinds.remove("forkserver")
         if tls_kinds:
-            servers["tls"] = [make(kind, tls) for kind in tls_kinds]
+            servers["tls"] = [make(kind, tls, tag="_tls") for kind in tls_kinds]
     return Plan(servers, notes)
+
+
+def start_servers(plan: Plan, wrk: str, warmup: int, problems: list[str]
+                  ) -> list[ManagedServer]:
+    """Start and warm up every server of the plan; those that fail leave the plan.
+
+    A server given a certificate must complete a TLS handshake: a build that accepts
+    ``--certfile`` but answers in plain text is "not supported by this build", not a failure.
+    Any other failure to start is a problem (exit 1) but the other rows still run.
+    """
+    running: list[ManagedServer] = []
+    for server in plan.distinct():
+        label = f"{server.name}{' over TLS' if server.scheme == 'https' else ''}"
+        try:
+            server.start()
+        except NoTls as exc:
+            plan.notes.append(f"{label}: not supported by this build ({exc.reason})")
+            plan.drop(server)
+            print(plan.notes[-1], flush=True)
+            continue
+        except ServerError as exc:
+            problems.append(str(exc))
+            plan.notes.append(f"{label}: left out (did not start; see {server.log_path.name})")
+            plan.drop(server)
+            print(plan.notes[-1], flush=True)
+            continue
+        running.append(server)
+        print(f"{label}: {server.url}", flush=True)
+        if warmup > 0:
+            run_wrk(wrk, server.url + "/", 10, warmup)
+    return running
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -431,7 +545,8 @@ def run_rounds(args: argparse.Namespace, wrk: str, plan: Plan, duration: int,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     duration = args.duration or (2 if args.quick else 4)
-    concurrencies = sorted(set(args.concurrency or (QUICK_CONCURRENCIES if args.quick
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    concurrencies = sorted(set(args.concurrency or (FULL_CONCURRENCIES if args.full
                                                     else CONCURRENCIES)))
     if min(duration, args.rounds, args.workers, args.threads, args.side_concurrency,
            *concurrencies) < 1:
@@ -455,29 +570,22 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_servers(args, python, missing, results)
     for note in plan.notes:
         print(note, flush=True)
-    started: list[ManagedServer] = []
-    for group in plan.servers.values():
-        started += [s for s in group if all(s is not t for t in started)]
-    total_runs = sum(len(group) * args.rounds
-                     * (1 if mode in SIDE_MODES else len(concurrencies))
-                     for mode, group in plan.servers.items())
-    estimate = (total_runs * (duration + args.pause + RUN_OVERHEAD)
-                + len(started) * (args.warmup + 3))
-    print(f"{total_runs} wrk runs of {duration}s: about {estimate / 60:.1f} minutes", flush=True)
+    minutes = estimate_seconds(plan, args, duration, concurrencies) / 60
+    print(f"{count_runs(plan, args.rounds, concurrencies)} wrk runs of {duration}s: about "
+          f"{minutes:.1f} minutes", flush=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     runs: list[Run] = []
     rss: dict[str, dict] = {}
     problems: list[str] = []
+    started = plan.distinct()
     try:
-        for server in started:
-            server.start()
-            print(f"{server.name}: {server.url}", flush=True)
-            if args.warmup > 0:
-                run_wrk(wrk, server.url + "/", 10, args.warmup)
+        running = start_servers(plan, wrk, args.warmup, problems)
         runs = run_rounds(args, wrk, plan, duration, concurrencies)
-        for server in started:
-            if server.scheme == "http":
+        # Memory of the hello-world servers (the Flask and TLS ones hold more by design).
+        hello = plan.servers.get("keepalive") or plan.servers.get("close") or []
+        for server in running:
+            if any(server is s for s in hello):
                 rss[server.name] = server.rss()
     except KeyboardInterrupt:
         problems.append("interrupted")
@@ -499,6 +607,18 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def count_runs(plan: Plan, rounds: int, concurrencies: list[int]) -> int:
+    return sum(len(group) * rounds * (1 if mode in SIDE_MODES else len(concurrencies))
+               for mode, group in plan.servers.items())
+
+
+def estimate_seconds(plan: Plan, args: argparse.Namespace, duration: int,
+                     concurrencies: list[int]) -> float:
+    """The run's length: every wrk run and every server's start-up and warm-up."""
+    return (count_runs(plan, args.rounds, concurrencies) * (duration + args.pause + RUN_OVERHEAD)
+            + len(plan.distinct()) * (args.warmup + START_SECONDS))
+
+
 def write_report(args: argparse.Namespace, runs: list[Run], rss: dict[str, dict],
                  python: Path, wrk: str, duration: int, notes: list[str], problems: list[str],
                  can_plot: bool) -> None:
@@ -506,7 +626,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], rss: dict[str, dict]
     cells = summarize(runs, list(KINDS))
     info = bench_env.machine_info(python, wrk)
     settings = {"workers": args.workers, "threads": args.threads, "duration": duration,
-                "rounds": args.rounds}
+                "rounds": args.rounds, "concurrencies": sorted({r.concurrency for r in runs})}
     targets = check_targets(cells, rss)
     (results / "bench.json").write_text(json.dumps(
         {"info": info, "settings": settings, "notes": notes, "rss": rss,
@@ -516,7 +636,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], rss: dict[str, dict]
     (results / "bench.md").write_text(markdown)
     if can_plot:
         render_png(cells, results / "bench.png",
-                   f"hello world, {args.workers} workers - {info['cpu']}, {info['cores']} "
+                   f"hello world and Flask, {args.workers} workers - {info['cpu']}, {info['cores']} "
                    f"cores, Python {info.get('python', '?')} - {info['date']}")
     print(markdown)
     print(f"wrote {results / 'bench.md'}" + (" and bench.png" if can_plot else ""))

@@ -25,9 +25,9 @@ from load.servers import ROOT
 BENCH_VENV = ROOT / "load" / ".bench-venv"
 RESULTS = ROOT / "load" / "results"
 # Bump when the package list changes, so existing bench venvs are completed on the next run.
-PACKAGE_SET = 3
+PACKAGE_SET = 4
 # Always needed (pure Python wheels); a failure to install them is a setup error.
-REQUIRED = ("gunicorn", "django")
+REQUIRED = ("gunicorn", "django", "flask")
 
 
 class SetupError(Exception):
@@ -161,7 +161,8 @@ def supports(help_output: str, *flags: str) -> bool:
 _VERSIONS_SCRIPT = """
 import importlib.metadata as m, json, platform
 out = {"python": platform.python_version()}
-for name in ("forkserver", "gunicorn", "granian", "bjoern", "meinheld", "greenlet", "django"):
+for name in ("forkserver", "gunicorn", "granian", "bjoern", "meinheld", "greenlet", "django",
+             "flask"):
     try:
         out[name] = m.version(name)
     except m.PackageNotFoundError:
@@ -218,6 +219,6 @@ def caption(info: dict[str, str]) -> str:
 
 def versions_line(info: dict[str, str]) -> str:
     names = ("python", "forkserver", "gunicorn", "granian", "bjoern", "meinheld", "greenlet",
-             "django", "wrk")
+             "django", "flask", "wrk")
     line = "Versions: " + ", ".join(f"{k} {info[k]}" for k in names if k in info)
     return line + (f"; forkserver commit {info['commit']}" if "commit" in info else "") + "."

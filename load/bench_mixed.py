@@ -1,7 +1,7 @@
 """Head-of-line benchmark: fast keep-alive clients beside slow ones (``make bench-mixed``).
 
-    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 3 minutes
-    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1.5 minutes
+    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 2.5 minutes
+    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1 minute
 
 The scenario of issues 12 and 13: 40 keep-alive clients (wrk -t1 -c40) ask for ``/hello`` while
 2 clients loop on ``/slow?ms=50``, an I/O-bound endpoint (``time.sleep(0.05)``), all on
@@ -18,8 +18,10 @@ Rows: forkserver ``-w 2 --threads 4`` and gunicorn gthread ``-w 2 --threads 4``;
 ``-w 2``; forkserver ``-w 4`` (handoff as built) and ``-w 4 --handoff-delay 0``; gunicorn sync
 ``-w 4``. Then hello-world keep-alive without slow clients for the threaded pair and the
 handoff pair. A row whose forkserver flags the build under test lacks (``forkserver --help``)
-is reported as "not supported by this build". Writes ``load/results/bench-mixed.md`` and
-``bench-mixed.json``.
+is reported as "not supported by this build". So is the handoff row when the build accepts
+``--handoff-delay`` but hands nothing off: the handoff pair runs with ``--metrics-bind`` and
+the master's ``forkserver_handoffs_adopted_total`` after the mixed run tells. Writes
+``load/results/bench-mixed.md`` and ``bench-mixed.json``.
 
 Exit status: 0 after a complete run, 1 when a server failed, 3 when setup failed.
 """
@@ -27,12 +29,15 @@ Exit status: 0 after a complete run, 1 when a server failed, 3 when setup failed
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import http.client
 import json
 import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the ``load`` package impo
 
 from load import bench_env
 from load.contenders import Contender, gunicorn_common_flags, start_command
-from load.servers import ROOT, ManagedServer, ServerError
+from load.servers import ROOT, ManagedServer, ServerError, free_port
 from load.wrk import WRK_SCRIPT, WrkResult, finish_wrk, run_wrk, start_wrk, wrk_command
 
 APP = "load.apps:app"
@@ -68,6 +73,10 @@ MIXED_ROWS = (
     Contender(SYNC, "gunicorn-sync", 4),
 )
 HELLO_ROWS = (MIXED_ROWS[0], MIXED_ROWS[1], MIXED_ROWS[3], MIXED_ROWS[4])
+# The handoff pair runs with /metrics, both alike: the count of connections handed off tells
+# whether the build hands off at all (it may accept --handoff-delay before it does).
+COUNTED = (HANDOFF, NO_HANDOFF)
+HANDOFF_METRIC = "forkserver_handoffs_adopted_total"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,6 +95,7 @@ class Outcome:
     p99_ms: float
     errors: int
     slow_rps: float | None
+    handoffs: int | None = None  # connections adopted by another worker; None: not read
 
 
 def held_command(wrk: str, url: str, duration: float) -> list[str]:
@@ -277,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if not bench_env.supports(forkserver_help, "--handoff-delay"):
         print(f"note: this build has no --handoff-delay: '{HANDOFF}' runs without handoff",
               flush=True)
+    count = bench_env.supports(forkserver_help, "--handoff-delay", "--metrics-bind")
     for row in {r.label: r for rows in plan.values() for r in rows}.values():
         lacking = [f for f in row.needs_flags() if not bench_env.supports(forkserver_help, f)]
         if lacking:
@@ -284,20 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.label}: {unsupported[row.label]}", flush=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    outcomes: list[Outcome] = []
-    problems: list[str] = []
-    try:
-        for round_no in range(args.rounds):
-            for scenario, rows in plan.items():
-                runnable = [r for r in rows if r.label not in unsupported]
-                shift = round_no % max(len(runnable), 1)
-                for row in runnable[shift:] + runnable[:shift]:
-                    outcomes.append(measure_row(row, scenario, round_no, python, wrk, results,
-                                                gunicorn_extra, duration))
-    except KeyboardInterrupt:
-        problems.append("interrupted")
-    except (ServerError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-        problems.append(str(exc))
+
+    def measure(row: Contender, scenario: str, round_no: int) -> Outcome:
+        return measure_row(row, scenario, round_no, python, wrk, results, gunicorn_extra,
+                           duration, count and row.label in COUNTED)
+
+    outcomes, problems = run_rounds(plan, args.rounds, unsupported, measure, results)
     info = bench_env.machine_info(python, wrk)
     (results / "bench-mixed.json").write_text(json.dumps(
         {"info": info, "duration": duration, "unsupported": unsupported,
@@ -318,22 +321,94 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def run_rounds(plan: dict[str, list[Contender]], rounds: int, unsupported: dict[str, str],
+               measure: Callable[[Contender, str, int], Outcome], results: Path
+               ) -> tuple[list[Outcome], list[str]]:
+    """Every runnable row of every scenario, each round in a rotated order; (outcomes, problems).
+
+    A row that fails or turns out not to do what it names joins ``unsupported`` and is not run
+    again; the other rows still run.
+    """
+    outcomes: list[Outcome] = []
+    problems: list[str] = []
+    try:
+        for round_no in range(rounds):
+            for scenario, rows in plan.items():
+                runnable = [r for r in rows if r.label not in unsupported]
+                shift = round_no % max(len(runnable), 1)
+                for row in runnable[shift:] + runnable[:shift]:
+                    try:
+                        outcome = measure(row, scenario, round_no)
+                    except (ServerError, RuntimeError, ValueError,
+                            subprocess.TimeoutExpired) as exc:
+                        problems.append(str(exc))
+                        unsupported[row.label] = f"did not run (see {_log(results, row).name})"
+                        continue
+                    if why := handoff_not_wired(outcome):
+                        unsupported[row.label] = why
+                        print(f"{row.label}: {why}", flush=True)
+                        outcomes = [o for o in outcomes if o.row != row.label]
+                        continue
+                    outcomes.append(outcome)
+    except KeyboardInterrupt:
+        problems.append("interrupted")
+    return outcomes, problems
+
+
+def _log(results: Path, row: Contender) -> Path:
+    return results / f"mixed_{row.label.replace(' ', '_').replace('-', '')}.log"
+
+
 def measure_row(row: Contender, scenario: str, round_no: int, python: Path, wrk: str,
-                results: Path, gunicorn_extra: list[str], duration: float) -> Outcome:
+                results: Path, gunicorn_extra: list[str], duration: float,
+                count_handoffs: bool = False) -> Outcome:
     """Start the row's server, warm it up, run the scenario once, stop it."""
-    slug = row.label.replace(" ", "_").replace("-", "")
-    server = start_command(row, python, APP, results / f"mixed_{slug}.log", gunicorn_extra)
+    metrics_port = free_port() if count_handoffs else 0
+    log = _log(results, row)
+    if metrics_port:
+        row = dataclasses.replace(row, extra=(*row.extra, "--metrics-bind",
+                                              f"127.0.0.1:{metrics_port}"))
+    server = start_command(row, python, APP, log, gunicorn_extra)
     server.start()
     try:
         run_wrk(wrk, server.url + FAST_PATH, 10, 1)  # warm-up
         outcome = run_once(wrk, server, scenario, duration, round_no)
+        if metrics_port:
+            outcome = dataclasses.replace(outcome,
+                                          handoffs=read_counter(metrics_port, HANDOFF_METRIC))
     finally:
         server.stop()
     slow = f", slow {outcome.slow_rps:.1f} req/s" if outcome.slow_rps is not None else ""
+    handed = f", {outcome.handoffs} handed off" if outcome.handoffs is not None else ""
     print(f"{scenario:>5} {row.label:<36} fast {outcome.fast_rps:>9,.0f} req/s  "
-          f"p50 {outcome.p50_ms:6.2f}  p99 {outcome.p99_ms:7.2f} ms{slow}"
+          f"p50 {outcome.p50_ms:6.2f}  p99 {outcome.p99_ms:7.2f} ms{slow}{handed}"
           f"{f', {outcome.errors} errors' if outcome.errors else ''}", flush=True)
     return outcome
+
+
+def read_counter(port: int, name: str) -> int | None:
+    """One counter from the master's /metrics (Prometheus text); None when unreadable."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == name:
+            return int(float(fields[1]))
+    return None
+
+
+def handoff_not_wired(outcome: Outcome) -> str:
+    """Why the handoff row measured no handoff ("" when it did, or could not be told)."""
+    if outcome.row == HANDOFF and outcome.scenario == "mixed" and outcome.handoffs == 0:
+        return ("not supported by this build (--handoff-delay is accepted, but no connection "
+                "was handed off beside the slow clients)")
+    return ""
 
 
 if __name__ == "__main__":

@@ -29,10 +29,22 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"Listening at: https?://(127\.0\.0\.1|\[::1\]):(\d+) \(")
 POLL = 0.05
+# Handshakes in a row answered with something other than TLS before a server counts as having
+# no TLS (one could be a fluke; a listener not yet accepting is refused, not answered).
+HANDSHAKE_TRIES = 3
+HANDSHAKE_TIMEOUT = 3.0
 
 
 class ServerError(Exception):
     """The server did not start, did not stop, or left processes behind."""
+
+
+class NoTls(ServerError):
+    """A server given a certificate that does not complete a TLS handshake: no TLS in it."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,9 +94,13 @@ class ManagedServer:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def start(self, timeout: float = 30.0) -> ManagedServer:
-        env = {**os.environ, **(self.env or {})}
-        # A user's WEB_CONCURRENCY would silently change the worker count being measured.
-        env.pop("WEB_CONCURRENCY", None)
+        # A user's WEB_CONCURRENCY, FORKSERVER_* or GUNICORN_CMD_ARGS would silently change
+        # what is measured (workers, a shutdown_delay that slows every stop...): the rows
+        # say everything themselves.
+        inherited = {key: value for key, value in os.environ.items()
+                     if key not in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")
+                     and not key.startswith("FORKSERVER_")}
+        env = {**inherited, **(self.env or {})}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # Own session: a Ctrl-C in the terminal reaches the driver, which then stops the
@@ -103,6 +119,8 @@ class ManagedServer:
                 if ":" in self.host:
                     self.host = f"[{self.host}]"
             self._wait_for(re.compile(self.ready_pattern), self.ready_count, deadline)
+            if self.scheme == "https":
+                self._wait_for_handshake(deadline)
             self._wait_for_probe(deadline)
         except BaseException:
             try:
@@ -123,6 +141,38 @@ class ManagedServer:
                 raise ServerError(f"{self.name}: timed out waiting for {regex.pattern!r} "
                                   f"in its log:\n{self.log_tail()}")
             time.sleep(POLL)
+
+    def _wait_for_handshake(self, deadline: float) -> None:
+        """Wait until a TLS handshake completes; NoTls when the server answers without TLS.
+
+        A build may accept a certificate and still serve plain HTTP (its "400" then reads as a
+        bad TLS record), reset, or say nothing: HANDSHAKE_TRIES such answers in a row mean
+        no TLS. A refused connection only means the listener is not accepting yet.
+        """
+        context = ssl._create_unverified_context()  # a throwaway certificate made for the run
+        last, not_tls = "", 0
+        while time.monotonic() < deadline:
+            self._check_alive("waiting for a TLS handshake")
+            try:
+                raw = socket.create_connection((self.host.strip("[]"), self.port),
+                                               timeout=HANDSHAKE_TIMEOUT)
+            except OSError as exc:
+                last = str(exc)
+                time.sleep(POLL)
+                continue
+            try:
+                context.wrap_socket(raw).close()
+                return
+            except OSError as exc:  # SSLError, reset, EOF, timeout
+                last = str(exc) or type(exc).__name__
+                not_tls += 1
+                if not_tls >= HANDSHAKE_TRIES:
+                    raise NoTls(self.name, "given a certificate, it answered a TLS handshake "
+                                f"without TLS: {last}") from None
+            finally:
+                raw.close()
+            time.sleep(POLL)
+        raise ServerError(f"{self.name}: no TLS handshake completed ({last})")
 
     def _wait_for_probe(self, deadline: float) -> None:
         last = ""
@@ -198,6 +248,10 @@ class ManagedServer:
             return [master, *master.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+    def descendant_pids(self) -> set[int]:
+        """Every process under the master now: workers and whatever they forked."""
+        return {proc.pid for proc in self._tree()[1:]}
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the whole process tree (master and every worker).

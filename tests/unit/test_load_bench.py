@@ -6,6 +6,7 @@ because a yardstick that answers wrongly would make every ratio wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import tomllib
@@ -43,7 +44,8 @@ def test_a_row_without_forkserver_or_ceiling_in_its_mode_has_no_ratio():
     table = "\n".join(bench._mode_table(cells, "tls", {"cpu": "X", "cores": "2",
                                                        "python": "3.11", "date": "today"}))
     assert "*X, 2 cores, Python 3.11, today.*" in table
-    assert "| gunicorn-gthread | 50 | - | - | 10 | 20 |" in table
+    assert "| gunicorn-gthread | 50 | - | n/a | 10 | 20 |" in table
+    assert "| ceiling | - | not applicable: it speaks no TLS |" in table
 
 
 def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
@@ -60,6 +62,50 @@ def test_targets_read_the_right_ratios_and_say_na_when_a_row_is_missing():
     assert verdicts["CPU per request, browser-like vs wrk's request, c=50: <= 1.5x"] \
         == ("1.60x", "NOT met")
     assert verdicts["no failed request at any concurrency"] == ("3 errors", "NOT met")
+
+
+def test_flask_rows_are_compared_with_meinheld_and_have_no_ceiling():
+    runs = [_run("forkserver", 9_000, mode="flask"), _run("meinheld", 10_000, mode="flask"),
+            _run("forkserver", 8_000, mode="flask-json"),
+            _run("meinheld", 6_400, mode="flask-json"), _run("ceiling", 50_000)]
+    cells = bench.summarize(runs, list(bench.KINDS))
+    verdicts = {t: (m, v) for t, m, v in bench.check_targets(cells, {})}
+    assert verdicts["Flask hello, keep-alive, c=50: >= 1.0x meinheld"] == ("0.90x", "NOT met")
+    assert verdicts["Flask JSON, keep-alive, c=50: >= 1.0x meinheld"] == ("1.25x", "met")
+    info = {"cpu": "X", "cores": "2", "python": "3.11", "date": "today"}
+    table = "\n".join(bench._mode_table(cells, "flask-json", info))
+    assert "## Flask JSON, keep-alive" in table and "path `/json`" in table
+    assert "| meinheld | 50 | 0.80 | n/a | 6,400 |" in table
+    assert "| ceiling | - | not applicable: it runs no app |" in table
+
+
+def test_the_flask_app_answers_hello_and_a_small_json_object():
+    from load import flaskapp
+
+    client = flaskapp.app.test_client()
+    assert client.get("/").data == b"Hello, World!"
+    answer = client.get("/json")
+    assert answer.mimetype == "application/json"
+    assert answer.get_json() == {"message": "Hello, World!"}
+    assert bench.MODE_PATH["flask-json"] == "/json"
+
+
+def test_a_server_that_cannot_start_leaves_every_mode_it_was_in():
+    a, b = object(), object()
+    plan = bench.Plan({"keepalive": [a, b], "close": [a, b], "tls": [b]}, [])
+    assert plan.distinct() == [a, b]
+    plan.drop(b)
+    assert plan.servers == {"keepalive": [a], "close": [a]}
+
+
+def test_the_default_run_is_c50_with_three_rounds_and_full_adds_the_curve():
+    parser = bench.build_parser()
+    assert parser.parse_args([]).rounds is None  # resolved in main: 3, or 1 with --quick
+    assert bench.CONCURRENCIES == (50,) and 50 in bench.FULL_CONCURRENCIES
+    plan = bench.Plan({mode: ["s"] * 7 for mode in ("keepalive", "close", "browser")}, [])
+    plan.servers.update({"flask": ["f"] * 4, "flask-json": ["f"] * 4, "tls": ["t"] * 2})
+    assert bench.count_runs(plan, 3, [50]) == 3 * (7 * 3 + 4 * 2 + 2)
+    assert bench.count_runs(plan, 3, [1, 10, 50, 200]) == 3 * (7 * 4 * 2 + 7 + 4 * 2 + 2)
 
 
 def test_flag_detection_reads_whole_words_of_the_help():
@@ -143,6 +189,68 @@ def test_mixed_targets_compare_the_rows_the_issues_name():
     assert verdicts[f"{m.THREADED} >= 2x {m.GTHREAD}"] == ("n/a", "n/a")
 
 
+def test_a_mixed_row_that_fails_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    m = bench_mixed
+    monkeypatch.setattr(m.bench_env, "ensure_wrk", lambda install: "wrk")
+    monkeypatch.setattr(m.bench_env, "ensure_bench_venv",
+                        lambda install, reinstall: (Path("python"), {}))
+    monkeypatch.setattr(m.bench_env, "help_text", lambda python, module: "--threads")
+    monkeypatch.setattr(m.bench_env, "machine_info",
+                        lambda python, wrk: {"date": "d", "machine": "m", "cpu": "c",
+                                             "cores": "2"})
+    monkeypatch.setattr(m.signal, "signal", lambda *args: None)
+
+    def measure_row(row, scenario, round_no, *rest):
+        if row.label == m.THREADED:
+            raise m.ServerError(f"{row.label}: exited with status 1 while probing")
+        return _outcome(row.label, 1000.0, 5.0, scenario)
+
+    monkeypatch.setattr(m, "measure_row", measure_row)
+    assert m.main(["--results-dir", str(tmp_path), "--quick"]) == m.EXIT_FAILED
+    report = (tmp_path / "bench-mixed.md").read_text()
+    assert report.startswith("# forkserver head-of-line benchmark\n\n**Incomplete run (")
+    assert f"| {m.THREADED} | did not run (see mixed_forkserver_w_2_threads_4.log) |" in report
+    assert f"| {m.GTHREAD} | 1.00 | 1,000 |" in report
+    assert f"| {m.NO_HANDOFF} | not supported by this build (no --handoff-delay) |" in report
+
+
+def test_the_handoff_row_without_a_handoff_is_not_supported_and_metrics_are_read(tmp_path):
+    import http.server
+    import threading
+
+    m = bench_mixed
+    handoff = _outcome(m.HANDOFF, 30_000, 9.0)
+    assert m.handoff_not_wired(dataclasses.replace(handoff, handoffs=0)) \
+        .startswith("not supported by this build")
+    assert m.handoff_not_wired(dataclasses.replace(handoff, handoffs=12)) == ""
+    assert m.handoff_not_wired(handoff) == ""  # not read: nothing can be told
+    assert m.handoff_not_wired(_outcome(m.NO_HANDOFF, 30_000, 9.0)) == ""
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (b"# TYPE forkserver_handoffs_adopted_total counter\n"
+                    b"forkserver_handoffs_sent_total 9\nforkserver_handoffs_adopted_total 7\n")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert m.read_counter(port, m.HANDOFF_METRIC) == 7
+        assert m.read_counter(port, "forkserver_missing_total") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 # --- bench_memory ----------------------------------------------------------------------------
 
 def test_memory_rows_drop_an_off_setting_the_build_lacks_and_refuse_an_on_one(tmp_path,
@@ -167,6 +275,25 @@ def test_memory_rows_with_every_setting_write_them_as_toml(tmp_path, monkeypatch
     text = Path(plan[0][1].extra[1]).read_text()
     assert tomllib.loads(text) == {"preload": True, "gc_freeze": True,
                                    "refork_after": bench_memory.REFORK_AFTER}
+
+
+def _measurement(row: str, replaced: int) -> bench_memory.Measurement:
+    return bench_memory.Measurement(row, 880, 0, 8, 9, 200 << 20, 20 << 20, {}, replaced)
+
+
+def test_a_refork_row_in_which_no_worker_was_replaced_is_not_supported():
+    refork, freeze = bench_memory.ROWS[-1], bench_memory.ROWS[-2]
+    assert "refork_after" in refork.settings
+    why = bench_memory.not_wired(refork, _measurement(refork.label, 0))
+    assert why.startswith("not supported by this build") and "880 requests" in why
+    assert bench_memory.not_wired(refork, _measurement(refork.label, 7)) == ""
+    # Rows that refork nothing are never judged by it.
+    assert bench_memory.not_wired(freeze, _measurement(freeze.label, 0)) == ""
+    table = bench_memory.render_markdown(
+        [_measurement(freeze.label, 0)], {refork.label: why},
+        {"date": "d", "machine": "m", "cpu": "c", "cores": "2"}, 800, [])
+    assert f"| {refork.label} | {why} |" in table
+    assert "| preload + freeze + refork <= 0.75x gunicorn --preload | n/a | n/a |" in table
 
 
 def test_the_warm_up_visits_every_kind_of_page():
