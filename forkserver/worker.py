@@ -163,6 +163,16 @@ class Connection:
             if n == 0 or self.drained > limit:
                 return True
 
+    def end_tls(self) -> None:
+        """Say close_notify before the TCP close, so a client reading a close-delimited body
+        can tell the end from a truncation. Best effort: the peer's own close_notify is not
+        awaited (the first SSL_shutdown sends ours; the second would block and is skipped)."""
+        self.tls = False
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
     def receive(self) -> bool:
         """More request body for the app. The worker is held while it waits, so a body that
@@ -593,6 +603,8 @@ class Worker:
                     self.epoll.unregister(conn.fd)
                 except (OSError, ValueError):
                     pass
+        if conn.tls:
+            conn.end_tls()
         try:
             conn.sock.close()
         except OSError:
@@ -625,6 +637,8 @@ class Worker:
         if not self.settings.linger_bytes or not self.settings.linger_timeout:
             self.close(conn)
             return
+        if conn.tls:
+            conn.end_tls()
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:

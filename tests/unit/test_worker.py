@@ -810,3 +810,20 @@ def test_a_trickling_body_is_cut_in_its_thread_while_others_are_served(make_work
     answer = read_until_closed(slow)
     assert time.monotonic() - started < 5
     assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_tls_close_is_announced_with_close_notify(make_worker, certificates):
+    def app(environ, start_response):
+        start_response("200 OK", [])  # no length: an HTTP/1.0 body ends with the connection
+        return iter([b"part one, ", b"part two"])
+    h = make_worker(app, tls_context=server_tls(certificates))
+    ca, _ = certificates
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    client = context.wrap_socket(h.client(), server_hostname="localhost",
+                                 suppress_ragged_eofs=False)  # a truncation would raise
+    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    assert data.endswith(b"\r\n\r\npart one, part two")
