@@ -643,7 +643,7 @@ def test_a_client_gone_while_its_request_runs_is_closed_without_a_spin(make_work
     assert ResponseReader(other).read()[0] == 200
 
 
-def test_accepting_pauses_while_every_thread_is_busy(make_worker, listener):
+def test_accepting_pauses_while_every_thread_is_busy(listener, make_worker):
     gate, started = threading.Event(), queue.Queue()
     h = make_worker(gated(gate, started), listeners=(listener,), threads=2)
     port = listener.getsockname()[1]
@@ -773,7 +773,7 @@ def test_plain_http_to_the_tls_port_gets_a_400_and_a_close(make_worker, certific
     assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTPS" in answer
 
 
-def test_proxy_v1_header_names_the_remote_address(make_worker, listener):
+def test_proxy_v1_header_names_the_remote_address(listener, make_worker):
     def app(environ, start_response):
         start_response("200 OK", [])
         return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
@@ -787,7 +787,7 @@ def test_proxy_v1_header_names_the_remote_address(make_worker, listener):
         assert read_until_closed(client) == b""
 
 
-def test_proxy_header_from_a_peer_not_allowed_is_never_read(make_worker, listener):
+def test_proxy_header_from_a_peer_not_allowed_is_never_read(listener, make_worker):
     make_worker(listeners=(listener,), proxy_protocol="auto", proxy_allow_ips="192.0.2.1")
     port = listener.getsockname()[1]
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
