@@ -322,15 +322,19 @@ def handover_env(environ: Mapping[str, str], listener_fds: list[int],
 
 
 def exec_image(argv: list[str], listeners: list[socket.socket], worker_pids: list[int],
-               blocked: tuple[int, ...], wakeup_fd: int) -> OSError:
+               blocked: tuple[int, ...], wakeup_fd: int,
+               extra_env: Mapping[str, str] | None = None) -> OSError:
     """Become the new master image in this process (same PID, so the workers stay our
-    children). Returns only if exec failed, with the signal plumbing and listeners restored."""
+    children). ``extra_env`` is more to hand over (the caller made its descriptors
+    inheritable). Returns only if exec failed, with the signal plumbing and listeners
+    restored."""
     systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
     log = logs.get_logger()
     log.info("USR2: re-executing the master in place (pid %d stays)", os.getpid())
     for sock in listeners:
         sock.set_inheritable(True)
     env = handover_env(os.environ, [sock.fileno() for sock in listeners], worker_pids)
+    env.update(extra_env or {})
     for handler in log.handlers:
         handler.flush()
     # Signals stay blocked across exec; the new image unblocks them once it handles them.

@@ -26,10 +26,12 @@ from typing import Any
 
 from forkserver import (
     generations,
+    handoff,
     loader,
     logs,
     memory,
     metrics,
+    mold,
     outputs,
     reloader,
     sockets,
@@ -109,7 +111,7 @@ class Master:
         self.pool: Pool | None = None
         self.outputs = outputs.Outputs()
         self.generations = Generations(settings, reload, self._config_changed,
-                                       prepare=_tls_context)
+                                       prepare=_prepare_generation)
         self.memory = memory.Sampler(settings.memory_check_interval)
         self.dev_reload: DevReload | None = None
         self.app: Callable | None = None
@@ -118,6 +120,8 @@ class Master:
         self.exit_code = 0
         self.quiet_until = 0.0             # no silence judged before (after an oversleep)
         self.next_memory_check = 0.0
+        self.keeper = mold.Keeper(())     # refork: the real one once settings are checked
+        self.channel: handoff.Channel | None = None  # handoff: made once, kept for life
         self.started = time.monotonic()
 
     @property
@@ -151,13 +155,18 @@ class Master:
                               fmt=settings.error_log_format)
         if settings.umask is not None:
             os.umask(settings.umask)
+        why = _refork_refusal(settings)
+        if why is not None:
+            self.log.error("%s", why)
+            return 1
         if not self._open():
             return 1
+        self.keeper = mold.Keeper(settings.refork_after)
         outputs.write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
         self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
         self.wakeups.install()
-        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS,
-                         self.wakeups.in_child)
+        self.pool = Pool(self.scoreboard, settings.workers, HANDLED_SIGNALS, self._in_child,
+                         self.keeper)
         old = generations.take_old_workers(os.environ)  # a USR2 re-exec's: still our children
         if old:
             self.generations.adopt(self.pool, old, time.monotonic())
@@ -180,6 +189,12 @@ class Master:
         (logged) if one cannot be had."""
         settings = self.settings
         try:
+            # Before the first fork; the same for every generation and across a USR2 exec.
+            self.channel = handoff.Channel.inherit(os.environ) or handoff.Channel.create()
+        except (ValueError, OSError) as error:
+            self.log.error("handoff channel (%s): %s", handoff.ENV_HANDOFF_FDS, error)
+            return False
+        try:
             self.generations.hooks = load_hooks(settings)
             self.generations.prepared = _tls_context(settings)
             self.listeners, self.bind_specs = _open_listeners(settings, self.pid, self.log)
@@ -196,9 +211,20 @@ class Master:
             return False
         return True
 
+    def _in_child(self) -> None:
+        """In a worker the master forks: drop the master's ends of its pipes and wires."""
+        self.wakeups.in_child()
+        self.keeper.in_child()
+        self.outputs.in_child()
+
     def _config_changed(self, settings: Any) -> None:
         """A reload (or its rollback) changed the settings: follow their logs and options."""
         self.memory.interval = settings.memory_check_interval
+        if self.keeper.enabled:
+            self.keeper.thresholds = tuple(settings.refork_after)  # from the next generation
+        elif settings.refork_after:
+            self.log.warning("refork_after: takes effect on restart or USR2 (the master must "
+                             "become a subreaper first)")
         try:
             logs.setup(settings.log_level, settings.error_log, proc="master",
                        fmt=settings.error_log_format)
@@ -209,10 +235,11 @@ class Master:
     def _snapshot(self) -> metrics.Snapshot:
         records = self.pool.records
         workers = [(pid, record.index, record.generation) for pid, record in records.items()]
-        readings = self.memory.readings([self.pid, *records], time.monotonic())
+        others = self.keeper.others()
+        readings = self.memory.readings([self.pid, *records, *others], time.monotonic())
         return metrics.collect(self.scoreboard, workers, self.pool.totals, self.pool.restarts,
                                self.generations.reloads, self.started, self.listeners,
-                               not_ready=self.readiness, readings=readings, others={})
+                               not_ready=self.readiness, readings=readings, others=others)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -228,13 +255,16 @@ class Master:
                 wake_at = min(wake_at, self.dev_reload.check(now, self.generations, self.pool))
             if self.serving:
                 self.generations.advance(self.pool)
+                self.keeper.follow(self.generations.current)  # a new generation starts cold
                 self.pool.retire_recycled(self.generations.current)
+                if self.running:
+                    wake_at = min(wake_at, self.pool.refork(now))
                 wake_at = min(wake_at, self.pool.maintain(self._blueprint(), now))
             elif not self.pool:
                 return
             status_due = self.generations.ever_ready and self.running
             planned = min(wake_at, self.outputs.tell_systemd(now, self.pool, status_due))
-            self.wakeups.sleep(planned, self.outputs)
+            self.wakeups.sleep(planned, self.outputs, self.keeper)
 
     def _blueprint(self) -> Blueprint:
         settings = self.settings
@@ -246,7 +276,8 @@ class Master:
             notify_fd=self.wakeups.notify_w, freeze=bool(settings.preload and settings.gc_freeze),
             # A development reload boots one worker first: a broken change then costs one
             # traceback, not one per worker.
-            one_first=settings.reload and self.generations.reloading)
+            one_first=settings.reload and self.generations.reloading,
+            handoff=self.channel if settings.handoff_delay > 0 else None)
 
     def _supervise(self, now: float) -> float:
         """Apply the policies to every worker; returns when the next one is due."""
@@ -316,7 +347,9 @@ class Master:
                 self.dev_reload.watcher.forget(pid)
             stopping = not self.running or _stop_queued(self.pending_signals)
             exit_ = self.pool.reaped(pid, status, stopping=stopping)
-            if exit_ is not None and exit_.boot_failed:
+            if exit_ is None:
+                self.keeper.reaped(pid, status)  # a mold, or an orphan we adopted as subreaper
+            elif exit_.boot_failed:
                 self._boot_failed(exit_.record)
 
     def _boot_failed(self, record: WorkerRecord) -> None:
@@ -353,8 +386,13 @@ class Master:
     def _upgrade_checked(self, status: int) -> None:
         argv = self.generations.checked(status, go=self.running)
         if argv is not None:
+            # The handoff channel passes to the new image like the listeners; the molds do
+            # not (their channels are close-on-exec: they see EOF and go).
+            self.channel.set_inheritable(True)
             error = generations.exec_image(argv, self.listeners, list(self.pool.records),
-                                           HANDLED_SIGNALS, self.wakeups.wake_w)
+                                           HANDLED_SIGNALS, self.wakeups.wake_w,
+                                           extra_env=self.channel.environ())
+            self.channel.set_inheritable(False)
             self.generations.exec_failed(error)
 
     # -- signals ----------------------------------------------------------------------------
@@ -399,6 +437,7 @@ class Master:
             return  # already stopping this way, or a harder one
         if self.running:
             systemd.notify("STOPPING=1")
+            self.keeper.stop("shutdown")  # workers forked from now on are cold
         self.stop_mode = mode
         now = time.monotonic()
         if mode is StopMode.DELAYING:
@@ -429,7 +468,10 @@ class Master:
         # Make sure no child outlives us even on an unexpected error in the loop.
         check = self.generations.check
         _kill_and_wait([*(self.pool.records if self.pool is not None else ()),
-                        *([check.pid] if check is not None else [])])
+                        *([check.pid] if check is not None else []), *self.keeper.pids()])
+        self.keeper.close()
+        if self.channel is not None:
+            self.channel.close()
         sockets.cleanup(self.listeners, self.bind_specs)
         self.outputs.close()
         if self.dev_reload is not None:
@@ -477,11 +519,14 @@ class Wakeups:
         for fd in (self.wake_r, self.wake_w, self.notify_r):
             os.close(fd)
 
-    def sleep(self, wake_at: float, outs: outputs.Outputs) -> None:
-        """Wait for a signal, a worker's note, a scrape, or ``wake_at`` (NEVER: no deadline)."""
+    def sleep(self, wake_at: float, outs: outputs.Outputs, keeper: mold.Keeper) -> None:
+        """Wait for a signal, a worker's note, a scrape, a new mold's hello (read here), or
+        ``wake_at`` (NEVER: no deadline)."""
         if self.pending:
             return
         readers, writers = outs.fds()
+        molds = keeper.fds()
+        readers = [*readers, *molds]
         timeout = None if wake_at == NEVER else max(0.0, wake_at - time.monotonic())
         if outs.scraped():
             # A scrape connection is open: its time limit lives in the metrics server.
@@ -492,6 +537,8 @@ class Wakeups:
         except InterruptedError:
             return
         outs.serve(ready, writable)
+        if set(molds) & set(ready):
+            keeper.receive()
         for fd in own:
             if fd in ready:
                 _drain(fd)  # the loop reads every slot on its next pass anyway
@@ -548,6 +595,27 @@ def _open_listeners(settings: Any, pid: int, log: Any) -> tuple[list[socket.sock
     for sock in listeners:
         log.info("Listening at: %s (%d)", sockets.describe(sock), pid)
     return listeners, specs
+
+
+def _refork_refusal(settings: Any) -> str | None:
+    """One line if refork cannot run with these settings or on this system; with refork on,
+    the master becomes the subreaper of the workers its molds fork."""
+    why = mold.refusal(settings)
+    if why is None and settings.refork_after:
+        try:
+            mold.set_child_subreaper()
+        except mold.MoldUnsupported as error:
+            return str(error)
+    return why
+
+
+def _prepare_generation(settings: Any) -> ssl.SSLContext | None:
+    """What a reload builds before its workers fork (the TLS context); raises if the new
+    settings cannot be served, and the running generation keeps serving."""
+    why = mold.refusal(settings)
+    if why is not None:
+        raise ValueError(why)
+    return _tls_context(settings)
 
 
 def _tls_context(settings: Any) -> ssl.SSLContext | None:

@@ -63,7 +63,7 @@ REQUEST_POLL = 1.0               # while a threshold is ahead, slots are read th
 NEVER = math.inf
 # Why a worker forked by the master is replaced by one from the mold (scoreboard's own reason
 # once it has one; until then the reload reason, which is what it is: new code, warmer).
-REASON = getattr(Reason, "REFORK", Reason.RELOAD)
+REASON = Reason.REFORK
 
 _HELLO = struct.Struct("=4sIIi")       # b"MOLD", mold pid, template pid, generation
 _ORDER = struct.Struct("=4sIiii")      # b"FORK", token, slot, generation, max_requests; title

@@ -120,6 +120,13 @@ class Outputs:
             server.on_writable(fd)
         server.expire(time.monotonic())
 
+    def in_child(self) -> None:
+        """In a worker the master forks: close its copies of the metrics listener and of the
+        scrapes in progress (no shutdown, no unlink: they are the master's). A worker holding
+        the listener would keep the address taken from the image a USR2 execs."""
+        if self.server is not None:
+            self.server.close()
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from forkserver import loader, logs, metrics, worker
+from forkserver import handoff, loader, logs, metrics, mold, worker
 from forkserver.scoreboard import Reason, Scoreboard
 
 WORKER_HOOKS = ("post_fork", "post_worker_init", "worker_exit", "pre_request", "post_request")
@@ -70,6 +70,7 @@ class WorkerRecord:
     reason: Reason = Reason.NONE  # why it recycles, retires or was aborted
     kill_at: float = 0.0          # SIGKILL is due then (0: not scheduled)
     ready_at: float = 0.0         # when its slot first showed it serving (0: never)
+    mold: int = 0                 # pid of the mold that forked it; 0: the master did
 
     def move(self, phase: Phase) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -94,6 +95,7 @@ class Blueprint:
     notify_fd: int = -1           # the write end of the master's note pipe
     freeze: bool = False          # gc.collect() + gc.freeze() before forking (preload)
     one_first: bool = False       # boot one worker of the generation before the others
+    handoff: handoff.Channel | None = None  # the master's channel; None: handoff_delay is 0
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def call_hook(hooks: dict[str, Callable], name: str, *args: Any) -> None:
             log.exception("hook %s failed", name)
 
 
-def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard) -> worker.WorkerSpec:
+def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard,
+                mold_link: socket.socket | None = None) -> worker.WorkerSpec:
     settings = blueprint.settings
     app = blueprint.app
     load_app: Callable[[], Callable]
@@ -151,17 +154,20 @@ def worker_spec(blueprint: Blueprint, index: int, scoreboard: Scoreboard) -> wor
         hooks={name: hook for name, hook in blueprint.hooks.items() if name in WORKER_HOOKS},
         access_log=blueprint.access_log,
         tls_context=blueprint.tls_context, reload_dir=blueprint.reload_dir,
-        notify_fd=blueprint.notify_fd, handoff=None, mold_link=None,  # wired next
+        notify_fd=blueprint.notify_fd, handoff=blueprint.handoff, mold_link=mold_link,
     )
 
 
 class Pool:
     """The master's workers. ``blocked`` are the signals the master handles: they stay blocked
     across fork, and ``in_child`` undoes the master's signal plumbing in the child before they
-    are unblocked there (or a signal meant for the worker would land in the master's pipe)."""
+    are unblocked there (or a signal meant for the worker would land in the master's pipe).
+    ``keeper`` is the master's book of the mold (refork): spawns go to the mold while one of
+    the current generation lives, and `refork` replaces the master's workers by its children."""
 
     def __init__(self, scoreboard: Scoreboard, target: int, blocked: tuple[int, ...],
-                 in_child: Callable[[], None]) -> None:
+                 in_child: Callable[[], None], keeper: mold.Keeper | None = None) -> None:
+        self.keeper = keeper if keeper is not None else mold.Keeper(())
         self.scoreboard = scoreboard
         self.target = target
         self.blocked = blocked
@@ -223,7 +229,8 @@ class Pool:
         return self.next_spawn if missing > 0 and self.next_spawn > now else math.inf
 
     def spawn(self, blueprint: Blueprint, freeze: bool = False) -> bool:
-        """Fork one worker. With ``freeze`` (preload), collect and freeze first, after the
+        """Fork one worker: from the mold if one of this generation serves, else from the
+        master. With ``freeze`` (preload), a cold fork collects and freezes first, after the
         pre_fork hook: the workers' own collections then never write to the headers of (and
         so never unshare) the objects they inherited. The master never unfreezes: frozen
         objects are still freed by reference counting, and collect() runs right before each
@@ -231,12 +238,14 @@ class Pool:
         index = self.scoreboard.free_index()
         if index is None:
             return False
-        spec = worker_spec(blueprint, index, self.scoreboard)
+        spec = worker_spec(blueprint, index, self.scoreboard, self.keeper.worker_link)
         call_hook(blueprint.hooks, "pre_fork", blueprint.settings, index)
+        self.scoreboard.claim(index, 0, blueprint.generation)
+        if self._spawn_from_mold(spec):
+            return True
         if freeze:
             gc.collect()
             gc.freeze()
-        self.scoreboard.claim(index, 0, blueprint.generation)
         signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
         try:
             pid = os.fork()
@@ -255,6 +264,42 @@ class Pool:
         self.log.info("booting worker %d (slot %d, generation %d)", pid, index,
                       blueprint.generation, extra=log_fields(self.records[pid]))
         return True
+
+    def _spawn_from_mold(self, spec: worker.WorkerSpec) -> bool:
+        """Ask the mold for the worker ``spec`` describes (its slot is claimed); False: fork
+        it cold (no mold of this generation, or it just failed; a hung one is killed)."""
+        keeper = self.keeper
+        mold_pid = keeper.mold_pid
+        pid = keeper.spawn(mold.Order(spec.index, spec.generation, spec.max_requests, spec.title))
+        for hung in keeper.take_kills():
+            self._signal(hung, signal.SIGKILL)
+        if pid is None:
+            return False
+        record = WorkerRecord(pid, spec.index, spec.generation, time.monotonic(), mold=mold_pid)
+        self.records[pid] = record
+        self.log.info("booting worker %d (slot %d, generation %d, from mold %d)", pid,
+                      spec.index, spec.generation, mold_pid, extra=log_fields(record))
+        return True
+
+    def refork(self, now: float) -> float:
+        """Promote a template when a threshold is passed, and replace the next worker not
+        forked by the current mold (one at a time: its replacement, from the mold, boots
+        first); returns when to look again."""
+        if not self.keeper.enabled:
+            return math.inf
+        seats = [mold.Seat.of(record, self.scoreboard.read(record.index).requests
+                              if record.index >= 0 else 0)
+                 for record in self.records.values()]
+        plan = self.keeper.plan(seats, now)
+        if plan.promote is not None:
+            self._signal(plan.promote, mold.PROMOTE_SIGNAL)
+        record = self.records.get(plan.recycle) if plan.recycle is not None else None
+        if record is not None:
+            self.log.info("replacing worker %d by a child of mold %d", record.pid,
+                          self.keeper.mold_pid, extra=log_fields(record, reason=mold.REASON))
+            self.mark_recycle(record, mold.REASON, now)
+            return now
+        return plan.wake_at
 
     def adopt(self, pids: list[int], now: float) -> None:
         """Workers of the image before a USR2 re-exec: still our children, serving, no slot."""

@@ -133,6 +133,7 @@ class Reason(enum.IntEnum):
     RELOAD = 7
     SHUTDOWN = 8
     SCALE = 9
+    REFORK = 10  # replaced by a child of the mold (refork_after)
 
 
 LINE_MAX = 80  # bytes of the request line kept for /status

@@ -64,9 +64,11 @@ MOLD_UP = re.compile(r"mold (\d+) forked from worker (\d+) \(generation (\d+)\)"
 
 @pytest.fixture(autouse=True)
 def integrated():
-    """Until the pool drives the mold, fail at once instead of waiting out every timeout."""
-    from forkserver import pool
+    """Until the pool drives the mold and workers fork it, fail at once instead of waiting out
+    every timeout."""
+    from forkserver import pool, worker
     assert hasattr(pool, "mold"), "forkserver.pool does not use forkserver.mold yet"
+    assert hasattr(worker, "mold"), "forkserver.worker does not fork a mold yet"
 
 
 CACHE_MIB = 24

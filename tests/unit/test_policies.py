@@ -7,14 +7,22 @@ actions due and the moment the worker next needs a look; the tests below pin bot
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 import tempfile
 
 import pytest
 
-from forkserver import config, generations, supervision
+from forkserver import config, generations, handoff, mold, pool, supervision
 from forkserver.generations import Generations, TransitionError
-from forkserver.master import STOP_MOVES, STOP_READINESS, Master, StopMode
+from forkserver.master import (
+    STOP_MOVES,
+    STOP_READINESS,
+    Master,
+    StopMode,
+    _prepare_generation,
+    _refork_refusal,
+)
 from forkserver.pool import (
     TRANSITIONS,
     Blueprint,
@@ -448,3 +456,157 @@ def test_the_worker_spec_carries_what_the_master_made_for_the_generation(board):
     assert (spec.generation, spec.index) == (3, 1)
     plain = worker_spec(Blueprint(DEFAULTS, 1, [], None, {}, None, 1), 0, board)
     assert (plain.tls_context, plain.reload_dir, plain.notify_fd) == (None, None, -1)
+
+
+def test_the_worker_spec_carries_the_handoff_channel_and_the_mold_link(board):
+    channel = handoff.Channel.create()
+    link_end, other = socket.socketpair()
+    try:
+        blueprint = Blueprint(DEFAULTS, 1, [], None, {}, None, 1, handoff=channel)
+        spec = worker_spec(blueprint, 0, board, link_end)
+        assert (spec.handoff, spec.mold_link) == (channel, link_end)
+        bare = worker_spec(Blueprint(DEFAULTS, 1, [], None, {}, None, 1), 0, board)
+        assert (bare.handoff, bare.mold_link) == (None, None)
+    finally:
+        channel.close()
+        link_end.close()
+        other.close()
+
+
+@pytest.mark.parametrize(("delay", "given"), [(2.0, True), (0.0, False)])
+def test_the_master_gives_its_one_channel_only_while_handoff_delay_is_on(delay, given):
+    master = Master(make_settings(handoff_delay=delay))
+    master.channel = handoff.Channel.create()
+    try:
+        first, second = master._blueprint(), master._blueprint()
+        assert first.handoff is second.handoff  # the same channel for every generation
+        assert (first.handoff is master.channel) is given
+        assert given or first.handoff is None
+    finally:
+        master.channel.close()
+
+
+@pytest.mark.parametrize(("overrides", "line"), [
+    ({}, None),
+    ({"refork_after": (20,), "threads": 2}, "refork_after: not with threads > 1"),
+    ({"refork_after": (20,), "reload": True}, "refork_after: not with reload"),
+])
+def test_refork_that_cannot_run_is_refused_in_one_line(overrides, line):
+    why = _refork_refusal(make_settings(**overrides))
+    assert why is None if line is None else why.startswith(line)
+
+
+def test_a_reload_to_refork_settings_it_cannot_serve_is_refused():
+    assert _prepare_generation(DEFAULTS) is None  # no TLS: no context
+    with pytest.raises(ValueError, match="refork_after: not with threads > 1"):
+        _prepare_generation(make_settings(refork_after=(20,), threads=2))
+
+
+# -- refork: the pool carries out the keeper's plan -----------------------------------------
+class Signals:
+    """What the pool sent, instead of sending it (the pids here are made up)."""
+
+    def __init__(self, monkeypatch, target: Pool) -> None:
+        self.sent: list[tuple[int, int]] = []
+        monkeypatch.setattr(target, "_signal", lambda pid, signum: self.sent.append((pid,
+                                                                                      signum)))
+
+
+def served(board, index: int, requests: int) -> None:
+    """``requests`` more answered in slot ``index`` (as its worker would count them)."""
+    writer = board.writer(index)
+    for _ in range(requests):
+        writer.request_finished(200, 0, State.IDLE)
+
+
+def refork_pool(board, monkeypatch, thresholds=(5, 50)) -> tuple[Pool, Signals]:
+    keeper = mold.Keeper(thresholds)
+    keeper.follow(1)
+    target = Pool(board, 2, (signal.SIGTERM,), lambda: None, keeper)
+    return target, Signals(monkeypatch, target)
+
+
+def test_without_refork_the_pool_never_looks(board, monkeypatch):
+    target = Pool(board, 2, (signal.SIGTERM,), lambda: None)
+    signals = Signals(monkeypatch, target)
+    target.records[11] = WorkerRecord(11, 0, 1, T0, Phase.READY)
+    assert target.refork(T0) == NEVER and signals.sent == []
+
+
+def test_the_warmest_worker_past_the_threshold_is_sent_the_promote_signal(board, monkeypatch):
+    target, signals = refork_pool(board, monkeypatch)
+    try:
+        target.records[11] = WorkerRecord(11, 0, 1, T0, Phase.READY)
+        target.records[12] = WorkerRecord(12, 1, 1, T0 + 1, Phase.READY)
+        board.claim(0, 11, 1)
+        board.claim(1, 12, 1)
+        served(board, 0, 3)
+        served(board, 1, 4)
+        assert target.refork(T0 + 10) == T0 + 10 + mold.REQUEST_POLL  # below 5: look again
+        assert signals.sent == []
+        served(board, 1, 2)  # now 6
+        target.refork(T0 + 11)
+        assert signals.sent == [(12, mold.PROMOTE_SIGNAL)]
+        assert target.keeper.stage is mold.Stage.PROMOTING
+        assert all(record.phase is Phase.READY for record in target.records.values())
+    finally:
+        target.keeper.close()
+
+
+def test_with_a_mold_the_oldest_cold_worker_is_recycled_one_at_a_time(board, monkeypatch):
+    target, signals = refork_pool(board, monkeypatch)
+    master_end, mold_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keeper = target.keeper
+    try:
+        # As after the hello of mold 900 forked from worker 12 (keeper.receive does this).
+        keeper.client, keeper.template = mold.MoldClient(900, 1, master_end), 12
+        keeper.stage, keeper.level = mold.Stage.MOLDED, 1
+        target.records[11] = WorkerRecord(11, 0, 1, T0, Phase.READY)
+        target.records[12] = WorkerRecord(12, 1, 1, T0 + 1, Phase.READY)
+        target.records[13] = WorkerRecord(13, 2, 1, T0 + 2, Phase.READY, mold=900)
+        assert target.refork(T0 + 10) == T0 + 10
+        assert target.records[11].phase is Phase.RECYCLING
+        assert target.records[11].reason is mold.REASON
+        assert target.refork(T0 + 11) > T0 + 11  # one at a time: 11 waits for its successor
+        assert target.records[12].phase is Phase.READY
+        assert signals.sent == []  # recycling is the retire path's job, once all are ready
+    finally:
+        keeper.close()
+        mold_end.close()
+
+
+def test_spawns_go_to_the_master_without_a_mold_of_the_generation(board, monkeypatch):
+    target, signals = refork_pool(board, monkeypatch)
+    try:
+        spec = worker_spec(Blueprint(DEFAULTS, 1, [], None, {}, None, 1), 0, board,
+                           target.keeper.worker_link)
+        assert spec.mold_link is target.keeper.worker_link is not None
+        assert target._spawn_from_mold(spec) is False
+        assert target.records == {} and signals.sent == []
+    finally:
+        target.keeper.close()
+
+
+def test_a_record_remembers_the_mold_it_came_from():
+    assert WorkerRecord(1, 0, 1, T0).mold == 0
+    assert mold.Seat.of(WorkerRecord(1, 0, 1, T0, Phase.READY, mold=77), 5) == \
+        mold.Seat(1, 1, T0, "ready", 5, 77)
+    assert pool.mold is mold
+
+
+def test_a_forked_worker_drops_the_metrics_listener_but_leaves_the_masters_socket(tmp_path):
+    """A worker must not hold the master's metrics listener: the image a USR2 execs binds the
+    same address again."""
+    from forkserver import outputs
+    path = tmp_path / "metrics.sock"
+    outs = outputs.Outputs()
+    outs.open(make_settings(metrics_bind=f"unix:{path}"), lambda: None)
+    listener = outs.listener[0]
+    try:
+        assert outs.fds()[0] == [listener.fileno()]
+        outs.in_child()
+        assert listener.fileno() == -1 and outs.fds() == ([], [])
+        assert path.exists()  # the path is the master's to remove
+    finally:
+        outs.close()
+        path.unlink(missing_ok=True)
