@@ -11,7 +11,6 @@ the loop sleeps until the nearest one (rule 7 of style.md).
 
 from __future__ import annotations
 
-import enum
 import errno
 import faulthandler
 import fcntl
@@ -28,11 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forkserver import handoff, logs, wsgi
+from forkserver import handoff, logs, tls, wsgi
 from forkserver.http.errors import HTTPError, RequestTimeout
 from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
+from forkserver.phases import NEXT, Phase, check_move
+from forkserver.preamble import Preamble
 from forkserver.scoreboard import Reason, Scoreboard, State
+from forkserver.threaded import Lending
 from forkserver.wsgi import ClientDisconnected, Verdict
 
 if TYPE_CHECKING:
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 # Exit codes the master understands.
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3      # the app (or a boot hook) failed to load
+# The master may sleep on WorkerSpec.notify_fd: a worker writes a byte there when it becomes
+# ready and when it asks to be replaced.
+NOTIFIES_MASTER = True
 
 RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 4           # connections taken per wakeup, so workers share a burst
@@ -48,6 +53,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 STOP_IDLE_GRACE = 2.0      # a stopping worker's idle keep-alive connections get this long
 SERVER_HEADER = b"forkserver"
 _NEVER = float("inf")
+WOULD_BLOCK = tls.WOULD_BLOCK  # BlockingIOError, or an SSLSocket's want-read/want-write
 
 # accept() errors that concern only the connection being accepted (see accept(2), Linux).
 _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
@@ -57,27 +63,9 @@ _ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.
 _CLIENT_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.ENOTCONN})
 
 
-class Phase(enum.IntEnum):
-    """Where a connection is; each phase but BUSY has a deadline of its own. (An IntEnum, so
-    the transition check hashes in C: a plain Enum's __hash__ is Python code.)"""
-
-    HEAD = 0    # reading a request head (header_timeout)
-    BODY = 1    # reading a small body before the app runs (header_timeout)
-    BUSY = 2    # the app runs; its reads and writes block under their own timeouts
-    IDLE = 3    # keep-alive, between requests (keepalive)
-    LINGER = 4  # answered and shut for writing; draining the client (linger_timeout)
-
-
-# Every legal move, by the phase it starts from; any other raises.
-_NEXT: tuple[frozenset[Phase], ...] = (
-    frozenset({Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),              # HEAD
-    frozenset({Phase.BUSY, Phase.LINGER}),                                      # BODY
-    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER}),  # BUSY
-    frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.LINGER}),              # IDLE
-    frozenset(),                                                                # LINGER
-)
 # Plain module names for the hot path (an Enum member lookup through its class costs ~60 ns).
 HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.LINGER
+PROXY, HANDSHAKE = Phase.PROXY, Phase.HANDSHAKE
 KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
 EMPTY_INPUT = wsgi.EMPTY_INPUT
 
@@ -120,13 +108,19 @@ class Connection:
         "deadline",
         "drained",
         "fd",
+        "handshake",
+        "lent",
         "parser",
         "phase",
+        "proxy",
         "registered",
         "remote",
         "request",
         "requests",
+        "running",
         "sock",
+        "tls",
+        "view",
         "worker",
     )
 
@@ -146,6 +140,38 @@ class Connection:
         self.body_deadline = 0.0
         self.drained = 0                 # bytes discarded while lingering
         self.registered = False          # known to epoll (only once it outlives its first read)
+        self.view = worker.view          # receive()'s buffer; a pool thread brings its own
+        self.lent: tuple[Request, Any, bool] | None = None  # what a pool thread is to run
+        self.running = ""                # "METHOD target" of the request lent to a thread
+        self.proxy: Any = None           # the PROXY header reader, while in PROXY
+        self.handshake: Any = None       # the TLS handshake, while in HANDSHAKE
+        self.tls = False                 # sock is an SSLSocket: no sendfile
+
+    def drain(self) -> bool:
+        """Lingering: read and discard what the client sends; True once that is over (the
+        client closed, or sent more than linger_bytes)."""
+        limit = self.worker.settings.linger_bytes
+        buffer = self.worker.buffer
+        while True:
+            try:
+                n = self.sock.recv_into(buffer)
+            except WOULD_BLOCK:
+                return False
+            except OSError:
+                n = 0
+            self.drained += n
+            if n == 0 or self.drained > limit:
+                return True
+
+    def end_tls(self) -> None:
+        """Say close_notify before the TCP close, so a client reading a close-delimited body
+        can tell the end from a truncation. Best effort: the peer's own close_notify is not
+        awaited (the first SSL_shutdown sends ours; the second would block and is skipped)."""
+        self.tls = False
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass
 
     # -- wsgi.Channel: blocking with timeouts, used only while the app runs -------------------
     def receive(self) -> bool:
@@ -159,12 +185,13 @@ class Connection:
                                   else float("inf"))
         while True:
             try:
-                n = self.sock.recv_into(worker.buffer)
-            except BlockingIOError:
+                n = self.sock.recv_into(self.view)
+            except WOULD_BLOCK as blocked:
                 left = self.body_deadline - time.monotonic()
                 if left <= 0:
                     raise RequestTimeout("request body arrives too slowly") from None
-                self._wait(select.POLLIN, "send the request body", left)
+                self._wait(select.POLLOUT if isinstance(blocked, ssl.SSLWantWriteError)
+                           else select.POLLIN, "send the request body", left)
                 continue
             except OSError as error:
                 raise ClientDisconnected(f"receiving: {error}") from None
@@ -172,31 +199,38 @@ class Connection:
                 return False
             if rate:
                 self.body_deadline += n / rate
-            self.parser.feed(worker.view[:n])
+            self.parser.feed(self.view[:n])
             return True
 
     def send_all(self, data: bytes) -> None:
         sock = self.sock
+        events = select.POLLOUT
         try:
             sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
+        except WOULD_BLOCK as blocked:
+            sent, events = 0, _wait_for(blocked)
         except OSError as error:
             raise ClientDisconnected(f"sending: {error}") from None
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
         while view:
-            self._wait(select.POLLOUT, "read the response")
+            self._wait(events, "read the response")
             try:
                 sent = sock.send(view)
-            except BlockingIOError:
+            except WOULD_BLOCK as blocked:
+                events = _wait_for(blocked)
                 continue
             except OSError as error:
                 raise ClientDisconnected(f"sending: {error}") from None
             view = view[sent:]
 
     def send_file(self, fd: int, offset: int, count: int) -> int:
+        if self.tls:  # the kernel cannot encrypt: read and send through the SSLSocket
+            data = tls.read_file_chunk(fd, offset, count)
+            if data:
+                self.send_all(data)
+            return len(data)
         while True:
             try:
                 return os.sendfile(self.fd, fd, offset, count)
@@ -229,11 +263,13 @@ class Requests:
         self.slot = slot
         self.log = logs.get_logger()
         self.app: Callable | None = None
-        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips)
+        self.proxies = wsgi.trusted_proxies(spec.settings.forwarded_allow_ips,
+                                            spec.settings.forwarded_headers)
         self.pre_request = spec.hooks.get("pre_request")
         self.post_request = spec.hooks.get("post_request")
         self.count = 0
         self.retiring = False  # answer every next request with Connection: close
+        self.recycling = False  # asked the master for a replacement
 
     def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
         """Run one request; return what becomes of the connection."""
@@ -271,16 +307,65 @@ class Requests:
             self._retire(state)
         return verdict
 
+    def lend(self, conn: Connection, request: Request, body: Any) -> None:
+        """The reactor's part of a request a pool thread will run (see ``run_lent``)."""
+        conn.body_deadline = 0.0
+        conn.requests += 1
+        settings = self.settings
+        keep_alive = (request.keep_alive and settings.keepalive > 0
+                      and conn.requests < settings.keepalive_requests
+                      and (not self.retiring or conn.parser.buffered > 0))
+        conn.lent = (request, body, keep_alive)
+        conn.running = f"{request.method} {request.target}"
+
+    def run_lent(self, conn: Connection, seat: Any) -> Verdict:
+        """In a pool thread: run the request lent with ``conn`` (as ``dispatch`` does inline),
+        recording it in the thread's own scoreboard record; return the connection's verdict."""
+        request, body, keep_alive = conn.lent
+        conn.lent = None
+        local = seat.state
+        conn.view = local.view
+        record = local.record
+        record.request_started(request.method, request.target)
+        started = time.monotonic()
+        status = bytes_sent = 0
+        try:
+            environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
+            if self.pre_request is not None:
+                call_hook(self.pre_request, environ)
+            exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
+                                   SERVER_HEADER, self._log_app_error)
+            status, bytes_sent = exchange.status_code, exchange.bytes_sent
+            if self.post_request is not None:
+                call_hook(self.post_request, environ, status)
+        finally:
+            duration = time.monotonic() - started
+            record.request_finished(status, bytes_sent, duration)
+        if self.spec.access_log is not None:
+            self._log_access(environ, request, exchange, duration)
+        if exchange.close_reason:
+            self.log.debug("closing %s after %s %s: %s", conn.remote[0], request.method,
+                           request.target, exchange.close_reason)
+        return exchange.verdict
+
+    def finished(self) -> None:
+        """The reactor's count of a request a thread has finished."""
+        self.count += 1
+        if self.spec.max_requests and self.count == self.spec.max_requests:
+            self._retire(State.IDLE)
+
     def _retire(self, state: State) -> None:
         """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
         never dips. Until then this worker keeps serving, closing each connection after its
         next response."""
-        if self.retiring:
+        if self.recycling:
             return
+        self.recycling = True
         self.log.info("worker %d served %d requests; asking to be recycled",
                       os.getpid(), self.count)
         self.retiring = True
         self.slot.set_state(state, Reason.REQUESTS)
+        notify_master(self.spec.notify_fd)
 
     def _log_access(self, environ: dict[str, Any], request: Request, exchange: Any,
                     duration: float) -> None:
@@ -299,7 +384,9 @@ class Listeners:
 
     def __init__(self, worker: Worker, socks: list[socket.socket]) -> None:
         self.worker = worker
-        self.listeners = {sock.fileno(): (sock, listener_environ(sock)) for sock in socks}
+        multithread = worker.settings.threads > 1
+        self.listeners = {sock.fileno(): (sock, listener_environ(sock, multithread))
+                          for sock in socks}
         self.accepting = False
 
     def __contains__(self, fd: int) -> bool:
@@ -316,6 +403,9 @@ class Listeners:
             sock.close()
 
     def on(self) -> None:
+        lending = self.worker.lending
+        if lending is not None and not lending.has_free_thread:
+            return  # accept only with a free thread; the next give-back resumes
         if not self.accepting and not self.worker.stopping:
             for fd in self.listeners:
                 # EPOLLEXCLUSIVE wakes one waiting worker per connection (no thundering herd);
@@ -381,13 +471,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.settings = settings = spec.settings
-        self.limits = Limits(
-            max_line=settings.limit_request_line,
-            max_fields=settings.limit_request_fields,
-            max_field_size=settings.limit_request_field_size,
-            max_body=settings.limit_request_body,
-            max_head=settings.limit_request_head,
-        )
+        self.limits = request_limits(settings)
         self.log = logs.get_logger()
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
@@ -402,33 +486,18 @@ class Worker:
         self.slot = spec.scoreboard.writer(spec.index)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.requests = Requests(spec, self.slot)
+        self.lending: Lending | None = None  # the thread pool, with threads > 1
         self.listeners = Listeners(self, spec.listeners)
+        self.preamble = Preamble.for_worker(self)  # PROXY header, TLS; None: HTTP at once
 
     # -- setup ------------------------------------------------------------------------------
     def boot(self) -> int | None:
         """Become a worker process and load the app; returns an exit code if it cannot serve."""
-        spec = self.spec
-        guard_std_fds()
         self.slot.set_pid(os.getpid())
-        try:
-            import setproctitle
-            setproctitle.setproctitle(spec.title)
-        except ImportError:  # pragma: no cover - it is a declared dependency
-            pass
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
-        # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
-        faulthandler.enable(file=logs.error_stream(), all_threads=True)
+        _become_worker_process(self.spec.title)
         _install_signals(self.pending_signals, self.wake_w)
-        hooks = spec.hooks
-        try:
-            _drop_privileges(spec.settings.user, spec.settings.group)
-            if "post_fork" in hooks:
-                hooks["post_fork"](os.getpid())
-            app = spec.load_app()
-            if "post_worker_init" in hooks:
-                hooks["post_worker_init"](os.getpid())
-        except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
-            self.log.error("worker %d failed to boot: %s", os.getpid(), error)
+        app = load_app(self.spec)
+        if app is None:
             return EXIT_BOOT_ERROR
         self.open(app)
         return None
@@ -438,8 +507,11 @@ class Worker:
         (Process-wide setup is ``boot``'s; tests drive a worker from here on.)"""
         self.requests.app = app
         self.epoll.register(self.wake_r, select.EPOLLIN)
+        if self.settings.threads > 1:
+            self.lending = Lending(self, self.settings.threads, RECV_SIZE)
         self.listeners.on()
         self.slot.set_state(State.IDLE)
+        notify_master(self.spec.notify_fd)
 
     def adopt(self, sock: socket.socket, remote: tuple[str, str] = ("", ""),
               base: dict[str, Any] | None = None) -> bool:
@@ -447,9 +519,13 @@ class Worker:
         if sock.fileno() <= 2:
             sock = _move_above_std_fds(sock)
         sock.setblocking(False)
-        conn = Connection(self, sock, remote, base or listener_environ(sock))
+        conn = Connection(self, sock, remote,
+                          base or listener_environ(sock, self.settings.threads > 1))
         self.conns[conn.fd] = conn
         self._arm(conn)
+        if self.preamble is not None:
+            self.preamble.begin(conn)
+            return self.conns.get(conn.fd) is conn
         # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
         # and involve epoll only if the connection stays open.
         self._readable(conn)
@@ -463,8 +539,8 @@ class Worker:
     def _go(self, conn: Connection, phase: Phase) -> None:
         """Move ``conn`` to ``phase`` (an unlisted move raises) and start its deadline."""
         old = conn.phase
-        if phase not in _NEXT[old]:
-            raise RuntimeError(f"connection cannot go from {old.name} to {phase.name}")
+        if phase not in NEXT[old]:
+            check_move(old, phase)
         if old is IDLE:
             del self.idle[conn.fd]
         conn.phase = phase
@@ -527,6 +603,8 @@ class Worker:
                     self.epoll.unregister(conn.fd)
                 except (OSError, ValueError):
                     pass
+        if conn.tls:
+            conn.end_tls()
         try:
             conn.sock.close()
         except OSError:
@@ -543,22 +621,24 @@ class Worker:
         except OSError:
             self.close(conn)
             return
-        self._linger(conn)
+        self.linger(conn)
 
     def _end(self, conn: Connection, verdict: Verdict) -> None:
         """Carry out an exchange's verdict other than KEEP."""
         if verdict is ABORT or (verdict is CLOSE and not conn.parser.buffered):
             self.close(conn)
         else:
-            self._linger(conn)
+            self.linger(conn)
 
-    def _linger(self, conn: Connection) -> None:
+    def linger(self, conn: Connection) -> None:
         """Shut down our side, then read and discard what the client still sends, for up to
         linger_timeout and linger_bytes: closing with unread input would make the kernel send
         a reset, which can destroy the response still in flight (nginx's lingering close)."""
         if not self.settings.linger_bytes or not self.settings.linger_timeout:
             self.close(conn)
             return
+        if conn.tls:
+            conn.end_tls()
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -567,27 +647,20 @@ class Worker:
         conn.drained = 0
         self._go(conn, LINGER)
 
-    def _drain(self, conn: Connection) -> None:
-        limit = self.settings.linger_bytes
-        while True:
-            try:
-                n = conn.sock.recv_into(self.buffer)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
-            conn.drained += n
-            if n == 0 or conn.drained > limit:
-                self.close(conn)
-                return
-
     def _readable(self, conn: Connection) -> None:
-        if conn.phase is LINGER:
-            self._drain(conn)
+        phase = conn.phase
+        if phase is not IDLE and phase is not HEAD and phase is not BODY:
+            if phase is LINGER:
+                if conn.drain():
+                    self.close(conn)
+            elif phase is BUSY:  # lent to a pool thread, which alone reads it now
+                self.lending.mute(conn)
+            else:
+                self.preamble.advance(conn)
             return
         try:
             n = conn.sock.recv_into(self.buffer)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return
         except OSError:
             self.close(conn)
@@ -625,8 +698,11 @@ class Worker:
                 if conn.phase is not BUSY:  # (the one hot move, inlined from _go)
                     if conn.phase is IDLE:
                         del self.idle[conn.fd]
-                    conn.phase = BUSY  # BUSY follows every phase but LINGER (see _NEXT)
+                    conn.phase = BUSY  # legal from every phase _process runs in (phases.NEXT)
                     conn.deadline = _NEVER
+                if self.lending is not None:
+                    self.lending.lend(conn, request, body)
+                    return
                 verdict = self.requests.dispatch(conn, request, body)
                 if verdict is not KEEP:
                     self._end(conn, verdict)
@@ -636,7 +712,7 @@ class Worker:
             self._fail(conn, error)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
+    def begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
         if self.stopping:
             return
         self.stopping = self.requests.retiring = True
@@ -655,11 +731,16 @@ class Worker:
         while self.pending_signals:
             signum = self.pending_signals.popleft()
             if signum == signal.SIGTERM:
-                self._begin_stop()
+                self.begin_stop()
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.quick_exit = True
             elif signum == signal.SIGUSR1:
                 logs.reopen()
+            elif signum == signal.SIGWINCH:
+                # The master's shutdown_delay: serve and accept on (a load balancer sends
+                # traffic until it notices), but every next response closes its connection
+                # (an idle one is not closed under a request its client may be sending).
+                self.requests.retiring = True
 
     def _housekeeping(self) -> None:
         self.slot.heartbeat()
@@ -667,8 +748,10 @@ class Worker:
         if os.getppid() != self.spec.master_pid and not self.stopping:
             # Nobody supervises us any more: finish what clients already sent, then go.
             self.log.warning("worker %d: master is gone; exiting", os.getpid())
-            self._begin_stop()
+            self.begin_stop()
         self.slot.set_connections(len(self.conns))
+        if self.lending is not None:
+            self.lending.check_stuck(time.monotonic())
         if not self.listeners.accepting and not self.stopping and \
                 len(self.conns) < self.settings.worker_connections:
             self.listeners.on()  # resume after an accept failure paused us
@@ -678,6 +761,8 @@ class Worker:
         if code is not None:
             return code
         code = self._loop()
+        if self.lending is not None:
+            self.lending.finish(self.quick_exit)
         hook = self.spec.hooks.get("worker_exit")
         if hook is not None:
             call_hook(hook, os.getpid())
@@ -700,6 +785,8 @@ class Worker:
             elif fd in self.listeners:
                 if not self.stopping:
                     self.listeners.accept(fd)
+            elif self.lending is not None and fd == self.lending.fd:
+                self.lending.collect()
             elif fd == self.wake_r:
                 try:
                     os.read(fd, 512)
@@ -722,29 +809,104 @@ class Worker:
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
             if self.quick_exit:
                 return EXIT_OK
-            if self.stopping and (not self.conns or now >= self.stop_deadline):
+            if self.stopping and (not self.conns or now >= self.stop_deadline or (
+                    self.lending is not None and self.lending.only_stuck_left())):
                 return EXIT_OK
+
+
+def _become_worker_process(title: str) -> None:
+    guard_std_fds()
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover - it is a declared dependency
+        pass
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort leaves a traceback, no core
+    # SIGABRT from the master (timeout) dumps every thread's stack into the error log.
+    faulthandler.enable(file=logs.error_stream(), all_threads=True)
+
+
+def request_limits(settings: Settings) -> Limits:
+    return Limits(max_line=settings.limit_request_line, max_fields=settings.limit_request_fields,
+                  max_field_size=settings.limit_request_field_size,
+                  max_body=settings.limit_request_body, max_head=settings.limit_request_head)
+
+
+def load_app(spec: WorkerSpec) -> Callable | None:
+    """Run the boot hooks and import the app; None (logged) if that fails."""
+    hooks = spec.hooks
+    inherited = set(sys.modules)  # what the app brought in is the reloader's to watch
+    try:
+        _drop_privileges(spec.settings.user, spec.settings.group)
+        if "post_fork" in hooks:
+            hooks["post_fork"](os.getpid())
+        app = spec.load_app()
+        if "post_worker_init" in hooks:
+            hooks["post_worker_init"](os.getpid())
+    except Exception as error:  # noqa: BLE001 - any boot failure is reported the same way
+        # In development (reload) the traceback of the error in the app's own code is what its
+        # author needs (once: the loader's wrapping error adds nothing to it).
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        logs.get_logger().error("worker %d failed to boot: %s", os.getpid(), error,
+                                exc_info=root if spec.reload_dir is not None else None)
+        report_modules(spec, inherited, error)
+        return None
+    report_modules(spec, inherited)
+    return app
+
+
+def report_modules(spec: WorkerSpec, inherited: set[str],
+                   error: BaseException | None = None) -> None:
+    """With ``reload``: tell the master's reloader which files this app is made of (on a
+    failed load too, so fixing the broken file brings the worker back)."""
+    if spec.reload_dir is None:
+        return
+    from forkserver import reloader
+    try:
+        reloader.report_modules(spec.reload_dir, inherited, error=error)
+    except OSError as problem:
+        logs.get_logger().warning("cannot report modules for reload: %s", problem)
 
 
 def _install_signals(pending: deque[int], wake_fd: int) -> None:
     """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGHUP):
+                   signal.SIGHUP, signal.SIGWINCH):
         signal.signal(signum, lambda signum, frame: pending.append(signum))
-    # The master sends CHLD-irrelevant signals only; TTIN/TTOU/USR2 are the master's.
-    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH):
+    # TTIN/TTOU/USR2 are the master's.
+    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
 
 
-def listener_environ(sock: socket.socket) -> dict[str, Any]:
+def listener_environ(sock: socket.socket, multithread: bool = False) -> dict[str, Any]:
     """The constant part of the environ for connections on ``sock``."""
     address = sock.getsockname()
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         name, port = str(address[0]), str(address[1])
     else:
         name, port = (address if isinstance(address, str) else address.decode()), ""
-    return wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+    base = wsgi.base_environ(name, port, errors=logs.ErrorsStream())
+    base["wsgi.multithread"] = multithread
+    return base
+
+
+def _wait_for(blocked: BaseException) -> int:
+    """The poll event a WOULD_BLOCK send waits for (a TLS send may need to read first)."""
+    return select.POLLIN if isinstance(blocked, ssl.SSLWantReadError) else select.POLLOUT
+
+
+def notify_master(fd: int) -> None:
+    """Wake the master (one byte on its note pipe); a full pipe already wakes it."""
+    if fd >= 0:
+        try:
+            os.write(fd, b"!")
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            logs.get_logger().debug("cannot notify the master: %s", error)
 
 
 def call_hook(hook: Callable, *args: Any) -> None:

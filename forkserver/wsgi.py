@@ -347,10 +347,14 @@ def base_environ(server_name: str, server_port: str, url_scheme: str = "http",
     }
 
 
-def trusted_proxies(allow: Iterable[str]) -> TrustedProxies | None:
-    """The rules deciding whose X-Forwarded-*/Forwarded headers are believed; None = nobody."""
+def trusted_proxies(allow: Iterable[str],
+                    headers: Iterable[str] | None = None) -> TrustedProxies | None:
+    """The rules deciding whose forwarding headers (``headers``: the forwarded_headers setting;
+    None: the proxy module's default) are believed; None = nobody."""
     allow = list(allow)
-    return TrustedProxies(allow) if allow else None
+    if not allow:
+        return None
+    return TrustedProxies(allow) if headers is None else TrustedProxies(allow, headers)
 
 
 # Header name -> environ key; bounded so hostile clients cannot grow it without end.

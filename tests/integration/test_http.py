@@ -18,11 +18,13 @@ import requests
 from tests.conftest import ResponseReader, http_request
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One 2-worker server for the read-only tests of this module (starting one costs ~0.5 s)."""
+@pytest.fixture(scope="module", params=[1, 4], ids=["threads1", "threads4"])
+def shared_server(request, tmp_path_factory):
+    """One 2-worker server for the read-only tests of this module (starting one costs ~0.5 s),
+    once with the inline path and once with a pool of 4 threads per worker (issue 12)."""
     from tests.conftest import Server
-    server = Server(tmp_path_factory.mktemp("shared"), "tests.apps.basic:app").start()
+    server = Server(tmp_path_factory.mktemp("shared"), "tests.apps.basic:app",
+                    "--threads", str(request.param)).start()
     yield server
     server.stop()
 

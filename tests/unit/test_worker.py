@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import signal
 import socket
+import ssl
 import stat
+import sys
 import threading
 import time
 import tracemalloc
@@ -20,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 
-from forkserver import config, logs
+from forkserver import config, logs, tls, worker
 from forkserver.scoreboard import Scoreboard
 from forkserver.worker import Worker, WorkerSpec
 from tests.conftest import ResponseReader, read_until_closed
@@ -36,14 +39,18 @@ def hello(environ, start_response):
 class Harness:
     """One worker whose loop runs in a thread; everything it does happens on that thread."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, app: Callable) -> None:
         self.worker = worker
         self.calls: queue.Queue[Callable[[], None]] = queue.Queue()
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        opened = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(app, opened), daemon=True)
         self.thread.start()
+        assert opened.wait(10), "the worker did not open"
 
-    def _run(self) -> None:
+    def _run(self, app: Callable, opened: threading.Event) -> None:
+        self.worker.open(app)  # on the loop's thread: the reactor owns its thread pool
+        opened.set()
         while not self.stop.is_set():
             while not self.calls.empty():
                 self.calls.get()()
@@ -65,6 +72,11 @@ class Harness:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(10)
+        lending = self.worker.lending
+        if lending is not None:
+            lending.pool.stop(timeout=5)
+            self.worker.epoll.unregister(lending.fd)
+            lending.pool.close()
         for conn in list(self.worker.conns.values()):
             conn.sock.close()
         self.worker.epoll.close()
@@ -77,18 +89,17 @@ def make_worker(tmp_path):
     made: list[tuple[Harness, Scoreboard]] = []
 
     def make(app: Callable = hello, listeners: tuple[socket.socket, ...] = (),
-             max_requests: int = 0, **overrides: object) -> Harness:
+             max_requests: int = 0, notify_fd: int = -1, reload_dir: str | None = None,
+             tls_context: ssl.SSLContext | None = None, **overrides: object) -> Harness:
         settings = config.resolve({"app": "tests.apps.basic:app", **overrides}, None, {},
                                   str(tmp_path))
         board = Scoreboard(1)
         spec = WorkerSpec(settings=settings, index=0, generation=1, listeners=list(listeners),
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
-                          access_log=None, tls_context=None, reload_dir=None, notify_fd=-1,
-                          handoff=None, mold_link=None)
-        worker = Worker(spec)
-        worker.open(app)
-        harness = Harness(worker)
+                          access_log=None, tls_context=tls_context, reload_dir=reload_dir,
+                          notify_fd=notify_fd, handoff=None, mold_link=None)
+        harness = Harness(Worker(spec), app)
         made.append((harness, board))
         return harness
 
@@ -417,6 +428,47 @@ def test_retiring_worker_answers_each_next_request_with_close(make_worker):
     assert closed_within(parked, 5)
 
 
+def test_sigwinch_answers_each_next_request_with_close(make_worker):
+    h = make_worker(keepalive=30)
+    parked = h.client()
+    reader = ResponseReader(parked)
+    parked.sendall(GET % b"before")
+    assert reader.read()[0] == 200
+
+    def winch() -> None:
+        h.worker.pending_signals.append(signal.SIGWINCH)
+        h.worker._handle_signals()
+
+    h.on_loop(winch)
+    # An idle keep-alive connection is not closed under a request its client may be sending:
+    # its next response says close.
+    parked.sendall(GET % b"next")
+    status, headers, _ = reader.read()
+    assert (status, headers.get("connection")) == (200, "close")
+    assert closed_within(parked, 5)
+    fresh = h.client()  # still serving (and accepting), each response closes
+    fresh.sendall(GET % b"after")
+    status, headers, body = ResponseReader(fresh).read()
+    assert (status, headers.get("connection"), body) == (200, "close", b"/after")
+    assert closed_within(fresh, 5)
+    assert not h.worker.stopping
+
+
+def test_notify_fd_gets_a_byte_when_ready_and_when_asking_to_be_recycled(make_worker):
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        h = make_worker(max_requests=1, notify_fd=w)
+        assert os.read(r, 16) == b"!"  # ready
+        client = h.client()
+        client.sendall(GET % b"x")
+        assert ResponseReader(client).read()[0] == 200
+        h.on_loop(lambda: None)
+        assert os.read(r, 16) == b"!"  # recycle reason set
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_stopping_worker_gives_idle_connections_a_grace_period(make_worker):
     h = make_worker(keepalive=30)
     parked, silent = h.client(), h.client()
@@ -424,7 +476,7 @@ def test_stopping_worker_gives_idle_connections_a_grace_period(make_worker):
     for client in (parked, silent):
         client.sendall(GET % b"before")
         assert ResponseReader(client).read()[0] == 200
-    h.on_loop(h.worker._begin_stop)
+    h.on_loop(h.worker.begin_stop)
     time.sleep(0.3)  # a client reusing its connection right after the worker began to stop
     parked.sendall(GET % b"after")
     status, headers, body = reader.read()
@@ -480,3 +532,298 @@ def test_a_client_socket_on_a_standard_fd_is_moved_above_2(make_worker):
         os.dup2(saved, 0)
         os.close(saved)
         mine.close()
+
+
+def test_with_reload_the_worker_reports_the_files_its_app_is_made_of(make_worker, tmp_path):
+    report_dir = tmp_path / "reports"
+    report_dir.mkdir()
+    h = make_worker(reload_dir=str(report_dir))
+    inherited = set(sys.modules) - {__name__}
+    worker.report_modules(h.worker.spec, inherited)
+    (report,) = report_dir.iterdir()
+    assert report.name.startswith(f"worker-{os.getpid()}")
+    assert __file__ in report.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: threads; the reactor lends complete requests to a pool and takes connections back
+
+
+def gated(gate: threading.Event, started: queue.Queue) -> Callable:
+    """An app whose /wait requests block until ``gate`` is set (each reports its start)."""
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/wait":
+            started.put(threading.current_thread().name)
+            gate.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode(), b" ", threading.current_thread().name.encode()]
+    return app
+
+
+def test_threads_answer_pipelined_requests_in_order(make_worker):
+    def app(environ, start_response):
+        time.sleep(0.05 if environ["PATH_INFO"] == "/1" else 0)  # the first is the slowest
+        start_response("200 OK", [])
+        return [environ["PATH_INFO"].encode()]
+    h = make_worker(app, threads=4)
+    client = h.client()
+    client.sendall(b"".join(GET % str(n).encode() for n in range(1, 6)))
+    reader = ResponseReader(client)
+    assert [reader.read()[2] for _ in range(5)] == [b"/%d" % n for n in range(1, 6)]
+
+
+def test_a_slow_request_in_one_thread_does_not_hold_the_others(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=4, keepalive=30)
+    slow = h.client()
+    slow.sendall(GET % b"wait")
+    busy_thread = started.get(timeout=5)
+    fast = h.client()
+    reader = ResponseReader(fast)
+    for _ in range(20):  # keep-alive: each request is lent and given back in turn
+        fast.sendall(GET % b"fast")
+        status, _, body = reader.read()
+        assert status == 200 and body.startswith(b"/fast w0.t")
+        assert not body.endswith(busy_thread.encode())
+    time.sleep(0.1)
+    phases = []
+    h.on_loop(lambda: phases.extend(sorted(c.phase.name for c in h.worker.conns.values())))
+    assert phases == ["BUSY", "IDLE"]  # the fast connection waits in epoll, not in a thread
+    gate.set()
+    status, _, body = ResponseReader(slow).read()
+    assert (status, body) == (200, f"/wait {busy_thread}".encode())
+
+
+def test_environ_says_multithread_only_with_threads(make_worker):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [repr(environ["wsgi.multithread"]).encode()]
+    for threads, expected in ((1, b"False"), (3, b"True")):
+        client = make_worker(app, threads=threads).client()
+        client.sendall(GET % b"")
+        assert ResponseReader(client).read()[2] == expected
+
+
+def test_a_job_that_raises_closes_its_connection_and_the_thread_lives_on(make_worker, caplog):
+    h = make_worker(threads=2)
+
+    def broken(conn, seat):
+        raise RuntimeError("job broke")
+    h.worker.requests.run_lent = broken
+    client = h.client()
+    client.sendall(GET % b"x")
+    assert closed_within(client, 5)
+    assert "job broke" in caplog.text or "raised" in caplog.text
+    del h.worker.requests.run_lent  # back to the real job: the same threads serve on
+    for _ in range(4):
+        client = h.client()
+        client.sendall(GET % b"y")
+        assert ResponseReader(client).read()[0] == 200
+
+
+def test_a_client_gone_while_its_request_runs_is_closed_without_a_spin(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=2)
+    client = h.client()
+    client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    client.close()  # hang up while the app runs: the reactor hears it and mutes the socket
+    time.sleep(0.2)
+    turns = []
+    h.on_loop(lambda: turns.append(h.worker.conns and
+                                   next(iter(h.worker.conns.values())).registered))
+    assert turns == [False]  # out of epoll while lent, so the hang-up is not reported again
+    gate.set()
+    deadline = time.monotonic() + 5
+    while h.worker.conns and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not h.worker.conns
+    other = h.client()
+    other.sendall(GET % b"after")
+    assert ResponseReader(other).read()[0] == 200
+
+
+def test_accepting_pauses_while_every_thread_is_busy(listener, make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), listeners=(listener,), threads=2)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    for client in clients:
+        client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    started.get(timeout=5)
+    states = []
+    h.on_loop(lambda: states.append(h.worker.listeners.accepting))
+    assert states == [False]
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=5)  # in the backlog
+    waiting.sendall(GET % b"later")
+    time.sleep(0.2)
+    assert len(h.worker.conns) == 2
+    gate.set()
+    assert ResponseReader(waiting).read()[2].startswith(b"/later")  # accepting resumed
+    deadline = time.monotonic() + 5
+    while not states[-1] and time.monotonic() < deadline:  # until every give-back is taken
+        time.sleep(0.02)
+        h.on_loop(lambda: states.append(h.worker.listeners.accepting))
+    assert states[-1] is True
+    for client in [*clients, waiting]:
+        client.close()
+
+
+def test_threads_report_to_their_own_scoreboard_records(make_worker):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), threads=3)
+    board = h.worker.spec.scoreboard
+    client = h.client()
+    client.sendall(GET % b"wait")
+    started.get(timeout=5)
+    view = board.read(0)
+    assert view.busy_threads == 1 and view.state.name == "BUSY"
+    assert view.request_line == "GET /wait"
+    gate.set()
+    assert ResponseReader(client).read()[0] == 200
+    for _ in range(2):
+        client.sendall(GET % b"x")
+        ResponseReader(client).read()
+    h.on_loop(lambda: None)
+    view = board.read(0)
+    assert view.busy_threads == 0 and view.requests == 3
+    assert h.worker.requests.count == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: TLS and the PROXY protocol before HTTP, in the reactor
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA (trustme), the server's certificate for 127.0.0.1 and localhost, and its files."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("tls")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    return ca, directory
+
+
+def server_tls(certificates) -> ssl.SSLContext:
+    _, directory = certificates
+    settings = config.resolve({"app": "tests.apps.basic:app",
+                               "certfile": str(directory / "server.pem")}, None, {}, "/")
+    return tls.server_context(settings)
+
+
+def tls_client(h: Harness, certificates, timeout: float = 5.0) -> ssl.SSLSocket:
+    ca, _ = certificates
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    sock = h.client(timeout)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def test_tls_keep_alive_and_pipelining_through_the_reactor(make_worker, certificates):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [f"{environ['wsgi.url_scheme']} {environ['HTTPS']} "
+                f"{environ['SSL_PROTOCOL']} {environ['PATH_INFO']}".encode()]
+    h = make_worker(app, tls_context=server_tls(certificates))
+    client = tls_client(h, certificates)
+    reader = ResponseReader(client)
+    client.sendall(GET % b"one")
+    assert reader.read()[2].split()[:2] == [b"https", b"on"]
+    client.sendall(GET % b"two" + GET % b"three")
+    assert [reader.read()[2].split()[-1] for _ in range(2)] == [b"/two", b"/three"]
+
+
+def test_tls_with_threads_and_a_file_body(make_worker, certificates, tmp_path):
+    data = os.urandom(300_000)
+    (tmp_path / "blob").write_bytes(data)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return environ["wsgi.file_wrapper"](open(tmp_path / "blob", "rb"))
+    h = make_worker(app, tls_context=server_tls(certificates), threads=2)
+    client = tls_client(h, certificates)
+    reader = ResponseReader(client)
+    for _ in range(2):
+        client.sendall(GET % b"blob")
+        status, _, body = reader.read()
+        assert status == 200 and body == data
+
+
+def test_a_stalled_handshake_is_cut_at_header_timeout_and_others_are_served(
+        make_worker, certificates):
+    h = make_worker(tls_context=server_tls(certificates), header_timeout=0.5)
+    stalled = h.client()
+    stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and then nothing
+    served = tls_client(h, certificates)
+    served.sendall(GET % b"fine")
+    assert ResponseReader(served).read()[0] == 200
+    started = time.monotonic()
+    assert closed_within(stalled, 5)
+    assert time.monotonic() - started < 3
+
+
+def test_plain_http_to_the_tls_port_gets_a_400_and_a_close(make_worker, certificates):
+    h = make_worker(tls_context=server_tls(certificates))
+    client = h.client()
+    client.sendall(GET % b"plain")
+    answer = read_until_closed(client)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTPS" in answer
+
+
+def test_proxy_v1_header_names_the_remote_address(listener, make_worker):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
+    make_worker(app, listeners=(listener,), proxy_protocol="v1")
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4567 80\r\n" + GET % b"")
+        assert ResponseReader(client).read()[2] == b"203.0.113.9 4567"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(GET % b"")  # no header where one is required: closed unanswered
+        assert read_until_closed(client) == b""
+
+
+def test_proxy_header_from_a_peer_not_allowed_is_never_read(listener, make_worker):
+    make_worker(listeners=(listener,), proxy_protocol="auto", proxy_allow_ips="192.0.2.1")
+    port = listener.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4567 80\r\n" + GET % b"")
+        assert read_until_closed(client) == b""
+
+
+def test_a_trickling_body_is_cut_in_its_thread_while_others_are_served(make_worker):
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [])
+        return [b"%d" % len(body)]
+    h = make_worker(app, threads=2, header_timeout=0.5, min_body_rate=1024)
+    slow = h.client(timeout=10)
+    slow.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10)
+    started = time.monotonic()
+    fast = h.client()
+    fast.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+    assert ResponseReader(fast).read()[2] == b"5"  # served while the slow body waits
+    answer = read_until_closed(slow)
+    assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_tls_close_is_announced_with_close_notify(make_worker, certificates):
+    def app(environ, start_response):
+        start_response("200 OK", [])  # no length: an HTTP/1.0 body ends with the connection
+        return iter([b"part one, ", b"part two"])
+    h = make_worker(app, tls_context=server_tls(certificates))
+    ca, _ = certificates
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    client = context.wrap_socket(h.client(), server_hostname="localhost",
+                                 suppress_ragged_eofs=False)  # a truncation would raise
+    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    assert data.endswith(b"\r\n\r\npart one, part two")
