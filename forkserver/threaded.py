@@ -15,6 +15,7 @@ that can serve them.
 from __future__ import annotations
 
 import faulthandler
+import os
 import select
 import sys
 import time
@@ -61,6 +62,7 @@ class Lending:
             log_exception=lambda message: log.exception("%s", message),
             on_thread_start=lambda seat: ThreadLocal(writers[seat.index], buffer_size))
         self.stuck: Any = None  # the held request that outlived `timeout`, once there is one
+        self.full_since = 0.0  # when the last free thread was taken (handoff's "busy for")
         self.pool.start()
         self.fd = self.pool.wakeup_fd
         worker.epoll.register(self.fd, select.EPOLLIN)
@@ -77,6 +79,9 @@ class Lending:
         self.pool.submit(conn, worker.requests.run_lent)
         if not self.pool.has_free_thread:
             worker.listeners.off()  # the kernel gives new clients to workers with a free thread
+            self.full_since = time.monotonic()
+            if worker.handing is not None:
+                worker.handing.sync()  # nor handed connections
 
     def mute(self, conn: Connection) -> None:
         """A lent connection reported an event: the thread owns its socket, so it leaves epoll
@@ -100,6 +105,8 @@ class Lending:
         if not worker.listeners.accepting and \
                 len(worker.conns) < worker.settings.worker_connections:
             worker.listeners.on()  # (on() itself checks for a free thread and for stopping)
+        if worker.handing is not None:
+            worker.handing.sync()
 
     def _given_back(self, conn: Connection, verdict: Verdict) -> None:
         """Carry out the verdict of a thread's request, then serve what the client pipelined
@@ -110,6 +117,12 @@ class Lending:
             return
         conn.parser.start_next()
         worker._process(conn)
+
+    def forget(self) -> None:
+        """In a mold: the threads did not survive the fork; only the wakeup fd is left."""
+        fd, self.pool.wakeup_fd = self.pool.wakeup_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def check_stuck(self, now: float) -> None:
         """A request over ``timeout``: stop accepting and offering keep-alive, give the other

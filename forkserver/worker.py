@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forkserver import handoff, logs, tls, wsgi
+from forkserver import handoff, logs, mold, tls, upkeep, wsgi
+from forkserver.handing import Handing
 from forkserver.http.errors import HTTPError, RequestTimeout
 from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
 from forkserver.http.response import http_date
@@ -109,6 +110,7 @@ class Connection:
         "drained",
         "fd",
         "handshake",
+        "hops",
         "lent",
         "parser",
         "phase",
@@ -135,6 +137,7 @@ class Connection:
         self.phase = HEAD
         self.deadline = 0.0
         self.requests = 0
+        self.hops = 0                    # handoffs since its last request was served
         self.request: Request | None = None         # its head is in; the app has not run yet
         self.body: wsgi.Body | wsgi.EmptyInput | None = None  # that request's body
         self.body_deadline = 0.0
@@ -487,6 +490,7 @@ class Worker:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.requests = Requests(spec, self.slot)
         self.lending: Lending | None = None  # the thread pool, with threads > 1
+        self.handing: Handing | None = None  # the handoff channel's use, with handoff_delay
         self.listeners = Listeners(self, spec.listeners)
         self.preamble = Preamble.for_worker(self)  # PROXY header, TLS; None: HTTP at once
 
@@ -495,7 +499,7 @@ class Worker:
         """Become a worker process and load the app; returns an exit code if it cannot serve."""
         self.slot.set_pid(os.getpid())
         _become_worker_process(self.spec.title)
-        _install_signals(self.pending_signals, self.wake_w)
+        _install_signals(self.pending_signals, self.wake_w, self.spec.mold_link is not None)
         app = load_app(self.spec)
         if app is None:
             return EXIT_BOOT_ERROR
@@ -510,11 +514,14 @@ class Worker:
         if self.settings.threads > 1:
             self.lending = Lending(self, self.settings.threads, RECV_SIZE)
         self.listeners.on()
+        if self.spec.handoff is not None and self.settings.handoff_delay > 0:
+            self.handing = Handing(self, self.spec.handoff, self.settings.handoff_delay / 1000)
+            self.handing.open()
         self.slot.set_state(State.IDLE)
         notify_master(self.spec.notify_fd)
 
     def adopt(self, sock: socket.socket, remote: tuple[str, str] = ("", ""),
-              base: dict[str, Any] | None = None) -> bool:
+              base: dict[str, Any] | None = None, handed: handoff.Handed | None = None) -> bool:
         """Serve an accepted (or handed-over) client socket; True if it stays open."""
         if sock.fileno() <= 2:
             sock = _move_above_std_fds(sock)
@@ -523,7 +530,14 @@ class Worker:
                           base or listener_environ(sock, self.settings.threads > 1))
         self.conns[conn.fd] = conn
         self._arm(conn)
-        if self.preamble is not None:
+        if handed is not None:  # its preamble is behind it; what was read comes first
+            conn.hops, conn.requests = handed.hops, handed.requests
+            if handed.pending:
+                conn.parser.feed(handed.pending)
+                self._process(conn)
+                if self.conns.get(conn.fd) is not conn:
+                    return False
+        elif self.preamble is not None:
             self.preamble.begin(conn)
             return self.conns.get(conn.fd) is conn
         # The request usually arrived with the connection (TCP_DEFER_ACCEPT): serve it now,
@@ -670,6 +684,9 @@ class Worker:
             self.close(conn)
             return
         conn.parser.feed(self.view[:n])
+        if phase is IDLE and self.handing is not None and self.lending is not None and \
+                self.handing.give_waiting(conn, time.monotonic()):
+            return
         self._process(conn)
 
     def _process(self, conn: Connection) -> None:
@@ -701,9 +718,16 @@ class Worker:
                     conn.phase = BUSY  # legal from every phase _process runs in (phases.NEXT)
                     conn.deadline = _NEVER
                 if self.lending is not None:
+                    conn.hops = 0
                     self.lending.lend(conn, request, body)
                     return
-                verdict = self.requests.dispatch(conn, request, body)
+                handing = self.handing
+                if handing is None:
+                    verdict = self.requests.dispatch(conn, request, body)
+                else:  # the watcher may give parked connections away while the app runs
+                    handing.begin(conn)
+                    verdict = self.requests.dispatch(conn, request, body)
+                    handing.end()
                 if verdict is not KEEP:
                     self._end(conn, verdict)
                     return
@@ -713,54 +737,21 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------
     def begin_stop(self, reason: Reason = Reason.SHUTDOWN) -> None:
-        if self.stopping:
-            return
-        self.stopping = self.requests.retiring = True
-        now = time.monotonic()
-        self.stop_deadline = now + self.settings.graceful_timeout
-        self.slot.set_state(State.EXITING, reason)
-        self.listeners.close_all()
-        # Idle keep-alive connections get a short grace: a client about to reuse one gets its
-        # answer (with Connection: close) instead of a close under its request.
-        grace = now + min(self.settings.keepalive, STOP_IDLE_GRACE)
-        for conn in self.idle.values():
-            conn.deadline = min(conn.deadline, grace)
-        self.next_deadline = min(self.next_deadline, grace)
+        upkeep.begin_stop(self, reason, STOP_IDLE_GRACE)
 
     def _handle_signals(self) -> None:
-        while self.pending_signals:
-            signum = self.pending_signals.popleft()
-            if signum == signal.SIGTERM:
-                self.begin_stop()
-            elif signum in (signal.SIGINT, signal.SIGQUIT):
-                self.quick_exit = True
-            elif signum == signal.SIGUSR1:
-                logs.reopen()
-            elif signum == signal.SIGWINCH:
-                # The master's shutdown_delay: serve and accept on (a load balancer sends
-                # traffic until it notices), but every next response closes its connection
-                # (an idle one is not closed under a request its client may be sending).
-                self.requests.retiring = True
+        upkeep.handle_signals(self, run)
 
     def _housekeeping(self) -> None:
-        self.slot.heartbeat()
-        guard_std_fds()  # an app may have closed 0-2; log writers must not hit its files
-        if os.getppid() != self.spec.master_pid and not self.stopping:
-            # Nobody supervises us any more: finish what clients already sent, then go.
-            self.log.warning("worker %d: master is gone; exiting", os.getpid())
-            self.begin_stop()
-        self.slot.set_connections(len(self.conns))
-        if self.lending is not None:
-            self.lending.check_stuck(time.monotonic())
-        if not self.listeners.accepting and not self.stopping and \
-                len(self.conns) < self.settings.worker_connections:
-            self.listeners.on()  # resume after an accept failure paused us
+        upkeep.housekeeping(self, guard_std_fds)
 
     def serve(self) -> int:
         code = self.boot()
         if code is not None:
             return code
         code = self._loop()
+        if self.handing is not None:
+            self.handing.close()
         if self.lending is not None:
             self.lending.finish(self.quick_exit)
         hook = self.spec.hooks.get("worker_exit")
@@ -787,6 +778,8 @@ class Worker:
                     self.listeners.accept(fd)
             elif self.lending is not None and fd == self.lending.fd:
                 self.lending.collect()
+            elif self.handing is not None and fd == self.handing.fd:
+                self.handing.take()
             elif fd == self.wake_r:
                 try:
                     os.read(fd, 512)
@@ -810,7 +803,8 @@ class Worker:
             if self.quick_exit:
                 return EXIT_OK
             if self.stopping and (not self.conns or now >= self.stop_deadline or (
-                    self.lending is not None and self.lending.only_stuck_left())):
+                    self.lending is not None and self.lending.only_stuck_left())) and (
+                    self.handing is None or not self.handing.rescue(now, self.stop_deadline)):
                 return EXIT_OK
 
 
@@ -870,10 +864,14 @@ def report_modules(spec: WorkerSpec, inherited: set[str],
         logs.get_logger().warning("cannot report modules for reload: %s", problem)
 
 
-def _install_signals(pending: deque[int], wake_fd: int) -> None:
-    """Handlers only record the signal (the loop acts on it) and wake the loop's epoll."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGHUP, signal.SIGWINCH):
+def _install_signals(pending: deque[int], wake_fd: int, promotable: bool = False) -> None:
+    """Handlers only record the signal (the loop acts on it) and wake the loop's epoll.
+    ``promotable`` (refork is on): the master's ``mold.PROMOTE_SIGNAL`` is recorded too."""
+    recorded = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                signal.SIGHUP, signal.SIGWINCH]
+    if promotable:
+        recorded.append(mold.PROMOTE_SIGNAL)
+    for signum in recorded:
         signal.signal(signum, lambda signum, frame: pending.append(signum))
     # TTIN/TTOU/USR2 are the master's.
     for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):

@@ -295,6 +295,11 @@ class _Stream:
         """Bytes held but not yet parsed (a partial line, body not yet returned, pipelining)."""
         return len(self._buf) - self._pos
 
+    def unparsed(self) -> bytes:
+        """A copy of the bytes fed but not consumed yet (what must travel with a connection
+        handed to another worker, to be fed there before anything newer)."""
+        return bytes(self._buf[self._pos:])
+
     def _take_body(self) -> bytes | None:
         """Up to ``_remaining`` buffered body bytes, or None if none are buffered."""
         buf = self._buf

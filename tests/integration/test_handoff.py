@@ -8,11 +8,7 @@ import socket
 import time
 from collections import defaultdict
 
-import pytest
-
 from tests.conftest import ResponseReader
-
-pytestmark = pytest.mark.xfail(strict=True, reason="worker integration pending")
 
 SLOW_SECONDS = 1.5
 

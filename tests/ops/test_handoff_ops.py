@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Self
 
 import psutil
-import pytest
 
 from tests.conftest import ResponseReader, Server
 from tests.ops.load_loop import LoadLoop, LoadResult
-
-pytestmark = pytest.mark.xfail(strict=True, reason="worker integration pending")
 
 WORKERS = 2
 SLOW_SECONDS = 0.2

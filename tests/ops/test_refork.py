@@ -27,8 +27,6 @@ import requests
 from tests.conftest import Server
 from tests.ops.load_loop import LoadLoop
 
-pytestmark = pytest.mark.xfail(strict=True, reason="pool integration pending")
-
 WORKERS = 4
 
 APP = """
