@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from forkserver.http import parser as parser_module
-from forkserver.http.parser import NEED_DATA, Limits, Request, RequestParser
+from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Limits, Request, RequestParser
 from tests.unit.test_parser import run
 
 BROWSER = (
@@ -220,3 +220,17 @@ def test_a_pipelined_head_without_fields_under_a_small_field_size() -> None:
     raw = b"GET / HTTP/1.0\r\n\r\n" * 2
     events = same_both_ways(raw, max_field_size=5)
     assert [event[0] for event in events].count("request") == 2
+
+
+def test_unparsed_is_what_was_fed_and_not_consumed() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHo")
+    assert parser.unparsed().startswith(b"GET /a")
+    assert parser.next_event().target == "/a"
+    assert parser.next_event() is END_OF_MESSAGE
+    parser.start_next()
+    copy = parser.unparsed()
+    assert copy == b"GET /b HTTP/1.1\r\nHo"
+    parser.feed(b"st: h\r\n\r\n")
+    assert copy == b"GET /b HTTP/1.1\r\nHo"  # a copy, not a view of the buffer
+    assert parser.next_event().target == "/b"

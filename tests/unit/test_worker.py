@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 
-from forkserver import config, logs, tls, worker
+from forkserver import config, handoff, logs, tls, worker
 from forkserver.scoreboard import Scoreboard
 from forkserver.worker import Worker, WorkerSpec
 from tests.conftest import ResponseReader, read_until_closed
@@ -72,6 +72,8 @@ class Harness:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(10)
+        if self.worker.handing is not None:
+            self.worker.handing.close()
         lending = self.worker.lending
         if lending is not None:
             lending.pool.stop(timeout=5)
@@ -90,7 +92,8 @@ def make_worker(tmp_path):
 
     def make(app: Callable = hello, listeners: tuple[socket.socket, ...] = (),
              max_requests: int = 0, notify_fd: int = -1, reload_dir: str | None = None,
-             tls_context: ssl.SSLContext | None = None, **overrides: object) -> Harness:
+             tls_context: ssl.SSLContext | None = None,
+             channel: handoff.Channel | None = None, **overrides: object) -> Harness:
         settings = config.resolve({"app": "tests.apps.basic:app", **overrides}, None, {},
                                   str(tmp_path))
         board = Scoreboard(1)
@@ -98,7 +101,7 @@ def make_worker(tmp_path):
                           load_app=lambda: app, scoreboard=board, master_pid=os.getppid(),
                           title="test worker", max_requests=max_requests, hooks={},
                           access_log=None, tls_context=tls_context, reload_dir=reload_dir,
-                          notify_fd=notify_fd, handoff=None, mold_link=None)
+                          notify_fd=notify_fd, handoff=channel, mold_link=None)
         harness = Harness(Worker(spec), app)
         made.append((harness, board))
         return harness
@@ -827,3 +830,127 @@ def test_a_tls_close_is_announced_with_close_notify(make_worker, certificates):
     while chunk := client.recv(65536):
         data += chunk
     assert data.endswith(b"\r\n\r\npart one, part two")
+
+
+# ---------------------------------------------------------------------------------------------
+# connection handoff (issue 13)
+
+
+@pytest.fixture
+def channel():
+    made = handoff.Channel.create()
+    yield made
+    made.close()
+
+
+def received(channel: handoff.Channel, seconds: float = 5.0) -> handoff.Handed:
+    """The next connection handed over the channel (the test plays the idle worker)."""
+    deadline = time.monotonic() + seconds
+    while (handed := handoff.receive(channel)) is None:
+        assert time.monotonic() < deadline, "nothing was handed off"
+        time.sleep(0.002)
+    return handed
+
+
+def test_a_handed_connection_is_served_from_its_pending_bytes_on(make_worker, channel):
+    h = make_worker(channel=channel, handoff_delay=5, keepalive=30)
+    mine, theirs = socket.socketpair()
+    mine.settimeout(5)
+    # One whole request and the start of the next were read by the sender, not parsed.
+    pending = GET % b"a" + b"GET /b HTTP/1.1\r\nHo"
+    assert handoff.send(channel, theirs, pending, ("10.0.0.9", "4711"), 0, time.monotonic(),
+                        requests=7)
+    theirs.close()
+    reader = ResponseReader(mine)
+    assert reader.read()[2] == b"/a"
+    mine.sendall(b"st: t\r\n\r\n")
+    assert reader.read()[2] == b"/b"
+    seen = []
+    h.on_loop(lambda: seen.extend((c.remote, c.hops, c.requests)
+                                  for c in h.worker.conns.values()))
+    assert seen == [(("10.0.0.9", "4711"), 0, 9)]  # hops start over once a request is served
+    mine.close()
+
+
+def test_a_busy_worker_gives_a_waiting_connection_away(make_worker, channel):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30)
+    slow, waiting = h.client(), h.client()
+    waiting.sendall(GET % b"first")
+    assert ResponseReader(waiting).read()[2].startswith(b"/first")  # now parked
+    slow.sendall(GET % b"wait")
+    started.get(timeout=5)
+    waiting.sendall(GET % b"next")  # parked on the busy worker: the watcher hands it off
+    handed = received(channel)
+    try:
+        assert handed.pending == b"" and handed.hops == 1
+        assert handed.sock.recv(1024) == GET % b"next"  # the request, unread by the worker
+        gate.set()
+        assert ResponseReader(slow).read()[2].startswith(b"/wait")
+        conns = []
+        h.on_loop(lambda: conns.extend(h.worker.conns))
+        assert len(conns) == 1  # the busy worker forgot the handed connection
+        handed.sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert waiting.recv(1024).startswith(b"HTTP/1.1 204")  # the socket itself moved
+    finally:
+        handed.sock.close()
+
+
+def test_a_stopping_worker_offers_its_idle_connections(make_worker, channel):
+    h = make_worker(channel=channel, handoff_delay=5, keepalive=30)
+    client = h.client()
+    client.sendall(GET % b"first")
+    assert ResponseReader(client).read()[2] == b"/first"
+    h.on_loop(h.worker.begin_stop)
+    handed = received(channel, 1.0)
+    try:
+        assert handed.requests == 1
+        conns = []
+        h.on_loop(lambda: conns.extend(h.worker.conns))
+        assert conns == []
+        handed.sock.sendall(b"x")
+        assert client.recv(1) == b"x"
+    finally:
+        handed.sock.close()
+
+
+def test_a_tls_connection_is_never_handed_off(make_worker, channel, certificates):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30,
+                    tls_context=server_tls(certificates))
+    slow, waiting = tls_client(h, certificates), tls_client(h, certificates)
+    for sock, path in ((slow, b"warm"), (waiting, b"warm")):
+        sock.sendall(GET % path)
+        assert ResponseReader(sock).read()[0] == 200
+    slow.sendall(GET % b"wait")
+    started.get(timeout=5)
+    waiting.sendall(GET % b"next")
+    time.sleep(0.1)  # twenty times handoff_delay
+    assert handoff.receive(channel) is None
+    gate.set()
+    assert ResponseReader(waiting).read()[2].startswith(b"/next ")
+
+
+def test_a_threaded_worker_gives_away_what_arrives_while_no_thread_is_free(make_worker,
+                                                                          channel):
+    gate, started = threading.Event(), queue.Queue()
+    h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30,
+                    threads=2)
+    first, second, waiting = h.client(), h.client(), h.client()
+    waiting.sendall(GET % b"first")
+    assert ResponseReader(waiting).read()[2].startswith(b"/first")
+    first.sendall(GET % b"wait")
+    second.sendall(GET % b"wait")
+    started.get(timeout=5)
+    started.get(timeout=5)
+    time.sleep(0.05)  # ten times handoff_delay with no thread free
+    waiting.sendall(GET % b"next")
+    handed = received(channel)
+    try:
+        assert handed.pending == GET % b"next"  # read by the reactor, travels unparsed
+        gate.set()
+        for sock in (first, second):
+            assert ResponseReader(sock).read()[2].startswith(b"/wait")
+    finally:
+        gate.set()
+        handed.sock.close()
