@@ -69,6 +69,7 @@ HEAD, BODY, BUSY, IDLE, LINGER = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE,
 PROXY, HANDSHAKE = Phase.PROXY, Phase.HANDSHAKE
 KEEP, CLOSE, ABORT = Verdict.KEEP, Verdict.CLOSE, Verdict.ABORT
 EMPTY_INPUT = wsgi.EMPTY_INPUT
+KEEPALIVE_STATE, IDLE_STATE = int(State.KEEPALIVE), int(State.IDLE)  # as the slot stores them
 
 
 @dataclass(frozen=True)
@@ -287,9 +288,9 @@ class Requests:
                       and conn.requests < settings.keepalive_requests
                       and (not self.retiring or conn.parser.buffered > 0))
         slot = self.slot
-        slot.request_started(f"{request.method} {request.target}".encode("latin-1"))
+        started = time.monotonic()  # one clock reading per end of the request
+        slot.request_started(f"{request.method} {request.target}".encode("latin-1"), started)
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
-        started = time.monotonic()
         if self.pre_request is not None:
             call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
@@ -297,10 +298,11 @@ class Requests:
         if self.post_request is not None:
             call_hook(self.post_request, environ, exchange.status_code)
         self.count += 1
-        duration = time.monotonic() - started
+        now = time.monotonic()
+        duration = now - started
         verdict = exchange.verdict
-        state = State.KEEPALIVE if verdict is KEEP else State.IDLE
-        slot.request_finished(exchange.status_code, exchange.bytes_sent, state, duration)
+        state = KEEPALIVE_STATE if verdict is KEEP else IDLE_STATE
+        slot.request_finished(exchange.status_code, exchange.bytes_sent, state, duration, now)
         if self.spec.access_log is not None:
             self._log_access(environ, request, exchange, duration)
         if exchange.close_reason:
@@ -357,7 +359,7 @@ class Requests:
         if self.spec.max_requests and self.count == self.spec.max_requests:
             self._retire(State.IDLE)
 
-    def _retire(self, state: State) -> None:
+    def _retire(self, state: State | int) -> None:
         """Ask the master for a replacement; it sends TERM once that one is ready, so capacity
         never dips. Until then this worker keeps serving, closing each connection after its
         next response."""
@@ -402,7 +404,7 @@ class Listeners:
         self.off()
         for fd, (sock, _) in self.listeners.items():
             if was_accepting:
-                self.accept(fd, self.worker.settings.worker_connections)
+                self._batch(fd, self.worker.settings.worker_connections, drain=True)
             sock.close()
 
     def on(self) -> None:
@@ -433,10 +435,13 @@ class Listeners:
             self.off()
             self.on()
 
-    def _batch(self, fd: int, batch: int) -> int:
-        """Accept up to ``batch`` connections; return how many stay open (keep-alive)."""
+    def _batch(self, fd: int, batch: int, drain: bool = False) -> int:
+        """Accept up to ``batch`` connections; return how many stay open (keep-alive). Unless
+        ``drain``, stop after one that closed at once (``Connection: close``): the accept that
+        would follow mostly finds nothing, and level-triggered epoll reports a backlog again."""
         worker = self.worker
         listener, base = self.listeners[fd]
+        unix = listener.family == socket.AF_UNIX  # (a property that converts: read it once)
         kept = 0
         limit = worker.settings.worker_connections
         for _ in range(batch):
@@ -455,7 +460,7 @@ class Listeners:
                 worker.log.warning("accept failed: %s; pausing accepts", error)
                 self.off()
                 return kept
-            if sock.family == socket.AF_UNIX:
+            if unix:
                 remote = ("", "")
             else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -464,7 +469,10 @@ class Listeners:
                 # At the limit, the longest-idle keep-alive connection makes room, so a new
                 # client is served at once instead of waiting for some connection to expire.
                 worker.close(next(iter(worker.idle.values())))
-            kept += worker.adopt(sock, remote, base)
+            if worker.adopt(sock, remote, base):
+                kept += 1
+            elif not drain:
+                return kept
         return kept
 
 

@@ -386,7 +386,7 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     environ["wsgi.input"] = wsgi_input
     for name, value in request.headers:
-        key = _environ_key(name)
+        key = _ENVIRON_KEYS.get(name) or _environ_key(name)  # (the call only for a new name)
         if key in environ and key.startswith("HTTP_"):
             separator = "; " if key == "HTTP_COOKIE" else ", "
             environ[key] = environ[key] + separator + value
@@ -397,7 +397,10 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
     target = request.target
     if target[0] != "/" and "://" in target:
         environ["HTTP_HOST"] = request.host  # absolute-form: RFC 9112 section 3.2.2
-    if proxies is not None:
+    if proxies is not None and (
+            "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_PROTO" in environ
+            or "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_HOST" in environ):
+        # (proxy.HEADERS are all of these: without one, resolve() keeps the peer's own)
         address, scheme, host = proxies.resolve(remote[0], request.headers)
         if address != remote[0]:
             # The client is the one the trusted proxy names; its port is unknown.
@@ -533,17 +536,16 @@ class Exchange:
                 if self.head_sent:
                     response = self.response
                     self._send(response.body(body) + response.end())
-                else:
+                elif len(body) <= SMALL_BODY:
+                    self._send((self.response or self._start(len(body))).whole(body))
+                else:  # not worth copying a large body just to save one send
                     response = self.response or self._start(len(body))
                     framed = response.body(body)
                     tail = response.end()  # a body short of its Content-Length fails here
-                    if len(framed) <= SMALL_BODY:
-                        self._send(response.head + framed + tail)
-                    else:  # not worth copying a large body just to save one send
-                        self._send(response.head)
-                        self._send(framed)
-                        if tail:
-                            self._send(tail)
+                    self._send(response.head)
+                    self._send(framed)
+                    if tail:
+                        self._send(tail)
                 return
             if isinstance(result, FileWrapper) and not self.head_sent \
                     and self._send_file(result):

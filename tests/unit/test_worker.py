@@ -954,3 +954,19 @@ def test_a_threaded_worker_gives_away_what_arrives_while_no_thread_is_free(make_
     finally:
         gate.set()
         handed.sock.close()
+
+
+def test_a_backlog_of_closing_connections_is_all_served(make_worker, listener):
+    """The close path stops its accept batch after a connection that closed at once; the
+    backlog left is reported again by epoll and served on the next turns."""
+    port = listener.getsockname()[1]
+    clients = []
+    for n in range(6):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % n)
+        clients.append(sock)
+    make_worker(listeners=(listener,))
+    for n, sock in enumerate(clients):
+        data = read_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"/%d" % n)
+        sock.close()

@@ -467,3 +467,36 @@ def test_wsgi_errors_that_cannot_be_written_are_dropped():
     assert errors.write("message\n") == len("message\n")
     errors.writelines(["a", "b"])
     errors.flush()
+
+
+def _request(head: bytes):
+    parser = RequestParser()
+    parser.feed(head)
+    return parser.next_event()
+
+
+@pytest.mark.parametrize(("field", "key", "expected"), [
+    (b"X-Forwarded-For: 1.2.3.4", "REMOTE_ADDR", "1.2.3.4"),
+    (b"X-Forwarded-Proto: https", "wsgi.url_scheme", "https"),
+    (b"X-Forwarded-Host: front.example", "HTTP_HOST", "front.example"),
+    (b"Forwarded: for=1.2.3.4;proto=https", "REMOTE_ADDR", "1.2.3.4"),
+])
+def test_each_forwarding_header_of_a_trusted_proxy_is_believed(field, key, expected):
+    from forkserver import proxy
+    proxies = wsgi.trusted_proxies(["10.0.0.1"], proxy.HEADERS)
+    request = _request(b"GET / HTTP/1.1\r\nHost: h\r\n" + field + b"\r\n\r\n")
+    base = wsgi.base_environ("localhost", "80")
+    environ = wsgi.build_environ(request, base, ("10.0.0.1", "5555"), None, proxies)
+    assert environ[key] == expected
+
+
+def test_proxies_are_not_consulted_without_a_forwarding_header(monkeypatch):
+    from forkserver import proxy
+    proxies = wsgi.trusted_proxies(["10.0.0.1"], proxy.HEADERS)
+    asked = []
+    monkeypatch.setattr(proxies, "resolve", lambda *args: asked.append(args) or args[0])
+    request = _request(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-Fore: x\r\nAccept: y\r\n\r\n")
+    environ = wsgi.build_environ(request, wsgi.base_environ("localhost", "80"),
+                                 ("10.0.0.1", "5555"), None, proxies)
+    assert asked == [] and environ["REMOTE_ADDR"] == "10.0.0.1"
+    assert environ["HTTP_X_FORWARDED_FORE"] == "x"
