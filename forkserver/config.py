@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from forkserver import addresses, handoff, logs, proxy, tls
+from forkserver import addresses, handoff, logs, proxy, scoreboard, tls
 
 ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
@@ -91,9 +91,12 @@ class Kind:
 class Int(Kind):
     minimum: int = 0
     metavar: str = "INT"
+    maximum: int | None = None
 
     @property
     def label(self) -> str:  # type: ignore[override]
+        if self.maximum is not None:
+            return f"integer {self.minimum} to {self.maximum}"
         return f"integer >= {self.minimum}"
 
     def from_value(self, value: object) -> int:
@@ -102,6 +105,8 @@ class Int(Kind):
             raise _Invalid("expected an integer")
         if value < self.minimum:
             raise _Invalid(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise _Invalid(f"must be at most {self.maximum}")
         return value
 
     def from_text(self, text: str) -> int:
@@ -569,12 +574,12 @@ class Settings:
     )
     workers: int = setting(
         _POSITIVE, usable_cpus, ("-w", "--workers"),
-        "Number of worker processes, each running one request at a time.",
+        "Number of worker processes; each runs one request at a time per thread (see threads).",
         default_env="WEB_CONCURRENCY",
         default_doc="usable CPUs (affinity and cgroup `cpu.max`); `WEB_CONCURRENCY` if set",
     )
     threads: int = setting(
-        _POSITIVE, 1, ("--threads",),
+        Int(minimum=1, maximum=scoreboard.THREADS_MAX), 1, ("--threads",),
         "Threads per worker that run the app. With 1 each worker runs one request at a time in "
         "its event loop; with more, the loop parks idle connections and hands each complete "
         "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
