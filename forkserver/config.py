@@ -580,10 +580,9 @@ class Settings:
     )
     threads: int = setting(
         Int(minimum=1, maximum=scoreboard.THREADS_MAX), 1, ("--threads",),
-        "Threads per worker that run the app. With 1 each worker runs one request at a time in "
-        "its event loop; with more, the loop parks idle connections and hands each complete "
-        "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
-        "HTTP APIs); CPU-bound apps want more workers instead.",
+        "Threads per worker that run the app. With more than 1 the worker's loop parks idle "
+        "connections and hands complete requests to this many threads: for I/O-bound apps "
+        "(databases, HTTP APIs); CPU-bound apps want more workers instead.",
     )
     handoff_delay: float = setting(
         Seconds(unit="milliseconds", metavar="MS"), 2.0, ("--handoff-delay",),
@@ -794,25 +793,22 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = setting(
         TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True),
         ("127.0.0.1", "::1", "unix"), ("--forwarded-allow-ips",),
-        "Peers (IPs, CIDR networks, 'unix' for unix-socket peers, '*' for all) whose "
-        "forwarding headers (those named by forwarded_headers) are believed for REMOTE_ADDR, "
-        "wsgi.url_scheme and, when a host header is named, HTTP_HOST. Headers from anyone else "
-        "are passed on untouched but never trusted. An empty list trusts nobody.",
+        "Peers (IPs, CIDR networks, 'unix', '*' for all) whose forwarding headers (see "
+        "forwarded_headers) set REMOTE_ADDR, wsgi.url_scheme and, if named, HTTP_HOST; "
+        "anyone else's are passed on untouched. An empty list trusts nobody.",
     )
     forwarded_headers: tuple[str, ...] = setting(
         TextList(item=check_forwarded_header, metavar="HEADER", allow_empty=True),
         ("X-Forwarded-For", "X-Forwarded-Proto"), ("--forwarded-headers",),
-        "The forwarding headers the trusted proxies set, and so the only ones read: any of "
-        "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239; read "
-        "instead of X-Forwarded-For when both are named). Name a header only if the proxy "
-        "sets or replaces it on every request, or clients can write it; see docs/proxies.md.",
+        "The only forwarding headers read from trusted proxies: X-Forwarded-For, -Proto, "
+        "-Host, Forwarded (RFC 7239; wins over X-Forwarded-* when named). Name only headers "
+        "the proxy sets or replaces on every request; see docs/proxies.md.",
     )
     metrics_bind: str = setting(
         Address(), "", ("--metrics-bind",),
-        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus), "
-        "/status (JSON) and the probes /livez and /readyz; empty turns it off. /metrics and "
-        "/status answer only a Host naming the listener or loopback. Keep it private: it "
-        "shows pids and requests.",
+        "Address (HOST:PORT or unix:/path) where the master serves /metrics, /status and the "
+        "probes /livez and /readyz; empty turns it off. /metrics and /status answer only a "
+        "Host naming the listener or loopback. Keep it private.",
     )
     metrics_token: str = setting(
         Token(), "", ("--metrics-token",),
