@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from forkserver import addresses, handoff, logs, proxy, tls
+from forkserver import addresses, handoff, logs, proxy, scoreboard, tls
 
 ENV_PREFIX = "FORKSERVER_"
 # Variables with the prefix that are not settings: the master hands its listeners and old workers
@@ -91,9 +91,12 @@ class Kind:
 class Int(Kind):
     minimum: int = 0
     metavar: str = "INT"
+    maximum: int | None = None
 
     @property
     def label(self) -> str:  # type: ignore[override]
+        if self.maximum is not None:
+            return f"integer {self.minimum} to {self.maximum}"
         return f"integer >= {self.minimum}"
 
     def from_value(self, value: object) -> int:
@@ -102,6 +105,8 @@ class Int(Kind):
             raise _Invalid("expected an integer")
         if value < self.minimum:
             raise _Invalid(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise _Invalid(f"must be at most {self.maximum}")
         return value
 
     def from_text(self, text: str) -> int:
@@ -569,16 +574,15 @@ class Settings:
     )
     workers: int = setting(
         _POSITIVE, usable_cpus, ("-w", "--workers"),
-        "Number of worker processes, each running one request at a time.",
+        "Number of worker processes; each runs one request at a time per thread (see threads).",
         default_env="WEB_CONCURRENCY",
         default_doc="usable CPUs (affinity and cgroup `cpu.max`); `WEB_CONCURRENCY` if set",
     )
     threads: int = setting(
-        _POSITIVE, 1, ("--threads",),
-        "Threads per worker that run the app. With 1 each worker runs one request at a time in "
-        "its event loop; with more, the loop parks idle connections and hands each complete "
-        "request to a pool of this many threads. More threads suit I/O-bound apps (databases, "
-        "HTTP APIs); CPU-bound apps want more workers instead.",
+        Int(minimum=1, maximum=scoreboard.THREADS_MAX), 1, ("--threads",),
+        "Threads per worker that run the app. With more than 1 the worker's loop parks idle "
+        "connections and hands complete requests to this many threads: for I/O-bound apps "
+        "(databases, HTTP APIs); CPU-bound apps want more workers instead.",
     )
     handoff_delay: float = setting(
         Seconds(unit="milliseconds", metavar="MS"), 2.0, ("--handoff-delay",),
@@ -789,25 +793,22 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = setting(
         TextList(item=check_proxy, metavar="ADDRESS", allow_empty=True),
         ("127.0.0.1", "::1", "unix"), ("--forwarded-allow-ips",),
-        "Peers (IPs, CIDR networks, 'unix' for unix-socket peers, '*' for all) whose "
-        "forwarding headers (those named by forwarded_headers) are believed for REMOTE_ADDR, "
-        "wsgi.url_scheme and, when a host header is named, HTTP_HOST. Headers from anyone else "
-        "are passed on untouched but never trusted. An empty list trusts nobody.",
+        "Peers (IPs, CIDR networks, 'unix', '*' for all) whose forwarding headers (see "
+        "forwarded_headers) set REMOTE_ADDR, wsgi.url_scheme and, if named, HTTP_HOST; "
+        "anyone else's are passed on untouched. An empty list trusts nobody.",
     )
     forwarded_headers: tuple[str, ...] = setting(
         TextList(item=check_forwarded_header, metavar="HEADER", allow_empty=True),
         ("X-Forwarded-For", "X-Forwarded-Proto"), ("--forwarded-headers",),
-        "The forwarding headers the trusted proxies set, and so the only ones read: any of "
-        "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239; read "
-        "instead of X-Forwarded-For when both are named). Name a header only if the proxy "
-        "sets or replaces it on every request, or clients can write it; see docs/proxies.md.",
+        "The only forwarding headers read from trusted proxies: X-Forwarded-For, -Proto, "
+        "-Host, Forwarded (RFC 7239; wins over X-Forwarded-* when named). Name only headers "
+        "the proxy sets or replaces on every request; see docs/proxies.md.",
     )
     metrics_bind: str = setting(
         Address(), "", ("--metrics-bind",),
-        "Address (HOST:PORT or unix:/path) where the master serves /metrics (Prometheus), "
-        "/status (JSON) and the probes /livez and /readyz; empty turns it off. /metrics and "
-        "/status answer only a Host naming the listener or loopback. Keep it private: it "
-        "shows pids and requests.",
+        "Address (HOST:PORT or unix:/path) where the master serves /metrics, /status and the "
+        "probes /livez and /readyz; empty turns it off. /metrics and /status answer only a "
+        "Host naming the listener or loopback. Keep it private.",
     )
     metrics_token: str = setting(
         Token(), "", ("--metrics-token",),

@@ -22,6 +22,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from forkserver import (
@@ -159,8 +160,12 @@ class Master:
         if why is not None:
             self.log.error("%s", why)
             return 1
-        if not self._open():
+        opened = open_resources(settings, self.pid, self.log, self.outputs, self._snapshot)
+        if opened is None:
             return 1
+        self.channel, self.listeners, self.bind_specs, self.app = (
+            opened.channel, opened.listeners, opened.bind_specs, opened.app)
+        self.generations.hooks, self.generations.prepared = opened.hooks, opened.prepared
         self.keeper = mold.Keeper(settings.refork_after)
         outputs.write_pidfile(settings.pidfile, self.pid, self.outputs.metrics_address())
         self.scoreboard = Scoreboard(max(2, 2 * settings.workers))
@@ -184,33 +189,6 @@ class Master:
         self.log.info("forkserver master %d exiting (%d)", self.pid, self.exit_code)
         return self.exit_code
 
-    def _open(self) -> bool:
-        """Hooks, the TLS context, listeners, the preloaded app, metrics and access log; False
-        (logged) if one cannot be had."""
-        settings = self.settings
-        try:
-            # Before the first fork; the same for every generation and across a USR2 exec.
-            self.channel = handoff.Channel.inherit(os.environ) or handoff.Channel.create()
-        except (ValueError, OSError) as error:
-            self.log.error("handoff channel (%s): %s", handoff.ENV_HANDOFF_FDS, error)
-            return False
-        try:
-            self.generations.hooks = load_hooks(settings)
-            self.generations.prepared = _tls_context(settings)
-            self.listeners, self.bind_specs = _open_listeners(settings, self.pid, self.log)
-        except (sockets.BindError, ValueError, loader.LoadError, tls.TLSConfigError) as error:
-            self.log.error("%s", error)
-            return False
-        try:
-            if settings.preload:
-                self.app = loader.load_app(settings.app)
-            self.outputs.open(settings, self._snapshot)
-        except (loader.LoadError, sockets.BindError, ValueError, OSError) as error:
-            self.log.error("%s", error)
-            sockets.cleanup(self.listeners, self.bind_specs)
-            return False
-        return True
-
     def _in_child(self) -> None:
         """In a worker the master forks: drop the master's ends of its pipes and wires."""
         self.wakeups.in_child()
@@ -219,18 +197,7 @@ class Master:
 
     def _config_changed(self, settings: Any) -> None:
         """A reload (or its rollback) changed the settings: follow their logs and options."""
-        self.memory.interval = settings.memory_check_interval
-        if self.keeper.enabled:
-            self.keeper.thresholds = tuple(settings.refork_after)  # from the next generation
-        elif settings.refork_after:
-            self.log.warning("refork_after: takes effect on restart or USR2 (the master must "
-                             "become a subreaper first)")
-        try:
-            logs.setup(settings.log_level, settings.error_log, proc="master",
-                       fmt=settings.error_log_format)
-            self.outputs.configure(settings)
-        except (OSError, ValueError) as error:
-            self.log.error("reload: %s; keeping the old log", error)
+        follow_settings(settings, self.memory, self.keeper, self.log, self.outputs)
 
     def _snapshot(self) -> metrics.Snapshot:
         records = self.pool.records
@@ -483,6 +450,65 @@ class Master:
         # A second TERM while the interpreter winds down must not turn a clean exit into a
         # death by signal: keep them pending until the process is gone.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
+@dataclass
+class Opened:
+    """What the master opens once at startup, before the first fork."""
+
+    channel: handoff.Channel
+    hooks: dict[str, Callable]
+    prepared: Any  # the first generation's TLS context (generations.prepared)
+    listeners: list[socket.socket]
+    bind_specs: list[Any]
+    app: Callable | None  # preloaded, or None
+
+
+def open_resources(settings: Any, pid: int, log: Any, outs: outputs.Outputs,
+                   snapshot: Callable[[], metrics.Snapshot]) -> Opened | None:
+    """The handoff channel, hooks, the TLS context, listeners, the preloaded app, metrics and
+    access log; None (logged) if one cannot be had."""
+    try:
+        # Before the first fork; the same for every generation and across a USR2 exec.
+        channel = handoff.Channel.inherit(os.environ) or handoff.Channel.create()
+    except (ValueError, OSError) as error:
+        log.error("handoff channel (%s): %s", handoff.ENV_HANDOFF_FDS, error)
+        return None
+    try:
+        hooks = load_hooks(settings)
+        prepared = _tls_context(settings)
+        listeners, bind_specs = _open_listeners(settings, pid, log)
+    except (sockets.BindError, ValueError, loader.LoadError, tls.TLSConfigError) as error:
+        log.error("%s", error)
+        channel.close()
+        return None
+    try:
+        app = loader.load_app(settings.app) if settings.preload else None
+        outs.open(settings, snapshot)
+    except (loader.LoadError, sockets.BindError, ValueError, OSError) as error:
+        log.error("%s", error)
+        sockets.cleanup(listeners, bind_specs)
+        channel.close()
+        return None
+    return Opened(channel, hooks, prepared, listeners, bind_specs, app)
+
+
+def follow_settings(settings: Any, memory_sampler: Any, keeper: mold.Keeper, log: Any,
+                    outs: outputs.Outputs) -> None:
+    """After a reload (or its rollback): the new memory interval, refork thresholds, logs."""
+    memory_sampler.interval = settings.memory_check_interval
+    if keeper.enabled:
+        keeper.thresholds = tuple(settings.refork_after)  # from the next generation
+    elif settings.refork_after:
+        log.warning("refork_after: takes effect on restart or USR2 (the master must become a "
+                    "subreaper first)")
+    try:
+        logs.setup(settings.log_level, settings.error_log, proc="master",
+                   fmt=settings.error_log_format)
+        outs.configure(settings)
+    except (OSError, ValueError) as error:
+        log.error("reload: %s; keeping the old log", error)
+
 
 class Wakeups:
     """What ends the master's sleep: a signal (its handler only records it; ``set_wakeup_fd``

@@ -379,19 +379,20 @@ class Pool:
         if record is None:
             return None
         requests = 0
+        own_reason = Reason.NONE  # what the worker wrote in its slot before leaving by itself
         if record.index >= 0:
             view = self.scoreboard.read(record.index)
-            requests = view.requests
+            requests, own_reason = view.requests, view.reason
             self.totals.fold(view)
             self.scoreboard.release(record.index)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_BOOT_ERROR \
                 and not record.ready_at:
             return Exit(record, status, boot_failed=True)
-        self._log_exit(record, status, requests, stopping)
+        self._log_exit(record, status, requests, stopping, own_reason)
         return Exit(record, status, boot_failed=False)
 
     def _log_exit(self, record: WorkerRecord, status: int, requests: int,
-                  stopping: bool) -> None:
+                  stopping: bool, own_reason: Reason = Reason.NONE) -> None:
         told_to_go = record.phase in LEAVING
         fields = log_fields(record)
         if os.WIFSIGNALED(status):
@@ -406,7 +407,12 @@ class Pool:
         else:
             fields["exit_code"] = os.WEXITSTATUS(status)
             how = f"exited with code {fields['exit_code']}"
-            told_to_go = told_to_go or (stopping and fields["exit_code"] == 0)
+            clean = fields["exit_code"] == 0
+            # A worker may leave by itself, cleanly, having said why in its slot (a threaded
+            # worker that drained around a stuck request says TIMEOUT): not a crash.
+            if clean and own_reason is not Reason.NONE and record.reason is Reason.NONE:
+                record.reason = own_reason
+            told_to_go = told_to_go or (clean and (stopping or own_reason is not Reason.NONE))
         if told_to_go and record.reason is Reason.NONE:
             record.reason = Reason.SHUTDOWN  # stopped with the server (Ctrl-C reaches all)
         if not told_to_go and record.reason is not Reason.OOM:

@@ -122,7 +122,11 @@ def timeouts(slot: SlotView, settings: Any, now: float, quiet_until: float = 0.0
         return Verdict()
     wake_at = NEVER
     if slot.state is State.BUSY and slot.request_start:
-        deadline = slot.request_start + timeout
+        # A threaded worker drains itself when a request outlives timeout: it stops accepting
+        # and gives its other threads graceful_timeout to finish theirs (fair to the innocent),
+        # then exits. The abort is the backstop after that grace.
+        grace = settings.graceful_timeout if slot.thread_count > 1 else 0.0
+        deadline = slot.request_start + timeout + grace
         if now >= deadline:
             why = f"timed out after {now - slot.request_start:.1f}s serving {slot.request_line!r}"
             return Verdict((Action(Act.ABORT, Reason.TIMEOUT, why),))

@@ -8,7 +8,6 @@ one's own multi-second duration, never against a tight bound.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -134,30 +133,6 @@ def test_pipelined_requests_stay_in_order_with_threads(server_factory):
     assert all(status == 200 for status, _, _ in threads)
 
 
-def master_gives_threads_their_grace() -> bool:
-    """Whether the master's timeout policy waits graceful_timeout past `timeout` for a threaded
-    worker (which begins draining its other threads itself at `timeout`)."""
-    from types import SimpleNamespace
-
-    from forkserver.scoreboard import Scoreboard, State
-    from forkserver.supervision import timeouts
-    board = Scoreboard(1)
-    try:
-        board.claim(0, os.getpid(), 1)
-        slot = board.writer(0)
-        slot.set_state(State.IDLE)
-        slot.thread_writers(2)[0].request_started("GET", "/stuck")
-        view = board.read(0)
-        settings = SimpleNamespace(timeout=2.0, graceful_timeout=8.0)
-        now = view.request_start + 3.0
-        return not timeouts(view, settings, now, quiet_until=now + 60).actions  # (no silence)
-    finally:
-        board.close()
-
-
-@pytest.mark.skipif(not master_gives_threads_their_grace(),
-                    reason="the master aborts at `timeout` without the graceful_timeout a "
-                    "threaded worker gives its other threads (supervision.timeouts, master2)")
 def test_a_stuck_request_costs_only_itself(server_factory):
     server = server_factory(APP, "--threads", "4", "--timeout", "2",
                             "--graceful-timeout", "8", workers=1)
@@ -177,6 +152,8 @@ def test_a_stuck_request_costs_only_itself(server_factory):
     assert re.search(r"w0\.t\d 0x[0-9a-f]+ tid=\d+ busy", server.log())
     status, text = get(f"{server.url}/fast")  # a replacement serves
     assert status == 200 and text.split()[0] != first_pid
+    # The worker left by itself after the drain: logged as a timeout, never as a crash.
+    assert "(crash)" not in server.log()
 
 
 def test_threads_survive_a_burst_of_concurrent_clients(server_factory):

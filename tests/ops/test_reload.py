@@ -105,8 +105,6 @@ def test_a_watched_file_reloads_and_a_broken_change_keeps_the_last_good_generati
     assert "(crash)" not in log
 
 
-@pytest.mark.xfail(strict=True, reason="worker side pending: workers report the modules they "
-                   "imported (reloader.report_modules) and log the import traceback")
 def test_an_imported_module_reloads_without_being_named(server_factory, appdir):
     """The modules the workers imported are watched without reload_extra_files."""
     server = start_reloading(server_factory, appdir)

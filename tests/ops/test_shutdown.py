@@ -126,7 +126,6 @@ def test_systemd_hears_what_the_delay_is_for(server_factory, tmp_path):
         notify.close()
 
 
-@pytest.mark.xfail(strict=True, reason="worker side of SIGWINCH pending")
 def test_every_response_in_the_delay_says_connection_close(server_factory):
     server = start(server_factory, "--shutdown-delay", "5", workers=1)
     kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)

@@ -798,3 +798,11 @@ def test_tls_min_version_may_be_a_bare_toml_number(tmp_path):
 def test_refork_after_counts_must_increase(tmp_path):
     assert load(tmp_path, toml="refork_after = [50, 500]\n").refork_after == (50, 500)
     assert "must increase" in error_of(tmp_path, env={"FORKSERVER_REFORK_AFTER": "500,50"})
+
+
+def test_threads_are_bounded_by_the_scoreboard_room(tmp_path):
+    from forkserver import scoreboard
+
+    assert load(tmp_path, argv=["--threads", str(scoreboard.THREADS_MAX)]).threads == 64
+    message = error_of(tmp_path, argv=["--threads", str(scoreboard.THREADS_MAX + 1)])
+    assert message.endswith("must be at most 64"), message

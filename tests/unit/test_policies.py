@@ -441,6 +441,16 @@ def test_a_worker_stopped_with_the_server_is_not_a_crash(board, status, stopping
     assert pool.restarts == {reason: 1}
 
 
+def test_a_worker_that_leaves_by_itself_with_its_reason_is_not_a_crash(board):
+    """A threaded worker drains around a stuck request and exits 0 with TIMEOUT in its slot."""
+    pool = Pool(board, 1, (signal.SIGTERM,), lambda: None)
+    board.claim(0, 0, 1)
+    board.writer(0).set_state(State.EXITING, Reason.TIMEOUT)
+    pool.records[4242] = record(Phase.READY, ready_at=T0)
+    pool.reaped(4242, 0)
+    assert pool.restarts == {"timeout": 1}
+
+
 def test_log_fields_and_counted_words():
     fields = log_fields(record(), reason=Reason.MEMORY, exit_code=None)
     assert fields == {"worker_pid": 4242, "slot": 0, "generation": 1, "reason": "memory"}
