@@ -335,6 +335,9 @@ def readable(fds: Iterable[int]) -> set[int]:
 
 
 # -- the watcher ---------------------------------------------------------------------------
+BACKOFF = 10  # the watcher's longest wait, in handoff delays, while requests are all fast
+
+
 class Watcher:
     """Lets a single-threaded worker hand off while its one thread runs the app.
 
@@ -394,20 +397,30 @@ class Watcher:
     # -- the watcher's side ---------------------------------------------------------------
     def _run(self) -> None:
         delay = self.delay
+        # While every request it looks at has ended within delay (a fast load), the watcher
+        # looks less often, doubling its wait up to BACKOFF x delay: waking every delay would
+        # take the GIL from the serving thread hundreds of times a second for nothing. A request
+        # found past delay brings the wait back to delay (slow requests are about).
+        patience = delay
+        watched = 0.0  # the request the last wait was for
         while not self._stopped:
             started = self.started
             now = time.monotonic()
             if started > 0:
                 if now >= started + delay:
                     self._act(started)
-                    wait = delay  # bytes may come on other connections meanwhile
+                    patience, wait = delay, delay  # bytes may come on other connections
                 else:
-                    wait = started + delay - now
+                    if watched and started != watched:
+                        patience = min(2 * patience, BACKOFF * delay)
+                    wait = max(started + delay - now, patience)
+                watched = started
             elif started == 0 or now + started > self.quiet_after:
                 self._sleep()
+                watched = 0.0
                 continue
             else:
-                wait = delay
+                wait = patience
             self._wake.wait(wait)
 
     def _sleep(self) -> None:

@@ -473,3 +473,32 @@ def test_watcher_hands_off_through_a_real_channel(channel):
     finally:
         watcher.stop()
         client.close()
+
+
+def test_the_watcher_looks_less_often_while_every_request_is_fast():
+    """A fast load must not wake the watcher every handoff_delay (it would take the GIL from
+    the serving thread hundreds of times a second); a slow request brings it back."""
+    import time as clock
+
+    from forkserver import handoff as module
+
+    wakes = []
+    watcher = module.Watcher(0.002, list, lambda conn, seen: False, lambda conn: -1)
+    real_wait = watcher._wake.wait
+
+    def counting_wait(timeout=None):
+        wakes.append(timeout)
+        return real_wait(timeout)
+
+    watcher._wake.wait = counting_wait
+    watcher.start()
+    try:
+        end_at = clock.monotonic() + 0.4
+        while clock.monotonic() < end_at:  # back-to-back requests of about 0.2 ms each
+            watcher.begin(clock.monotonic())
+            clock.sleep(0.0002)
+            watcher.end()
+    finally:
+        watcher.stop()
+    assert max(t for t in wakes if t is not None) >= module.BACKOFF * 0.002 * 0.99
+    assert len(wakes) < 0.4 / 0.002 / 2  # far fewer than one wake per delay
