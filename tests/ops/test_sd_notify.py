@@ -56,7 +56,7 @@ def test_ready_reloading_stopping_sequence(server_factory, notify, tmp_path):
     server.send_signal(signal.SIGHUP)
     server.wait_for_log(r"generation 2 ready")
     server.known_pids.update(server.worker_pids())
-    assert server.stop() == 0
+    assert server.stop() == 0, server.log()
     notify.drain()
     lines = [line for message in notify.messages for line in message.split("\n")]
     states = [line for line in lines if line in ("READY=1", "RELOADING=1", "STOPPING=1")]
