@@ -167,3 +167,68 @@ def test_a_hup_with_a_missing_certificate_keeps_the_old_workers(server_factory, 
     server.wait_for_log(r"2 workers ready \(generation 2\)")
     server.known_pids.update(server.worker_pids())
     assert answers(server, ca)
+
+
+def test_certificate_rotation_by_hup_under_keep_alive_load(server_factory, tmp_path):
+    """Issue 16: new certificate files are read by a HUP while keep-alive TLS clients keep
+    sending; no request fails, and new connections see the new certificate."""
+    import http.client
+    import threading
+
+    ca = trustme.CA()
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(cert: trustme.LeafCert) -> bytes:
+        cert.cert_chain_pems[0].write_to_path(str(certfile))
+        cert.private_key_pem.write_to_path(str(keyfile))
+        return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+    old_der = install(ca.issue_cert("localhost"))
+    server = server_factory("tests.apps.basic:app", "--certfile", str(certfile),
+                            "--keyfile", str(keyfile), workers=2)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    counts = {"ok": 0, "failed": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = [time.monotonic() + 30.0]  # bounded: the test ends it earlier
+
+    def client() -> None:
+        conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=10)
+        sent = 0
+        while time.monotonic() < stop_at[0] and sent < 20_000:
+            sent += 1
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                response.read()
+                good = response.status == 200
+            except (OSError, http.client.HTTPException) as error:
+                good = False
+                errors.append(repr(error))
+                conn.close()
+            with lock:
+                counts["ok" if good else "failed"] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        new_der = install(ca.issue_cert("localhost"))
+        assert new_der != old_der
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"2 workers ready \(generation 2\)", timeout=20)
+        server.known_pids.update(server.worker_pids())
+        time.sleep(1.5)
+    finally:
+        stop_at[0] = 0.0
+        for thread in threads:
+            thread.join(15)
+    print(f"certificate rotation under load: {counts['ok']} ok, {counts['failed']} failed")
+    assert counts["failed"] == 0, errors[:5]
+    assert counts["ok"] > 100
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls_sock:
+        assert tls_sock.getpeercert(binary_form=True) == new_der
