@@ -275,18 +275,21 @@ class Requests:
         self.retiring = False  # answer every next request with Connection: close
         self.recycling = False  # asked the master for a replacement
 
-    def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
-        """Run one request; return what becomes of the connection."""
+    def _begin(self, conn: Connection, request: Request) -> bool:
+        """Count the request on its connection; whether its response may offer keep-alive (the
+        exchange may still say no). Retiring: the next request on each connection is answered
+        with close, so no client has a connection closed under a request it just sent
+        (requests already pipelined behind it are answered first)."""
         conn.body_deadline = 0.0
         conn.requests += 1
         settings = self.settings
-        # Whether the response may offer keep-alive (the exchange may still say no). Retiring:
-        # the next request on each connection is answered with close, so no client has a
-        # connection closed under a request it just sent (requests already pipelined behind
-        # it are answered first).
-        keep_alive = (request.keep_alive and settings.keepalive > 0
-                      and conn.requests < settings.keepalive_requests
-                      and (not self.retiring or conn.parser.buffered > 0))
+        return (request.keep_alive and settings.keepalive > 0
+                and conn.requests < settings.keepalive_requests
+                and (not self.retiring or conn.parser.buffered > 0))
+
+    def dispatch(self, conn: Connection, request: Request, body: Any) -> Verdict:
+        """Run one request; return what becomes of the connection."""
+        keep_alive = self._begin(conn, request)
         slot = self.slot
         started = time.monotonic()  # one clock reading per end of the request
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"), started)
@@ -314,12 +317,7 @@ class Requests:
 
     def lend(self, conn: Connection, request: Request, body: Any) -> None:
         """The reactor's part of a request a pool thread will run (see ``run_lent``)."""
-        conn.body_deadline = 0.0
-        conn.requests += 1
-        settings = self.settings
-        keep_alive = (request.keep_alive and settings.keepalive > 0
-                      and conn.requests < settings.keepalive_requests
-                      and (not self.retiring or conn.parser.buffered > 0))
+        keep_alive = self._begin(conn, request)
         conn.lent = (request, body, keep_alive)
         conn.running = f"{request.method} {request.target}"
 
