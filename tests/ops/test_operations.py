@@ -70,8 +70,9 @@ def report(name: str, result) -> None:
           f"retried={result.retried} refused-after-stop={result.refused}")
 
 
-def test_hup_reload_under_load_serves_new_code_with_no_failure(server_factory, app_dir):
-    server = start(server_factory, app_dir)
+@pytest.mark.parametrize("threads", ["1", "4"])  # the inline worker and the reactor with a pool
+def test_hup_reload_under_load_serves_new_code_with_no_failure(server_factory, app_dir, threads):
+    server = start(server_factory, app_dir, "--threads", threads)
     old_workers = set(server.worker_pids())
     with LoadLoop(server.port) as load:
         load.wait_for(200)
@@ -115,8 +116,9 @@ def test_hup_with_syntax_error_keeps_old_workers_serving(server_factory, app_dir
     server.known_pids.update(server.worker_pids())
 
 
-def test_usr2_upgrade_keeps_pid_and_serves_new_code(server_factory, app_dir):
-    server = start(server_factory, app_dir)
+@pytest.mark.parametrize("threads", ["1", "4"])  # the inline worker and the reactor with a pool
+def test_usr2_upgrade_keeps_pid_and_serves_new_code(server_factory, app_dir, threads):
+    server = start(server_factory, app_dir, "--threads", threads)
     master = server.pid
     with LoadLoop(server.port) as load:
         load.wait_for(200)
@@ -144,8 +146,9 @@ def test_failed_usr2_check_keeps_the_old_master(server_factory, app_dir):
     assert requests.get(server.url, timeout=10).text.startswith("v1")
 
 
-def test_ttin_then_ttou_under_load(server_factory, app_dir):
-    server = start(server_factory, app_dir)
+@pytest.mark.parametrize("threads", ["1", "4"])  # the inline worker and the reactor with a pool
+def test_ttin_then_ttou_under_load(server_factory, app_dir, threads):
+    server = start(server_factory, app_dir, "--threads", threads)
     with LoadLoop(server.port) as load:
         load.wait_for(100)
         server.send_signal(signal.SIGTTIN)
