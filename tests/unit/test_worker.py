@@ -852,7 +852,7 @@ def received(channel: handoff.Channel, seconds: float = 5.0) -> handoff.Handed:
     return handed
 
 
-def test_a_handed_connection_is_served_from_its_pending_bytes_on(make_worker, channel):
+def test_a_handed_connection_is_served_from_its_pending_bytes_on(channel, make_worker):
     h = make_worker(channel=channel, handoff_delay=5, keepalive=30)
     mine, theirs = socket.socketpair()
     mine.settimeout(5)
@@ -872,7 +872,7 @@ def test_a_handed_connection_is_served_from_its_pending_bytes_on(make_worker, ch
     mine.close()
 
 
-def test_a_busy_worker_gives_a_waiting_connection_away(make_worker, channel):
+def test_a_busy_worker_gives_a_waiting_connection_away(channel, make_worker):
     gate, started = threading.Event(), queue.Queue()
     h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30)
     slow, waiting = h.client(), h.client()
@@ -896,7 +896,7 @@ def test_a_busy_worker_gives_a_waiting_connection_away(make_worker, channel):
         handed.sock.close()
 
 
-def test_a_stopping_worker_offers_its_idle_connections(make_worker, channel):
+def test_a_stopping_worker_offers_its_idle_connections(channel, make_worker):
     h = make_worker(channel=channel, handoff_delay=5, keepalive=30)
     client = h.client()
     client.sendall(GET % b"first")
@@ -914,7 +914,7 @@ def test_a_stopping_worker_offers_its_idle_connections(make_worker, channel):
         handed.sock.close()
 
 
-def test_a_tls_connection_is_never_handed_off(make_worker, channel, certificates):
+def test_a_tls_connection_is_never_handed_off(channel, make_worker, certificates):
     gate, started = threading.Event(), queue.Queue()
     h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30,
                     tls_context=server_tls(certificates))
@@ -931,8 +931,7 @@ def test_a_tls_connection_is_never_handed_off(make_worker, channel, certificates
     assert ResponseReader(waiting).read()[2].startswith(b"/next ")
 
 
-def test_a_threaded_worker_gives_away_what_arrives_while_no_thread_is_free(make_worker,
-                                                                          channel):
+def test_a_threaded_worker_gives_away_what_arrives_while_no_thread_is_free(channel, make_worker):
     gate, started = threading.Event(), queue.Queue()
     h = make_worker(gated(gate, started), channel=channel, handoff_delay=5, keepalive=30,
                     threads=2)
