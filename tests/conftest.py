@@ -27,7 +27,7 @@ class Server:
     def __init__(self, tmp_path: Path, app: str = "tests.apps.basic:app", *args: str,
                  workers: int = 2, binds: tuple[str, ...] = ("127.0.0.1:0",),
                  env: dict[str, str] | None = None, cwd: Path | None = None,
-                 wait_ready: bool = True) -> None:
+                 wait_ready: bool = True, new_session: bool = False) -> None:
         self.tmp_path = tmp_path
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self.argv = [sys.executable, "-m", "forkserver", app, "--workers", str(workers),
@@ -39,6 +39,8 @@ class Server:
         self.cwd = cwd or ROOT
         self.workers = workers
         self.wait_ready = wait_ready
+        # Its own session: one os.killpg() then takes the master and its workers at once.
+        self.new_session = new_session
         self.proc: subprocess.Popen | None = None
         self.addresses: list[str] = []
         self.known_pids: set[int] = set()
@@ -46,7 +48,8 @@ class Server:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> Server:
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=self.new_session)
         self.known_pids.add(self.proc.pid)
         if self.wait_ready:
             self.wait_for_log(READY_RE, timeout)

@@ -34,7 +34,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import LISTEN_RE, READY_RE, ROOT, Server
+from tests.conftest import ROOT, Server
 from tests.ops._proxies import HAProxy, haproxy_binary
 
 INSTANCES = 3
@@ -166,20 +166,10 @@ class Instance(Server):
                # connections, so none is closed under a request being sent on it.
                "FORKSERVER_KEEPALIVE": "60"}
         super().__init__(tmp_path, "fleet_backend:app", workers=WORKERS,
-                         binds=(f"{site.host}:{site.http_port}",), env=env)
+                         binds=(f"{site.host}:{site.http_port}",), env=env, new_session=True)
         if site.netns is not None:
             self.argv = ["ip", "netns", "exec", site.netns, *self.argv]
         self.site = site
-
-    def start(self, timeout: float = 20.0) -> Instance:
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        self.known_pids.add(self.proc.pid)
-        self.wait_for_log(READY_RE, timeout)
-        self.addresses = LISTEN_RE.findall(self.log())
-        self.known_pids.update(self.worker_pids())
-        return self
 
     def readyz(self) -> int:
         try:

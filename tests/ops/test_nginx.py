@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import LISTEN_RE, READY_RE, ROOT, Server
+from tests.conftest import ROOT, Server
 from tests.ops._proxies import Nginx, free_port, nginx_main_config, running
 
 DEPLOY_NGINX = ROOT / "deploy" / "nginx.conf"
@@ -36,15 +35,8 @@ def site_config(backends: list[str], port: int) -> str:
 class GroupServer(Server):
     """A forkserver in its own session, so one os.killpg() takes master and workers at once."""
 
-    def start(self, timeout: float = 20.0) -> GroupServer:
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        self.known_pids.add(self.proc.pid)
-        self.wait_for_log(READY_RE, timeout)
-        self.addresses = LISTEN_RE.findall(self.log())
-        self.known_pids.update(self.worker_pids())
-        return self
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, new_session=True, **kwargs)
 
 
 # The test app plus a route that tells the instances apart and lets instance "a" answer 503.
