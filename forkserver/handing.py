@@ -41,6 +41,9 @@ class Handing:
             self.watcher = handoff.Watcher(self.delay, lambda: list(idle.values()), self.give,
                                            _fileno)
             self.watcher.start()
+            # The worker's inline dispatch begins and ends each request on it (one call each:
+            # the clock reading is dispatch's own).
+            worker.requests.watcher = self.watcher
         self.sync()
 
     def sync(self) -> None:
@@ -83,17 +86,6 @@ class Handing:
             return False
         self.worker.close(conn)
         return True
-
-    def begin(self, conn: Connection) -> None:
-        """Just before ``conn``'s request runs inline: it was served, so its hops start over,
-        and the watcher starts timing."""
-        conn.hops = 0
-        self.watcher.begin(time.monotonic())
-
-    def end(self) -> None:
-        """Just after: forget what the watcher gave away meanwhile."""
-        for conn in self.watcher.end():
-            self.worker.close(conn)
 
     def leave(self) -> None:
         """The worker begins to stop: stop taking connections, and offer the idle ones (those
@@ -144,12 +136,13 @@ class Handing:
 
     def close(self) -> None:
         if self.watcher is not None:
+            self.worker.requests.watcher = None
             self.watcher.stop()
 
     def forget(self) -> None:
         """In a mold: the watcher thread does not exist after a fork; the channel stays (the
         workers the mold forks use it)."""
-        self.watcher = None
+        self.watcher = self.worker.requests.watcher = None
         self.receiving = False
 
 

@@ -274,6 +274,7 @@ class Requests:
         self.count = 0
         self.retiring = False  # answer every next request with Connection: close
         self.recycling = False  # asked the master for a replacement
+        self.watcher: handoff.Watcher | None = None  # times inline requests for handoff
 
     def _begin(self, conn: Connection, request: Request) -> bool:
         """Count the request on its connection; whether its response may offer keep-alive (the
@@ -293,6 +294,8 @@ class Requests:
         slot = self.slot
         started = time.monotonic()  # one clock reading per end of the request
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"), started)
+        if self.watcher is not None:  # from here the app runs: time it (the caller ends it)
+            self.watcher.begin(started)
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
         if self.pre_request is not None:
             call_hook(self.pre_request, environ)
@@ -723,17 +726,17 @@ class Worker:
                         del self.idle[conn.fd]
                     conn.phase = BUSY  # legal from every phase _process runs in (phases.NEXT)
                     conn.deadline = _NEVER
+                conn.hops = 0  # served here: its handoffs start over
                 if self.lending is not None:
-                    conn.hops = 0
                     self.lending.lend(conn, request, body)
                     return
-                handing = self.handing
-                if handing is None:
+                try:
                     verdict = self.requests.dispatch(conn, request, body)
-                else:  # the watcher may give parked connections away while the app runs
-                    handing.begin(conn)
-                    verdict = self.requests.dispatch(conn, request, body)
-                    handing.end()
+                finally:
+                    watcher = self.requests.watcher
+                    if watcher is not None:  # forget what it gave away while the app ran
+                        for given in watcher.end():
+                            self.close(given)
                 if verdict is not KEEP:
                     self._end(conn, verdict)
                     return

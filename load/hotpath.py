@@ -247,9 +247,11 @@ def default_settings() -> Any:
     return _SETTINGS[0]
 
 
-def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]:
+def make_worker(listener: socket.socket, handoff: bool = False
+                ) -> tuple[Any, list[Callable[[], None]]]:
     """A Worker serving ``hello`` on ``listener``, built as the master would (no boot: no
-    signal handlers or process title in this process)."""
+    signal handlers or process title in this process); with ``handoff``, with a handoff channel
+    and the default ``handoff_delay`` (its watcher thread runs)."""
     from forkserver import worker as worker_module
     from forkserver.scoreboard import Scoreboard
     board = Scoreboard(1)
@@ -258,6 +260,12 @@ def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]
                "listeners": [listener], "load_app": lambda: hello, "scoreboard": board,
                "master_pid": os.getppid(), "title": "hotpath", "max_requests": 0, "hooks": {},
                "access_log": None, "tls_context": None, "reload_dir": None, "notify_fd": -1}
+    cleanup: list[Callable[[], None]] = [board.close]
+    if handoff:
+        from forkserver.handoff import Channel
+        channel = Channel.create()
+        offered["handoff"] = channel
+        cleanup += [channel.receiving.close, channel.sending.close]
     spec_type = worker_module.WorkerSpec
     fields = dataclasses.fields(spec_type)
     missing = [f.name for f in fields if f.name not in offered
@@ -275,7 +283,6 @@ def make_worker(listener: socket.socket) -> tuple[Any, list[Callable[[], None]]]
                 part.app = hello
             except AttributeError:  # a frozen record, not the app's holder
                 pass
-    cleanup: list[Callable[[], None]] = [board.close]
     for name in ("epoll",):
         handle = getattr(worker, name, None)
         if handle is not None:
@@ -374,12 +381,18 @@ class KeepAliveClient:
                 sock.close()
 
 
-def make_whole(raw: bytes) -> Part:
+def make_whole(raw: bytes, handoff: bool = False) -> Part:
     listener = socket.create_server(("127.0.0.1", 0))
-    worker, cleanup = make_worker(listener)
+    worker, cleanup = make_worker(listener, handoff)
     cleanup.insert(0, listener.close)
-    part = Part("whole path", cleanup=cleanup)
+    part = Part("whole path, handoff" if handoff else "whole path", cleanup=cleanup)
     try:
+        if handoff:  # what Worker.open does when the spec carries a channel
+            from forkserver.handing import Handing
+            worker.handing = Handing(worker, worker.spec.handoff,
+                                     worker.settings.handoff_delay / 1000)
+            worker.handing.open()
+            cleanup.insert(0, worker.handing.close)
         client = KeepAliveClient(worker)
         cleanup.insert(0, client.close)
         client.request(raw)
@@ -599,9 +612,9 @@ def print_ablations(results: dict[str, dict[str, float | str]]) -> None:
 
 BUILDERS: tuple[Callable[[bytes], Part], ...] = (
     make_floor, make_parser, lambda raw: make_parser(raw, fresh=True), make_environ, make_app,
-    make_scoreboard, make_whole, make_close)
+    make_scoreboard, make_whole, lambda raw: make_whole(raw, handoff=True), make_close)
 NAMES = ("socket floor", "parser", "parser, new each", "environ", "app + response",
-         "scoreboard", "whole path", "close path (TCP)")
+         "scoreboard", "whole path", "whole path, handoff", "close path (TCP)")
 GLUE_PARTS = ("socket floor", "parser", "environ", "app + response", "scoreboard")
 
 
