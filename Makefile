@@ -45,7 +45,7 @@ bench-mixed: $(STAMP)
 bench-memory: $(STAMP)
 	$(BIN)/python load/bench_memory.py $(BENCH_ARGS)
 
-# All three benchmarks in a row (about 13 minutes on 2 cores), then their tables and pictures
+# All three benchmarks in a row (about 18 minutes on 2 cores), then their tables and pictures
 # copied to docs/benchmark/ (BENCH_ARGS=--quick: smoke runs, nothing copied).
 bench-all: $(STAMP)
 	$(BIN)/python load/bench_all.py $(BENCH_ARGS)

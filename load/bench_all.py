@@ -1,6 +1,6 @@
 """Every benchmark in a row, their tables copied to docs/benchmark/ (``make bench-all``).
 
-    .venv/bin/python load/bench_all.py            # about 13 minutes on 2 cores
+    .venv/bin/python load/bench_all.py            # about 18 minutes on 2 cores
     .venv/bin/python load/bench_all.py --quick    # smoke run of each; docs/ left alone
     .venv/bin/python load/bench_all.py --full     # other arguments go to load/bench.py
 

@@ -1,7 +1,7 @@
 """Head-of-line benchmark: fast keep-alive clients beside slow ones (``make bench-mixed``).
 
-    .venv/bin/python load/bench_mixed.py            # 10 s per run, about 2.5 minutes
-    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, about 1 minute
+    .venv/bin/python load/bench_mixed.py            # 10 s per run, 3 rounds, about 7 minutes
+    .venv/bin/python load/bench_mixed.py --quick    # 4 s per run, 3 rounds, about 3 minutes
 
 The scenario of issues 12 and 13: 40 keep-alive clients (wrk -t1 -c40) ask for ``/hello`` while
 2 clients loop on ``/slow?ms=50``, an I/O-bound endpoint (``time.sleep(0.05)``), all on
@@ -245,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="4 s runs instead of 10 s")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds measured per run (default: 10; 4 with --quick)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="runs per row, order rotated; the median is reported (default: 1)")
+    # Three: one 10 s run moved the hello pair's ratio by 5% from run to run (issue 13's
+    # target is that close); the median of three alternating runs holds still.
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per row, order rotated; the median is reported (default: 3)")
     parser.add_argument("--scenarios", nargs="+", choices=("mixed", "hello"),
                         default=["mixed", "hello"])
     parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
