@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
-from forkserver.http.response import Response, http_date
+from forkserver.http.response import Response, http_date, whole_response
 from forkserver.proxy import TrustedProxies
 
 # Bodies up to this size travel as one send together with the head.
@@ -489,15 +489,15 @@ class Exchange:
             raise AppError("the application returned without calling start_response")
         request = self.request
         body = self.body
-        if self.keep_alive and not body.complete and not body.small_rest():
-            # The app answers without reading a body (or one held back behind 100-continue)
-            # that is too large to read and drop: say close, then drain it (LINGER).
-            self.keep_alive = False
+        # The app answers without reading a body (or one held back behind 100-continue) that
+        # is too large to read and drop: say close, then drain it (LINGER).
+        self.keep_alive = self.keep_alive and (body.complete or body.small_rest())
         response = Response(self.status, self.headers, minor=request.minor,
                             is_head=request.method == "HEAD", keep_alive=self.keep_alive,
                             server=self.server, body_length=body_length)
         self.response = response
-        self.status_code = int(self.status[:3])
+        self.keep_alive = response.keep_alive  # from here on, what the head says
+        self.status_code = response.status_code
         return response
 
     def _send(self, data: bytes) -> None:
@@ -529,9 +529,24 @@ class Exchange:
     def run(self, app: Callable, environ: dict[str, Any]) -> None:
         """Call the app and send its response. Raises on failures the caller must handle."""
         result = app(environ, self.start_response)
+        if (type(result) is list and len(result) == 1 and self.response is None
+                and self.status is not None and type(body := result[0]) is bytes
+                and len(body) <= SMALL_BODY):
+            # The usual response: one small body in hand, no write(), so one send with the head
+            # and no Response object (a list has no close()).
+            request = self.request
+            keep_alive = self.keep_alive and (self.body.complete or self.body.small_rest())
+            # (the same offer as in _start)
+            data, self.keep_alive, self.status_code = whole_response(
+                self.status, self.headers, request.minor, request.method == "HEAD", keep_alive,
+                self.server, body)
+            self.channel.send_all(data)
+            self.head_sent = True
+            self.bytes_sent = len(data)
+            return
         try:
             if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
-                # The common case: the whole body in hand, so one send with the head.
+                # The whole body in hand, so one send with the head if it is small.
                 body = result[0]
                 if self.head_sent:
                     response = self.response
@@ -603,8 +618,8 @@ class Exchange:
         """The verdict after a response that went out whole."""
         body = self.body
         if body.complete:
-            return KEEP if self.response.keep_alive else CLOSE
-        if self.response.keep_alive:
+            return KEEP if self.keep_alive else CLOSE
+        if self.keep_alive:
             # Promised keep-alive: the unread rest is small (see _start), so read and drop it.
             return KEEP if body.settle() else LINGER
         return CLOSE if body.small_rest(0) else LINGER
@@ -624,7 +639,7 @@ def handle(app: Callable, channel: Channel, request: Request, body: Body | Empty
         try:
             exchange.run(app, environ)
             if body.complete:  # the usual case, decided here without a call
-                exchange.verdict = KEEP if exchange.response.keep_alive else CLOSE
+                exchange.verdict = KEEP if exchange.keep_alive else CLOSE
             else:
                 exchange.verdict = exchange.conclude()
         except ClientDisconnected:
