@@ -418,10 +418,8 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
 
 
 class Exchange:
-    """One request/response: ``start_response``, ``write`` and the sending of the body.
-
-    ``run`` is the only place forkserver calls an application.
-    """
+    """One request/response: ``start_response``, ``write`` and the sending of the body (the
+    usual response is sent by ``handle`` itself)."""
 
     __slots__ = (
         "body",
@@ -526,24 +524,9 @@ class Exchange:
         elif tail:
             self._send(tail)
 
-    def run(self, app: Callable, environ: dict[str, Any]) -> None:
-        """Call the app and send its response. Raises on failures the caller must handle."""
-        result = app(environ, self.start_response)
-        if (type(result) is list and len(result) == 1 and self.response is None
-                and self.status is not None and type(body := result[0]) is bytes
-                and len(body) <= SMALL_BODY):
-            # The usual response: one small body in hand, no write(), so one send with the head
-            # and no Response object (a list has no close()).
-            request = self.request
-            keep_alive = self.keep_alive and (self.body.complete or self.body.small_rest())
-            # (the same offer as in _start)
-            data, self.keep_alive, self.status_code = whole_response(
-                self.status, self.headers, request.minor, request.method == "HEAD", keep_alive,
-                self.server, body)
-            self.channel.send_all(data)
-            self.head_sent = True
-            self.bytes_sent = len(data)
-            return
+    def respond(self, result: Any) -> None:
+        """Send the response to the app's ``result`` (any but the usual one, which ``handle``
+        sends itself), then close it. Raises on failures the caller must handle."""
         try:
             if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
                 # The whole body in hand, so one send with the head if it is small.
@@ -624,39 +607,62 @@ class Exchange:
             return KEEP if body.settle() else LINGER
         return CLOSE if body.small_rest(0) else LINGER
 
+    def fail(self, error: Exception, log_error: Callable[[str, bool], None]) -> None:
+        """Settle the verdict after ``error`` stopped the exchange (called while it is being
+        handled, so a logged traceback is its own)."""
+        request = self.request
+        try:
+            if isinstance(error, HTTPError):
+                # A protocol error while the app read the body (e.g. 413 mid-chunk), or an
+                # invalid response from the app (500): both answerable if nothing was sent yet.
+                if isinstance(error, InvalidResponse):
+                    log_error(f"invalid response from app to {request.method} "
+                              f"{request.target}: {error}", False)
+                self.verdict = self.send_error(error)
+                return
+            if not isinstance(error, ClientDisconnected):
+                # OSErrors included: the app's own files and connections are not the client's.
+                log_error(f"error handling {request.method} {request.target}: {error!r}", True)
+                self.verdict = self.send_error(InternalServerError())
+                return
+        except ClientDisconnected as failure:
+            error = failure
+        # The client's own socket failed: nothing more can be sent.
+        self.verdict = ABORT
+        self.close_reason = f"client I/O: {error}"
+
 
 def handle(app: Callable, channel: Channel, request: Request, body: Body | EmptyInput,
            environ: dict[str, Any], keep_alive: bool, server: bytes,
            log_error: Callable[[str, bool], None]) -> Exchange:
-    """Run one request through the app and decide the connection's fate (``verdict``).
-    Never raises: every app fault is logged and answered with a 500 when still possible."""
+    """Run one request through the app and decide the connection's fate (``verdict``): the
+    only place forkserver calls an application. Never raises: every app fault is logged and
+    answered with a 500 when still possible."""
     if request.method == "CONNECT":
         # A 2xx would turn the connection into a tunnel (RFC 9110 section 9.3.6), which this
         # server does not provide: never let it carry another HTTP request.
         keep_alive = False
     exchange = Exchange(channel, request, body, keep_alive, server)
     try:
-        try:
-            exchange.run(app, environ)
-            if body.complete:  # the usual case, decided here without a call
-                exchange.verdict = KEEP if exchange.keep_alive else CLOSE
-            else:
-                exchange.verdict = exchange.conclude()
-        except ClientDisconnected:
-            raise
-        except HTTPError as error:
-            # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
-            # response from the app (500): both answerable if nothing was sent yet.
-            if isinstance(error, InvalidResponse):
-                log_error(f"invalid response from app to {request.method} {request.target}: "
-                          f"{error}", False)
-            exchange.verdict = exchange.send_error(error)
-        except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
-            # OSErrors included: the app's own files and connections are not the client's.
-            log_error(f"error handling {request.method} {request.target}: {error!r}", True)
-            exchange.verdict = exchange.send_error(InternalServerError())
-    except ClientDisconnected as error:
-        # The client's own socket failed: nothing more can be sent.
-        exchange.verdict = ABORT
-        exchange.close_reason = f"client I/O: {error}"
+        result = app(environ, exchange.start_response)
+        if (type(result) is list and len(result) == 1 and exchange.response is None
+                and exchange.status is not None and type(data := result[0]) is bytes
+                and len(data) <= SMALL_BODY):
+            # The usual response: one small body in hand and no write(), so one send with the
+            # head and no Response object (a list has no close()). The keep-alive offer is
+            # _start's.
+            data, exchange.keep_alive, exchange.status_code = whole_response(
+                exchange.status, exchange.headers, request.minor, request.method == "HEAD",
+                keep_alive and (body.complete or body.small_rest()), server, data)
+            channel.send_all(data)
+            exchange.head_sent = True
+            exchange.bytes_sent = len(data)
+        else:
+            exchange.respond(result)
+        if body.complete:  # the usual case, decided here without a call
+            exchange.verdict = KEEP if exchange.keep_alive else CLOSE
+        else:
+            exchange.verdict = exchange.conclude()
+    except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
+        exchange.fail(error, log_error)
     return exchange
