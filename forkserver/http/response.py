@@ -257,33 +257,52 @@ def _lookup(status: object, headers: object, minor: int, is_head: bool, keep_ali
     return plan
 
 
+# The last head whole_response made from a remembered plan: (the plan's key, the second of its
+# Date, the body's length, the head, whether the body follows it, keep-alive, status code).
+# Clients repeat requests, so the next response is often the same again, and comparing its key
+# with the last one costs less than hashing it for _PLANS.
+_last_head: tuple = (None, -1, 0, b"", False, False, 0)
+
+
 def whole_response(status: str, headers: list[tuple[str, str]], minor: int, is_head: bool,
                    keep_alive: bool, server: bytes, data: bytes) -> tuple[bytes, bool, int]:
     """``Response(..., body_length=len(data)).whole(data)`` without the object, for the usual
     response (one body in hand): (the bytes to send, the final keep-alive, the status code).
     Raises InvalidResponse as that would."""
+    global _last_head
     try:
-        plan = _PLANS.get((status, tuple(headers), minor, is_head, keep_alive, server, True))
-    except TypeError:
+        key = (status, tuple(headers), minor, is_head, keep_alive, server, True)
+    except TypeError:  # headers is not iterable: _lookup says so
+        key = None
+    size = len(data)
+    second = int(_now())
+    last_key, last_second, last_size, head, with_body, keep, code = _last_head
+    if second == last_second and size == last_size and key == last_key:
+        return (head + data if with_body else head), keep, code
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable part: _lookup says what is wrong
         plan = None
+    remembered = plan is not None  # so made of plain values only (see _remember)
     if plan is None:
         plan = _lookup(status, headers, minor, is_head, keep_alive, server, True)
     prefix, send_date, by_length, framing, tail, keep, _, length, has_body, code = plan
     # (never chunked: with the body's length known the server frames it with Content-Length)
     if by_length:
-        framing = b"Content-Length: %d\r\n" % len(data)
-    elif not has_body:
-        data = b""
-    elif length != len(data):  # a wrong declared length: Response raises, saying how
+        framing = b"Content-Length: %d\r\n" % size
+    elif has_body and length != size:  # a wrong declared length: Response raises, saying how
         response = Response(status, headers, minor=minor, is_head=is_head,
-                            keep_alive=keep_alive, server=server, body_length=len(data))
+                            keep_alive=keep_alive, server=server, body_length=size)
         return response.whole(data), response.keep_alive, code
-    if not send_date:
-        return b"".join((prefix, framing, tail, data)), keep, code
-    second = int(_now())  # (_http_date_line, inlined: this runs once per request)
-    if second != _date_second:
-        _refresh_date(second)
-    return b"".join((prefix, _date_line, framing, tail, data)), keep, code
+    if send_date:
+        if second != _date_second:
+            _refresh_date(second)
+        head = b"".join((prefix, _date_line, framing, tail))
+    else:
+        head = b"".join((prefix, framing, tail))
+    if remembered:
+        _last_head = (key, second, size, head, has_body, keep, code)
+    return (head + data if has_body else head), keep, code
 
 
 class Response:
