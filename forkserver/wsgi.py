@@ -438,8 +438,7 @@ class Exchange:
     )
 
     def __init__(self, channel: Channel, request: Request, body: Body | EmptyInput,
-                 keep_alive: bool,
-                 server: bytes) -> None:
+                 keep_alive: bool, server: bytes) -> None:
         self.channel = channel
         self.request = request
         self.body = body
@@ -462,6 +461,7 @@ class Exchange:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
+            self.response = None  # a head framed but not sent yet is framed anew
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
         if type(status) is not str:
@@ -470,7 +470,6 @@ class Exchange:
             raise AppError(f"headers must be a list, not {type(headers).__name__}")
         self.status = status
         self.headers = headers
-        self.response = None
         return self.write
 
     def write(self, data: bytes) -> None:
