@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 from forkserver.http.errors import HTTPError, InternalServerError, InvalidResponse
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
-from forkserver.http.response import Response, http_date
+from forkserver.http.response import Response, http_date, whole_response
 from forkserver.proxy import TrustedProxies
 
 # Bodies up to this size travel as one send together with the head.
@@ -418,10 +418,8 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
 
 
 class Exchange:
-    """One request/response: ``start_response``, ``write`` and the sending of the body.
-
-    ``run`` is the only place forkserver calls an application.
-    """
+    """One request/response: ``start_response``, ``write`` and the sending of the body (the
+    usual response is sent by ``handle`` itself)."""
 
     __slots__ = (
         "body",
@@ -440,8 +438,7 @@ class Exchange:
     )
 
     def __init__(self, channel: Channel, request: Request, body: Body | EmptyInput,
-                 keep_alive: bool,
-                 server: bytes) -> None:
+                 keep_alive: bool, server: bytes) -> None:
         self.channel = channel
         self.request = request
         self.body = body
@@ -464,6 +461,7 @@ class Exchange:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
+            self.response = None  # a head framed but not sent yet is framed anew
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
         if type(status) is not str:
@@ -472,7 +470,6 @@ class Exchange:
             raise AppError(f"headers must be a list, not {type(headers).__name__}")
         self.status = status
         self.headers = headers
-        self.response = None
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -489,15 +486,15 @@ class Exchange:
             raise AppError("the application returned without calling start_response")
         request = self.request
         body = self.body
-        if self.keep_alive and not body.complete and not body.small_rest():
-            # The app answers without reading a body (or one held back behind 100-continue)
-            # that is too large to read and drop: say close, then drain it (LINGER).
-            self.keep_alive = False
+        # The app answers without reading a body (or one held back behind 100-continue) that
+        # is too large to read and drop: say close, then drain it (LINGER).
+        self.keep_alive = self.keep_alive and (body.complete or body.small_rest())
         response = Response(self.status, self.headers, minor=request.minor,
                             is_head=request.method == "HEAD", keep_alive=self.keep_alive,
                             server=self.server, body_length=body_length)
         self.response = response
-        self.status_code = int(self.status[:3])
+        self.keep_alive = response.keep_alive  # from here on, what the head says
+        self.status_code = response.status_code
         return response
 
     def _send(self, data: bytes) -> None:
@@ -526,12 +523,12 @@ class Exchange:
         elif tail:
             self._send(tail)
 
-    def run(self, app: Callable, environ: dict[str, Any]) -> None:
-        """Call the app and send its response. Raises on failures the caller must handle."""
-        result = app(environ, self.start_response)
+    def respond(self, result: Any) -> None:
+        """Send the response to the app's ``result`` (any but the usual one, which ``handle``
+        sends itself), then close it. Raises on failures the caller must handle."""
         try:
             if type(result) is list and len(result) == 1 and type(result[0]) is bytes:
-                # The common case: the whole body in hand, so one send with the head.
+                # The whole body in hand, so one send with the head if it is small.
                 body = result[0]
                 if self.head_sent:
                     response = self.response
@@ -603,45 +600,68 @@ class Exchange:
         """The verdict after a response that went out whole."""
         body = self.body
         if body.complete:
-            return KEEP if self.response.keep_alive else CLOSE
-        if self.response.keep_alive:
+            return KEEP if self.keep_alive else CLOSE
+        if self.keep_alive:
             # Promised keep-alive: the unread rest is small (see _start), so read and drop it.
             return KEEP if body.settle() else LINGER
         return CLOSE if body.small_rest(0) else LINGER
+
+    def fail(self, error: Exception, log_error: Callable[[str, bool], None]) -> None:
+        """Settle the verdict after ``error`` stopped the exchange (called while it is being
+        handled, so a logged traceback is its own)."""
+        request = self.request
+        try:
+            if isinstance(error, HTTPError):
+                # A protocol error while the app read the body (e.g. 413 mid-chunk), or an
+                # invalid response from the app (500): both answerable if nothing was sent yet.
+                if isinstance(error, InvalidResponse):
+                    log_error(f"invalid response from app to {request.method} "
+                              f"{request.target}: {error}", False)
+                self.verdict = self.send_error(error)
+                return
+            if not isinstance(error, ClientDisconnected):
+                # OSErrors included: the app's own files and connections are not the client's.
+                log_error(f"error handling {request.method} {request.target}: {error!r}", True)
+                self.verdict = self.send_error(InternalServerError())
+                return
+        except ClientDisconnected as failure:
+            error = failure
+        # The client's own socket failed: nothing more can be sent.
+        self.verdict = ABORT
+        self.close_reason = f"client I/O: {error}"
 
 
 def handle(app: Callable, channel: Channel, request: Request, body: Body | EmptyInput,
            environ: dict[str, Any], keep_alive: bool, server: bytes,
            log_error: Callable[[str, bool], None]) -> Exchange:
-    """Run one request through the app and decide the connection's fate (``verdict``).
-    Never raises: every app fault is logged and answered with a 500 when still possible."""
+    """Run one request through the app and decide the connection's fate (``verdict``): the
+    only place forkserver calls an application. Never raises: every app fault is logged and
+    answered with a 500 when still possible."""
     if request.method == "CONNECT":
         # A 2xx would turn the connection into a tunnel (RFC 9110 section 9.3.6), which this
         # server does not provide: never let it carry another HTTP request.
         keep_alive = False
     exchange = Exchange(channel, request, body, keep_alive, server)
     try:
-        try:
-            exchange.run(app, environ)
-            if body.complete:  # the usual case, decided here without a call
-                exchange.verdict = KEEP if exchange.response.keep_alive else CLOSE
-            else:
-                exchange.verdict = exchange.conclude()
-        except ClientDisconnected:
-            raise
-        except HTTPError as error:
-            # A protocol error while the app read the body (e.g. 413 mid-chunk), or an invalid
-            # response from the app (500): both answerable if nothing was sent yet.
-            if isinstance(error, InvalidResponse):
-                log_error(f"invalid response from app to {request.method} {request.target}: "
-                          f"{error}", False)
-            exchange.verdict = exchange.send_error(error)
-        except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
-            # OSErrors included: the app's own files and connections are not the client's.
-            log_error(f"error handling {request.method} {request.target}: {error!r}", True)
-            exchange.verdict = exchange.send_error(InternalServerError())
-    except ClientDisconnected as error:
-        # The client's own socket failed: nothing more can be sent.
-        exchange.verdict = ABORT
-        exchange.close_reason = f"client I/O: {error}"
+        result = app(environ, exchange.start_response)
+        if (type(result) is list and len(result) == 1 and exchange.response is None
+                and exchange.status is not None and type(data := result[0]) is bytes
+                and len(data) <= SMALL_BODY):
+            # The usual response: one small body in hand and no write(), so one send with the
+            # head and no Response object (a list has no close()). The keep-alive offer is
+            # _start's.
+            data, exchange.keep_alive, exchange.status_code = whole_response(
+                exchange.status, exchange.headers, request.minor, request.method == "HEAD",
+                keep_alive and (body.complete or body.small_rest()), server, data)
+            channel.send_all(data)
+            exchange.head_sent = True
+            exchange.bytes_sent = len(data)
+        else:
+            exchange.respond(result)
+        if body.complete:  # the usual case, decided here without a call
+            exchange.verdict = KEEP if exchange.keep_alive else CLOSE
+        else:
+            exchange.verdict = exchange.conclude()
+    except Exception as error:  # noqa: BLE001 - an app fault is a 500, not a dead worker
+        exchange.fail(error, log_error)
     return exchange

@@ -15,7 +15,7 @@ from time import time as _now
 
 from forkserver.http.errors import InvalidResponse
 
-__all__ = ["Response", "http_date"]
+__all__ = ["Response", "http_date", "whole_response"]
 
 # --- Date ----------------------------------------------------------------------------------------
 
@@ -174,8 +174,9 @@ def _app_header_lines(headers: object, lines: list[bytes],
 # A response plan: everything about a head that does not change from one response to the next
 # with the same status, headers and circumstances: (bytes before the Date line, whether the
 # server adds Date, whether Content-Length comes from the body length, the framing line
-# otherwise, the bytes after the framing line, keep-alive, chunked, declared length, has body).
-_Plan = tuple[bytes, bool, bool, bytes, bytes, bool, bool, "int | None", bool]
+# otherwise, the bytes after the framing line, keep-alive, chunked, declared length, has body,
+# status code).
+_Plan = tuple[bytes, bool, bool, bytes, bytes, bool, bool, "int | None", bool, int]
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_MAX = 256          # emptied when full: a varied mix just misses, a steady one refills it
 _PLAN_HEAD_MAX = 2048     # heads longer than this are built each time
@@ -225,7 +226,7 @@ def _plan(status: object, headers: object, minor: int, is_head: bool, keep_alive
     else:
         connection = b""
     return (b"".join(lines), not own_date, by_length, framing, connection + b"\r\n",
-            bool(keep_alive), chunked, length, has_body)
+            bool(keep_alive), chunked, length, has_body, code)
 
 
 def _remember(key: tuple, plan: _Plan) -> None:
@@ -238,6 +239,70 @@ def _remember(key: tuple, plan: _Plan) -> None:
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.clear()
     _PLANS[key] = plan
+
+
+def _lookup(status: object, headers: object, minor: int, is_head: bool, keep_alive: bool,
+            server: bytes, by_length: bool) -> _Plan:
+    """The plan for a head: remembered, or validated and laid out now."""
+    try:
+        items = tuple(headers)  # type: ignore[arg-type]  # iterated once: the plan uses the copy
+        key = (status, items, minor, is_head, keep_alive, server, by_length)
+        plan = _PLANS.get(key)
+    except TypeError:  # not iterable, or an unhashable part: _plan says what is wrong
+        items, key, plan = headers, None, None
+    if plan is None:
+        plan = _plan(status, items, minor, is_head, keep_alive, server, by_length)
+        if key is not None:
+            _remember(key, plan)
+    return plan
+
+
+# The last head whole_response made from a remembered plan: (the plan's key, the second of its
+# Date, the body's length, the head, whether the body follows it, keep-alive, status code).
+# Clients repeat requests, so the next response is often the same again, and comparing its key
+# with the last one costs less than hashing it for _PLANS.
+_last_head: tuple = (None, -1, 0, b"", False, False, 0)
+
+
+def whole_response(status: str, headers: list[tuple[str, str]], minor: int, is_head: bool,
+                   keep_alive: bool, server: bytes, data: bytes) -> tuple[bytes, bool, int]:
+    """``Response(..., body_length=len(data)).whole(data)`` without the object, for the usual
+    response (one body in hand): (the bytes to send, the final keep-alive, the status code).
+    Raises InvalidResponse as that would."""
+    global _last_head
+    try:
+        key = (status, tuple(headers), minor, is_head, keep_alive, server, True)
+    except TypeError:  # headers is not iterable: _lookup says so
+        key = None
+    size = len(data)
+    second = int(_now())
+    last_key, last_second, last_size, head, with_body, keep, code = _last_head
+    if second == last_second and size == last_size and key == last_key:
+        return (head + data if with_body else head), keep, code
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable part: _lookup says what is wrong
+        plan = None
+    remembered = plan is not None  # so made of plain values only (see _remember)
+    if plan is None:
+        plan = _lookup(status, headers, minor, is_head, keep_alive, server, True)
+    prefix, send_date, by_length, framing, tail, keep, _, length, has_body, code = plan
+    # (never chunked: with the body's length known the server frames it with Content-Length)
+    if by_length:
+        framing = b"Content-Length: %d\r\n" % size
+    elif has_body and length != size:  # a wrong declared length: Response raises, saying how
+        response = Response(status, headers, minor=minor, is_head=is_head,
+                            keep_alive=keep_alive, server=server, body_length=size)
+        return response.whole(data), response.keep_alive, code
+    if send_date:
+        if second != _date_second:
+            _refresh_date(second)
+        head = b"".join((prefix, _date_line, framing, tail))
+    else:
+        head = b"".join((prefix, framing, tail))
+    if remembered:
+        _last_head = (key, second, size, head, has_body, keep, code)
+    return (head + data if has_body else head), keep, code
 
 
 class Response:
@@ -253,13 +318,15 @@ class Response:
     Date line and, when the server frames the body, its Content-Length line.
     """
 
-    __slots__ = ("_has_body", "chunked", "content_length", "head", "keep_alive", "remaining")
+    __slots__ = ("_has_body", "chunked", "content_length", "head", "keep_alive", "remaining",
+                 "status_code")
 
     head: bytes
     keep_alive: bool
     chunked: bool
     content_length: int | None
     remaining: int | None
+    status_code: int
 
     def __init__(
         self,
@@ -272,18 +339,10 @@ class Response:
         server: bytes = b"forkserver",
         body_length: int | None = None,
     ) -> None:
-        by_length = body_length is not None
-        try:
-            items = tuple(headers)  # iterated once: the plan is built from this copy
-            key = (status, items, minor, is_head, keep_alive, server, by_length)
-            plan = _PLANS.get(key)
-        except TypeError:  # not iterable, or an unhashable part: _plan says what is wrong
-            items, key, plan = headers, None, None
-        if plan is None:
-            plan = _plan(status, items, minor, is_head, keep_alive, server, by_length)
-            if key is not None:
-                _remember(key, plan)
-        prefix, send_date, by_length, framing, tail, keep_alive, chunked, length, has_body = plan
+        plan = _lookup(status, headers, minor, is_head, keep_alive, server,
+                       body_length is not None)
+        prefix, send_date, by_length, framing, tail, keep_alive, chunked, length, has_body, \
+            self.status_code = plan
         if by_length:
             framing = b"Content-Length: %d\r\n" % body_length
             length = body_length

@@ -19,6 +19,7 @@ def frozen_clock(monkeypatch):
     clock = {"now": 0.0}
     monkeypatch.setattr(response, "_now", lambda: clock["now"])
     monkeypatch.setattr(response, "_date_second", -1)
+    monkeypatch.setattr(response, "_last_head", (None, -1, 0, b"", False, False, 0))
     return clock
 
 
@@ -441,3 +442,53 @@ def test_whole_gives_what_head_body_and_end_give(case, data):
         return
     assert one.whole(data) == expected
     assert one.remaining == other.remaining
+
+
+def whole_of(case: dict, data: bytes):
+    """What whole_response gives for ``case`` (as for ``make``), or the InvalidResponse raised."""
+    case = {key: value for key, value in case.items() if key != "body_length"}
+    status = case.pop("status", "200 OK")
+    try:
+        return response.whole_response(
+            status, list(case.pop("headers", ())), case.pop("minor", 1),
+            case.pop("is_head", False), case.pop("keep_alive", True),
+            case.pop("server", b"forkserver"), data)
+    except InvalidResponse as error:
+        return error
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("data", [b"", b"abc", b"x" * 13])
+def test_whole_response_gives_what_a_response_gives(case, data):
+    case = {key: value for key, value in case.items() if key != "body_length"}
+    one = make(**case, body_length=len(data))
+    try:
+        expected = (one.whole(data), one.keep_alive, one.status_code)
+    except InvalidResponse:
+        expected = None
+    for _ in range(3):  # builds the plan, remembers it, then repeats the last head
+        got = whole_of(case, data)
+        if expected is None:
+            assert isinstance(got, InvalidResponse)
+        else:
+            assert got == expected
+
+
+def test_whole_response_repeats_a_head_only_for_the_same_length_and_second(frozen_clock):
+    case = {"headers": [("Content-Type", "text/plain")]}
+    for data in (b"a", b"abc", b"a", b"a"):
+        expected = make(**case, body_length=len(data)).whole(data)
+        assert whole_of(case, data)[0] == expected
+        assert b"Content-Length: %d\r\n" % len(data) in expected
+    first = whole_of(case, b"a")[0]
+    frozen_clock["now"] = 86400.0
+    moved = whole_of(case, b"a")[0]
+    assert DATE in first and DATE not in moved
+    assert b"Date: Fri, 02 Jan 1970 00:00:00 GMT\r\n" in moved
+
+
+def test_whole_response_status_and_keep_alive():
+    data, keep_alive, code = whole_of({"status": "404 Not Found",
+                                       "headers": [("Connection", "close")]}, b"no")
+    assert (keep_alive, code) == (False, 404)
+    assert data.startswith(b"HTTP/1.1 404 Not Found\r\n") and data.endswith(b"\r\n\r\nno")

@@ -88,6 +88,22 @@ def test_single_item_body_goes_out_in_one_send_with_length():
     assert exchange.keep_alive and exchange.status_code == 200
 
 
+def test_a_repeated_response_is_sent_alike_and_a_changed_one_changes():
+    def app(environ, start_response):
+        status = "404 Not Found" if environ["QUERY_STRING"] else "200 OK"
+        start_response(status, [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+    sent = []
+    for target in ("/a", "/a", "/bb", "/bb?gone", "/a"):
+        exchange, channel, _ = run(app, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert len(channel.sent) == 1 and exchange.bytes_sent == len(channel.output)
+        sent.append((exchange.status_code, exchange.verdict, split_response(channel.output)))
+    assert sent[0] == sent[1] == sent[4]
+    assert sent[2][2][1]["content-length"] == "3" and sent[2][2][2] == b"/bb"
+    assert sent[3][0] == 404 and sent[3][2][0] == "HTTP/1.1 404 Not Found"
+    assert {verdict for _, verdict, _ in sent} == {wsgi.Verdict.KEEP}
+
+
 def test_environ_keys():
     _, _, environ = run(hello, b"GET /a%20b/c?x=1&y HTTP/1.1\r\nHost: example.org\r\n"
                                 b"X-Forwarded-For: 1.2.3.4\r\nCookie: a=1\r\nCookie: b=2\r\n"
