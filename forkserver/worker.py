@@ -275,6 +275,7 @@ class Requests:
         self.retiring = False  # answer every next request with Connection: close
         self.recycling = False  # asked the master for a replacement
         self.watcher: handoff.Watcher | None = None  # times inline requests for handoff
+        self.log_app_error = self._log_app_error  # bound once, not per request
 
     def _begin(self, conn: Connection, request: Request) -> bool:
         """Count the request on its connection; whether its response may offer keep-alive (the
@@ -300,7 +301,7 @@ class Requests:
         if self.pre_request is not None:
             call_hook(self.pre_request, environ)
         exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
-                               SERVER_HEADER, self._log_app_error)
+                               SERVER_HEADER, self.log_app_error)
         if self.post_request is not None:
             call_hook(self.post_request, environ, exchange.status_code)
         self.count += 1
@@ -340,7 +341,7 @@ class Requests:
             if self.pre_request is not None:
                 call_hook(self.pre_request, environ)
             exchange = wsgi.handle(self.app, conn, request, body, environ, keep_alive,
-                                   SERVER_HEADER, self._log_app_error)
+                                   SERVER_HEADER, self.log_app_error)
             status, bytes_sent = exchange.status_code, exchange.bytes_sent
             if self.post_request is not None:
                 call_hook(self.post_request, environ, status)
