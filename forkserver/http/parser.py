@@ -136,14 +136,13 @@ _VERSION = r"HTTP/[0-9]\.[0-9]"
 _REQUEST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})")
 # field-line = field-name ":" OWS field-value OWS
 _FIELD_LINE = re.compile(f"({_TOKEN}):({_VALUE})")
-# The fast path for a head complete in the buffer takes its request line with its CRLF, then
-# splits the field lines on CRLF. Lines seen before are looked up (``_KNOWN_LINES``: clients
-# send the same lines request after request, and matching costs ~4 ns a character); a new one
-# must match _match_field_line whole. A bare CR or LF is in no valid line, so a head with one
+# The fast path for a head complete in the buffer splits it on CRLF. Lines seen before are
+# looked up (``_KNOWN_LINES``, ``_KNOWN_REQUEST_LINES``: clients send the same lines request
+# after request, and matching costs ~4 ns a character); a new field line must match
+# _match_field_line whole. A bare CR or LF is in no valid line, so a head with one
 # never passes. OWS before the value goes to a possessive [ \t]*+ (no backtracking into it); a
 # line with OWS after its value does not match, so the rare head that has one takes the
 # line-by-line path, which trims it.
-_FIRST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})\r\n")
 _match_field_line = re.compile(f"({_TOKEN}):[ \t]*+({_VALUE_CHAR}*+)(?<![ \t])").fullmatch
 
 # chunk = chunk-size [ chunk-ext ] CRLF
@@ -191,6 +190,11 @@ _VALID_HOSTS_MAX = 256
 _KNOWN_LINES: dict[str, tuple[str, str]] = {}
 _KNOWN_LINES_MAX = 512
 _KNOWN_LINE_MAX = 1024
+# Request lines that passed _REQUEST_LINE and _request_line_parts -> those parts; bounded the
+# same way. A client asks for the same few targets again and again.
+_RequestLineParts = tuple[str, str, str, int, str, str, "str | None"]
+_KNOWN_REQUEST_LINES: dict[str, _RequestLineParts] = {}
+_KNOWN_REQUEST_LINES_MAX = 256
 _SPECIAL_FIELDS = {
     "HOST": _HOST_FIELD,
     "CONTENT-LENGTH": _LENGTH_FIELD,
@@ -515,10 +519,17 @@ class RequestParser(_Stream):
                 # Exactly one is tolerated; a second one fails as an empty request line.
                 pos = self._pos = pos + 2
                 self._skipped_empty = True
-            scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF starts before _scan - 1
-            end = buf.find(b"\r\n\r\n", max(pos, scan))
-            if end >= 0:
-                request = self._parse_whole_head(pos, end + 2)
+            if not pos and buf.endswith(b"\r\n\r\n"):
+                # The first head since a feed, in a buffer that ends like a head: usually the
+                # buffer is that head, so no search. If it holds more, _parse_whole_head finds
+                # the head's end; pos is then past 0 for the next head, so at most one buffer
+                # per feed is split in vain.
+                end = len(buf)
+            else:
+                scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF before _scan - 1
+                end = buf.find(b"\r\n\r\n", max(pos, scan)) + 4
+            if end >= 4:
+                request = self._parse_whole_head(pos, end)
                 if request is not None:
                     return request
         return self._parse_head_lines()
@@ -526,20 +537,24 @@ class RequestParser(_Stream):
     def _parse_whole_head(self, start: int, end: int) -> Request | None:
         """Fast path for a head complete in the buffer; None sends it to the line-by-line path.
 
-        ``end`` is just past the CRLF of the last head line; the empty line follows it.
+        ``end`` is just past a CRLFCRLF: the head's empty line, or a later one at the end of
+        the buffer (the head's own end is then its first empty line).
         """
-        text = self._buf[start:end].decode("latin-1")
-        first = _FIRST_LINE.match(text)
-        if first is None:
-            return None
-        fields_at = first.end()
-        lines = text[fields_at:].split("\r\n")
-        lines.pop()  # the empty string after the last CRLF
+        buf = self._buf
+        text = (buf[start:end] if start or end != len(buf) else buf).decode("latin-1")
+        lines = text.split("\r\n")
+        del lines[-2:]  # the empty line, and what follows its CRLF
+        if "" in lines:  # an earlier empty line ends the head (pipelining, or a body)
+            del lines[lines.index(""):]
+            end = start + sum(map(len, lines)) + 2 * len(lines) + 2
+            if not lines:
+                return None  # an empty request line: the line path tells the error
+        first = lines.pop(0)  # the request line; the rest are field lines
         if (
-            fields_at - 2 > self._max_line
+            len(first) > self._max_line
             or len(lines) > self._max_fields
-            or end + 2 - start > self._head_cap
-            or (len(text) - fields_at > self._max_field_size + 2
+            or end - start > self._head_cap
+            or (end - start - len(first) - 4 > self._max_field_size + 2
                 and max(map(len, lines)) > self._max_field_size)
         ):
             return None
@@ -550,8 +565,10 @@ class RequestParser(_Stream):
             fields = _field_lines(lines)
             if fields is None:
                 return None
-        request = _new_request(*first.groups())
-        self._pos = end + 2
+        request = _new_request(first)
+        if request is None:
+            return None
+        self._pos = end
         return self._finish_head(request, fields)
 
     def _parse_head_lines(self) -> Request | _Sentinel:
@@ -562,10 +579,10 @@ class RequestParser(_Stream):
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
-                match = _REQUEST_LINE.fullmatch(line)
-                if match is None:
+                request = _new_request(line)
+                if request is None:
                     raise BadRequest(_request_line_problem(line))
-                self._request = _new_request(*match.groups())
+                self._request = request
                 continue
             line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
@@ -671,44 +688,52 @@ class RequestParser(_Stream):
             return END_OF_MESSAGE
 
 
-def _new_request(method: str, target: str, version: str) -> Request:
-    """A Request from a syntactically valid request line (semantic checks happen here)."""
+def _new_request(line: str) -> Request | None:
+    """A Request for a request line (CRLF split off), or None if the line fails the grammar;
+    raises for a valid line the server refuses. Lines seen before are looked up."""
+    parts = _KNOWN_REQUEST_LINES.get(line)
+    if parts is None:
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            return None
+        parts = _request_line_parts(*match.groups())
+        if len(line) <= _KNOWN_LINE_MAX:
+            if len(_KNOWN_REQUEST_LINES) >= _KNOWN_REQUEST_LINES_MAX:
+                _KNOWN_REQUEST_LINES.clear()
+            _KNOWN_REQUEST_LINES[line] = parts
+    request = Request()
+    (request.method, request.target, request.version, request.minor, request.path,
+     request.query, request.host) = parts
+    return request
+
+
+def _request_line_parts(method: str, target: str, version: str) -> _RequestLineParts:
+    """What a syntactically valid request line means (semantic checks happen here): the values
+    of a Request's method, target, version, minor, path, query and host (from the target)."""
     versions = _VERSIONS.get(version)
     if versions is None:
         raise VersionNotSupported(f"unsupported version {version}")
-    request = Request()
-    request.method = method
-    request.target = target
-    request.version, request.minor = versions
     if target[0] == "/":  # origin-form, the common case
         if method == "CONNECT":
             raise BadRequest("CONNECT needs an authority-form target")
-        query_at = target.find("?")
-        if query_at < 0:
-            request.path = target
-            request.query = ""
-        else:
-            request.path = target[:query_at]
-            request.query = target[query_at + 1 :]
-    elif target == "*":  # asterisk-form
+        path, _, query = target.partition("?")
+        return method, target, *versions, path, query, None
+    if target == "*":  # asterisk-form
         if method != "OPTIONS":
             raise BadRequest("'*' target is only allowed with OPTIONS")
-        request.path = "*"
-        request.query = ""
-    elif method == "CONNECT":  # authority-form
+        return method, target, *versions, "*", "", None
+    if method == "CONNECT":  # authority-form
         if _AUTHORITY_FORM.fullmatch(target) is None:
             raise BadRequest("invalid CONNECT target")
-        request.path = target
-        request.query = ""
-    else:  # absolute-form
-        match = _ABSOLUTE_FORM.fullmatch(target)
-        if match is None:
-            raise BadRequest("invalid request-target")
-        authority, path, query = match.groups()
-        request.host = authority  # _finish_head keeps it over the Host field
-        request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
-        request.query = query or ""
-    return request
+        return method, target, *versions, target, "", None
+    # absolute-form
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise BadRequest("invalid request-target")
+    authority, path, query = match.groups()
+    # The authority is never empty, and _apply_fields keeps it over the Host field. An empty
+    # http(s) path means "/" (RFC 9110 section 4.2.3).
+    return method, target, *versions, path or "/", query or "", authority
 
 
 def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int) -> None:
@@ -748,9 +773,8 @@ def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int
             raise BadRequest("invalid Host field")
         if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
             _VALID_HOSTS.add(host)  # type: ignore[arg-type]
-    if request.target[0] == "/" or "://" not in request.target:
-        request.host = host
-    # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
+    if request.host is None:  # else absolute-form: the target's authority replaces Host
+        request.host = host  # (RFC 9112 section 3.2.2)
 
     if length_value is None and codings is None:  # the usual GET: no body
         request.content_length, request.chunked = None, False
