@@ -234,3 +234,44 @@ def test_unparsed_is_what_was_fed_and_not_consumed() -> None:
     parser.feed(b"st: h\r\n\r\n")
     assert copy == b"GET /b HTTP/1.1\r\nHo"  # a copy, not a view of the buffer
     assert parser.next_event().target == "/b"
+
+
+def test_a_buffer_ending_like_a_head_may_hold_more_than_one(fast_requests) -> None:
+    # Split whole because it ends with CRLFCRLF: the first empty line still ends the head.
+    pipelined = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    events = same_both_ways(pipelined)
+    assert [e[1]["target"] for e in events if e[0] == "request"] == ["/a", "/b"]
+    assert len(fast_requests) == 2
+    body = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nab\r\n\r\n"
+    assert ("data", b"ab\r\n\r\n") in same_both_ways(body)
+    assert same_both_ways(b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")[-1] == ("error", 400)
+
+
+@pytest.mark.parametrize("line, status", [
+    (b"GET / HTTP/2.0", 505), (b"CONNECT / HTTP/1.1", 400), (b"GET * HTTP/1.1", 400),
+    (b"GET h:1 HTTP/1.1", 400), (b"GET / HTTP/1.1 ", 400),
+])
+def test_a_refused_request_line_is_never_remembered(line, status) -> None:
+    for _ in range(2):
+        assert same_both_ways(line + b"\r\nHost: h\r\n\r\n")[-1] == ("error", status)
+    assert line.decode() not in parser_module._KNOWN_REQUEST_LINES
+
+
+@pytest.mark.parametrize("target, path, query, host", [
+    (b"/p?q=1?2", "/p", "q=1?2", "h"), (b"*", "*", "", "h"),
+    (b"http://a.example:8/x?y", "/x", "y", "a.example:8"), (b"HTTP://a", "/", "", "a"),
+])
+def test_a_known_request_line_means_what_it_meant(target, path, query, host) -> None:
+    method = b"OPTIONS" if target == b"*" else b"GET"
+    raw = method + b" " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    for _ in range(2):  # matched, then looked up
+        request = same_both_ways(raw)[0][1]
+        assert (request["path"], request["query"], request["host"]) == (path, query, host)
+    assert (method + b" " + target + b" HTTP/1.1").decode() in parser_module._KNOWN_REQUEST_LINES
+
+
+def test_known_request_lines_are_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(parser_module, "_KNOWN_REQUEST_LINES", {})
+    for n in range(parser_module._KNOWN_REQUEST_LINES_MAX + 5):
+        assert same_both_ways(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)[0][1]["path"] == f"/{n}"
+    assert 0 < len(parser_module._KNOWN_REQUEST_LINES) <= parser_module._KNOWN_REQUEST_LINES_MAX
