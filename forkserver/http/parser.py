@@ -274,7 +274,10 @@ class _Stream:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0  # first byte not consumed yet
-        self._scan = 0  # no LF in [_pos, _scan): where the search for a line end resumes
+        # No LF in [_pos, _scan): where the search for a line end resumes. Consuming bytes
+        # other than by lines (a head taken whole, body bytes) may leave it behind _pos, where
+        # it says nothing and is never read as more than max(_pos, _scan).
+        self._scan = 0
         self._remaining = 0  # body bytes left in the Content-Length body or the current chunk
         self._drained = False  # the last next_event() returned NEED_DATA and nothing came since
         self._error: HTTPError | None = None  # once set, the stream is dead
@@ -417,11 +420,8 @@ class RequestParser(_Stream):
             self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
         else:
             self._go(_S_HEAD)  # raises
-        self._request = None
-        self._lines = 0
-        self._head_used = 0
+        self._request = None  # (the line path resets the head's counts at its request line)
         self._skipped_empty = False
-        self._scan = self._pos
         if self.trailers:  # a fresh list only when the last one was handed out filled
             self.trailers = []
 
@@ -467,7 +467,6 @@ class RequestParser(_Stream):
                 if self._request is None and self._pos == len(self._buf):
                     # Nothing buffered between requests (after each keep-alive response): what
                     # the line path would conclude, without it. Never an error, even after EOF.
-                    self._scan = self._pos
                     self._drained = True
                     return NEED_DATA
                 return self._parse_head()
@@ -514,7 +513,7 @@ class RequestParser(_Stream):
         if self._request is None:
             buf = self._buf
             pos = self._pos  # something is buffered (next_event answers an empty buffer)
-            if not self._skipped_empty and buf.startswith(b"\r\n", pos):
+            if buf[pos] == 13 and not self._skipped_empty and buf.startswith(b"\r\n", pos):
                 # RFC 9112 section 2.2: ignore at least one empty line before a request line.
                 # Exactly one is tolerated; a second one fails as an empty request line.
                 pos = self._pos = pos + 2
@@ -579,6 +578,7 @@ class RequestParser(_Stream):
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
+                self._lines = 0
                 request = _new_request(line)
                 if request is None:
                     raise BadRequest(_request_line_problem(line))
@@ -631,7 +631,6 @@ class RequestParser(_Stream):
         else:
             self._state = _S_END  # HEAD -> END (inlined from _go: per request)
         self._request = request
-        self._scan = self._pos
         return request
 
     # --- Chunked body (RFC 9112 section 7.1) -----------------------------------------------------
