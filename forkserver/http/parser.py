@@ -541,20 +541,22 @@ class RequestParser(_Stream):
         """
         buf = self._buf
         text = (buf[start:end] if start or end != len(buf) else buf).decode("latin-1")
-        lines = text.split("\r\n")
-        del lines[-2:]  # the empty line, and what follows its CRLF
-        if "" in lines:  # an earlier empty line ends the head (pipelining, or a body)
-            del lines[lines.index(""):]
-            end = start + sum(map(len, lines)) + 2 * len(lines) + 2
+        # Split on LF (cheaper than on CRLF): each line keeps its CR, and one without it (a
+        # piece of a line with a bare LF) is no known line and fails _field_lines.
+        lines = text.split("\n")
+        del lines[-2:]  # the empty line, and what follows its LF
+        if "\r" in lines:  # an earlier empty line ends the head (pipelining, or a body)
+            del lines[lines.index("\r"):]
+            end = start + sum(map(len, lines)) + len(lines) + 2
             if not lines:
                 return None  # an empty request line: the line path tells the error
         first = lines.pop(0)  # the request line; the rest are field lines
         if (
-            len(first) > self._max_line
+            len(first) > self._max_line + 1
             or len(lines) > self._max_fields
             or end - start > self._head_cap
-            or (end - start - len(first) - 4 > self._max_field_size + 2
-                and max(map(len, lines)) > self._max_field_size)
+            or (end - start - len(first) - 3 > self._max_field_size + 2
+                and max(map(len, lines)) > self._max_field_size + 1)
         ):
             return None
         try:  # every line seen (and validated) before: the usual case
@@ -564,11 +566,11 @@ class RequestParser(_Stream):
             fields = _field_lines(lines)
             if fields is None:
                 return None
-        request = _new_request(first)
-        if request is None:
+        parts = _KNOWN_REQUEST_LINES.get(first) or _known_request_line(first)
+        if parts is None:
             return None
         self._pos = end
-        return self._finish_head(request, fields)
+        return self._finish_head(_new_request(parts), fields)
 
     def _parse_head_lines(self) -> Request | _Sentinel:
         """The reference head parser: one line at a time, resumable after any byte."""
@@ -579,10 +581,10 @@ class RequestParser(_Stream):
                     return self._need_data()
                 self._head_used = len(line) + 2
                 self._lines = 0
-                request = _new_request(line)
-                if request is None:
+                parts = _request_line_parts(line, len(line))
+                if parts is None:
                     raise BadRequest(_request_line_problem(line))
-                self._request = request
+                self._request = _new_request(parts)
                 continue
             line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
@@ -687,28 +689,32 @@ class RequestParser(_Stream):
             return END_OF_MESSAGE
 
 
-def _new_request(line: str) -> Request | None:
-    """A Request for a request line (CRLF split off), or None if the line fails the grammar;
-    raises for a valid line the server refuses. Lines seen before are looked up."""
-    parts = _KNOWN_REQUEST_LINES.get(line)
-    if parts is None:
-        match = _REQUEST_LINE.fullmatch(line)
-        if match is None:
-            return None
-        parts = _request_line_parts(*match.groups())
-        if len(line) <= _KNOWN_LINE_MAX:
-            if len(_KNOWN_REQUEST_LINES) >= _KNOWN_REQUEST_LINES_MAX:
-                _KNOWN_REQUEST_LINES.clear()
-            _KNOWN_REQUEST_LINES[line] = parts
+def _new_request(parts: _RequestLineParts) -> Request:
     request = Request()
     (request.method, request.target, request.version, request.minor, request.path,
      request.query, request.host) = parts
     return request
 
 
-def _request_line_parts(method: str, target: str, version: str) -> _RequestLineParts:
-    """What a syntactically valid request line means (semantic checks happen here): the values
-    of a Request's method, target, version, minor, path, query and host (from the target)."""
+def _known_request_line(line: str) -> _RequestLineParts | None:
+    """What a request line taken with its CR means (remembered), or None if it is no valid
+    request line; raises for a valid line the server refuses."""
+    parts = _request_line_parts(line, len(line) - 1) if line[-1:] == "\r" else None
+    if parts is not None and len(line) <= _KNOWN_LINE_MAX:
+        if len(_KNOWN_REQUEST_LINES) >= _KNOWN_REQUEST_LINES_MAX:
+            _KNOWN_REQUEST_LINES.clear()
+        _KNOWN_REQUEST_LINES[line] = parts
+    return parts
+
+
+def _request_line_parts(line: str, end: int) -> _RequestLineParts | None:
+    """What the request line ``line[:end]`` means: a Request's method, target, version, minor,
+    path, query and host (from the target). None if it fails the grammar; raises for a valid
+    line the server refuses."""
+    match = _REQUEST_LINE.fullmatch(line, 0, end)
+    if match is None:
+        return None
+    method, target, version = match.groups()
     versions = _VERSIONS.get(version)
     if versions is None:
         raise VersionNotSupported(f"unsupported version {version}")
@@ -838,7 +844,7 @@ def _field_key(name: str) -> str | None:
 
 
 def _field_lines(lines: list[str]) -> list[tuple[str, str]] | None:
-    """The fields of a head's field lines (CRLFs split off), remembering each valid line; None
+    """The fields of a head's field lines (each with its CR), remembering each valid line; None
     if a line needs the line-by-line path (it is invalid, or has OWS after its value). Every
     new line is matched and remembered on first sight, so a client's steady lines are known
     from its second request on, whatever varies around them."""
@@ -848,8 +854,8 @@ def _field_lines(lines: list[str]) -> list[tuple[str, str]] | None:
     for line in lines:
         field = known.get(line)
         if field is None:
-            matched = _match_field_line(line)
-            if matched is None:
+            matched = _match_field_line(line, 0, len(line) - 1)
+            if matched is None or line[-1:] != "\r":
                 return None
             name, value = matched.groups()
             key = keys.get(name) or _field_key(name)

@@ -10,6 +10,8 @@ checked against the reference, with a spy proving which path produced the reques
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forkserver.http import parser as parser_module
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Limits, Request, RequestParser
@@ -213,7 +215,7 @@ def test_known_lines_are_bounded_and_skip_dropped_names(monkeypatch) -> None:
     assert not any(line.startswith("X_Drop") for line in known)
     long_line = "X-Big: " + "v" * parser_module._KNOWN_LINE_MAX
     same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\n" + long_line.encode() + b"\r\n\r\n")
-    assert long_line not in known
+    assert long_line + "\r" not in known and long_line not in known
 
 
 def test_a_pipelined_head_without_fields_under_a_small_field_size() -> None:
@@ -254,7 +256,7 @@ def test_a_buffer_ending_like_a_head_may_hold_more_than_one(fast_requests) -> No
 def test_a_refused_request_line_is_never_remembered(line, status) -> None:
     for _ in range(2):
         assert same_both_ways(line + b"\r\nHost: h\r\n\r\n")[-1] == ("error", status)
-    assert line.decode() not in parser_module._KNOWN_REQUEST_LINES
+    assert line.decode() + "\r" not in parser_module._KNOWN_REQUEST_LINES
 
 
 @pytest.mark.parametrize("target, path, query, host", [
@@ -267,7 +269,7 @@ def test_a_known_request_line_means_what_it_meant(target, path, query, host) -> 
     for _ in range(2):  # matched, then looked up
         request = same_both_ways(raw)[0][1]
         assert (request["path"], request["query"], request["host"]) == (path, query, host)
-    assert (method + b" " + target + b" HTTP/1.1").decode() in parser_module._KNOWN_REQUEST_LINES
+    assert (method + b" " + target + b" HTTP/1.1\r").decode() in parser_module._KNOWN_REQUEST_LINES
 
 
 def test_known_request_lines_are_bounded(monkeypatch) -> None:
@@ -275,3 +277,22 @@ def test_known_request_lines_are_bounded(monkeypatch) -> None:
     for n in range(parser_module._KNOWN_REQUEST_LINES_MAX + 5):
         assert same_both_ways(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)[0][1]["path"] == f"/{n}"
     assert 0 < len(parser_module._KNOWN_REQUEST_LINES) <= parser_module._KNOWN_REQUEST_LINES_MAX
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_known_lines_with_stray_bytes_anywhere_get_the_reference_answer(data) -> None:
+    # Every line below is known (seen whole before); a stray CR, LF, CRLF or space put anywhere
+    # must give what the line-by-line path gives, however the caches are keyed.
+    base = BROWSER + b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    same_both_ways(base)
+    at = data.draw(st.integers(0, len(base)))
+    stray = data.draw(st.sampled_from([b"\r", b"\n", b"\r\n", b" ", b"\r\r\n", b"\n\r"]))
+    same_both_ways(base[:at] + stray + base[at:])
+
+
+@pytest.mark.parametrize("raw", [b"GET / HTTP/1.1X\nHost: h\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nHost: hX\nX-A: a\r\n\r\n"])
+def test_a_line_ended_by_a_bare_lf_is_never_read_as_one_ended_by_crlf(raw) -> None:
+    # The fast path splits on LF and takes each line's last byte for its CR: it must be one.
+    assert same_both_ways(raw)[-1] == ("error", 400)
