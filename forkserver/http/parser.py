@@ -420,7 +420,7 @@ class RequestParser(_Stream):
             self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
         else:
             self._go(_S_HEAD)  # raises
-        self._request = None  # (the line path resets the head's counts at its request line)
+        self._request = None  # (the line path zeroes the head's counts at its request line)
         self._skipped_empty = False
         if self.trailers:  # a fresh list only when the last one was handed out filled
             self.trailers = []
@@ -576,11 +576,11 @@ class RequestParser(_Stream):
         """The reference head parser: one line at a time, resumable after any byte."""
         while True:
             if self._request is None:
+                self._head_used = self._lines = 0  # a new head (start_next leaves them)
                 line = self._read_line(*self._head_limit(self._max_line, URITooLong))
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
-                self._lines = 0
                 parts = _request_line_parts(line, len(line))
                 if parts is None:
                     raise BadRequest(_request_line_problem(line))

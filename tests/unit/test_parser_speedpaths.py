@@ -296,3 +296,12 @@ def test_known_lines_with_stray_bytes_anywhere_get_the_reference_answer(data) ->
 def test_a_line_ended_by_a_bare_lf_is_never_read_as_one_ended_by_crlf(raw) -> None:
     # The fast path splits on LF and takes each line's last byte for its CR: it must be one.
     assert same_both_ways(raw)[-1] == ("error", 400)
+
+
+def test_the_line_path_counts_each_head_from_zero() -> None:
+    # The second head's request line is measured against max_line (414), not against what
+    # is left of a cap the first head used up (431).
+    raw = b"0 / HTTP/1.0\r\n\r\n00 / HTTP/1.0\r\n\r\n"
+    limits = {"max_line": 12, "max_fields": 1, "max_field_size": 5}
+    assert run([raw[:14], raw[14:]], **limits) == run([raw], **limits)
+    assert run([raw], **limits)[-1] == ("error", 414)
