@@ -10,9 +10,10 @@ How it stays cheap on the hot path:
   and the consumed prefix is dropped at the next ``feed`` (CPython deletes a bytearray prefix
   without moving the rest).
 * A request head that is complete in the buffer (the usual case: it arrives in one ``recv``) is
-  decoded once and split on CRLF; each field line is either one seen before (a dict lookup) or
-  checked by a linear regular expression and then remembered. Only a head
-  that is incomplete, or that this check rejects, goes through the line-by-line path. That path
+  decoded once and split into lines; each line is either one seen before (a dict lookup) or
+  checked by a linear regular expression and then remembered. When the buffer ends with the
+  head, its end is not even searched for. Only a head that is incomplete, or that this check
+  rejects, goes through the line-by-line path. That path
   is the reference: it reads one line at a time, remembers how far it has searched for the end
   of a line (so a head trickling in byte by byte is scanned once), and gives the precise error.
   The fast path only ever returns a request that the line path would return too.
@@ -27,9 +28,9 @@ neighbouring parts do not overlap, which keeps matching linear.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
-from dataclasses import dataclass
 
 from forkserver.http.errors import (
     BadRequest,
@@ -244,7 +245,7 @@ _TRANSITIONS: tuple[tuple[_State, ...], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
     """The size limits one parser enforces; the worker builds one from the settings."""
 
@@ -253,13 +254,14 @@ class Limits:
     max_field_size: int = 8190  # one field line (431)
     max_body: int = 0  # body bytes (413); 0 is unlimited
     max_head: int = 64 * 1024  # the whole head (431)
+    # The most bytes a head may take: ``max_head``, or less if the per-line limits and the
+    # field count allow less. It bounds the memory a slow or hostile client can make a
+    # connection's unfinished head take. Derived once here: each new parser reads it.
+    head_cap: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def head_cap(self) -> int:
-        """The most bytes a head may take: ``max_head``, or less if the per-line limits and the
-        field count allow less. It bounds the memory a slow or hostile client can make a
-        connection's unfinished head take."""
-        return min(self.max_head, self.max_line + self.max_fields * (self.max_field_size + 2))
+    def __post_init__(self) -> None:
+        cap = min(self.max_head, self.max_line + self.max_fields * (self.max_field_size + 2))
+        object.__setattr__(self, "head_cap", cap)  # (frozen)
 
 
 DEFAULT_LIMITS = Limits()
