@@ -368,7 +368,7 @@ class RequestParser(_Stream):
         "_max_fields",
         "_max_line",
         "_received",
-        "_request",
+        "_request_line",
         "_skipped_empty",
         "_state",
         "trailers",
@@ -383,7 +383,8 @@ class RequestParser(_Stream):
         self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
         super().__init__()
         self._state = _S_HEAD
-        self._request: Request | None = None  # set once the request line of a head is parsed
+        # What the request line of the head under way means, once the line path has read it.
+        self._request_line: _RequestLineParts | None = None
         self._fields: list[tuple[str, str]] = []
         self._lines = 0  # field lines seen in the current head or trailer section
         self._skipped_empty = False  # the one tolerated empty line before a request line
@@ -402,7 +403,7 @@ class RequestParser(_Stream):
         """
         state = self._state
         if state is _S_HEAD:
-            return self._pos < len(self._buf) or self._request is not None
+            return self._pos < len(self._buf) or self._request_line is not None
         return state is not _S_PAUSED and state is not _S_ERROR
 
     @property
@@ -422,7 +423,7 @@ class RequestParser(_Stream):
             self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
         else:
             self._go(_S_HEAD)  # raises
-        self._request = None  # (the line path zeroes the head's counts at its request line)
+        self._request_line = None  # (the line path zeroes the head's counts there too)
         self._skipped_empty = False
         if self.trailers:  # a fresh list only when the last one was handed out filled
             self.trailers = []
@@ -466,7 +467,7 @@ class RequestParser(_Stream):
         try:
             state = self._state
             if state is _S_HEAD:
-                if self._request is None and self._pos == len(self._buf):
+                if self._request_line is None and self._pos == len(self._buf):
                     # Nothing buffered between requests (after each keep-alive response): what
                     # the line path would conclude, without it. Never an error, even after EOF.
                     self._drained = True
@@ -512,7 +513,7 @@ class RequestParser(_Stream):
     # --- Request head ----------------------------------------------------------------------------
 
     def _parse_head(self) -> Request | _Sentinel:
-        if self._request is None:
+        if self._request_line is None:
             buf = self._buf
             pos = self._pos  # something is buffered (next_event answers an empty buffer)
             if buf[pos] == 13 and not self._skipped_empty and buf.startswith(b"\r\n", pos):
@@ -572,12 +573,12 @@ class RequestParser(_Stream):
         if parts is None:
             return None
         self._pos = end
-        return self._finish_head(_new_request(parts), fields)
+        return self._finish_head(parts, fields)
 
     def _parse_head_lines(self) -> Request | _Sentinel:
         """The reference head parser: one line at a time, resumable after any byte."""
         while True:
-            if self._request is None:
+            if self._request_line is None:
                 self._head_used = self._lines = 0  # a new head (start_next leaves them)
                 line = self._read_line(*self._head_limit(self._max_line, URITooLong))
                 if line is None:
@@ -586,7 +587,7 @@ class RequestParser(_Stream):
                 parts = _request_line_parts(line, len(line))
                 if parts is None:
                     raise BadRequest(_request_line_problem(line))
-                self._request = _new_request(parts)
+                self._request_line = parts
                 continue
             line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
@@ -594,7 +595,7 @@ class RequestParser(_Stream):
             if not line:
                 fields = self._fields
                 self._fields = []  # the request keeps this list; the next head gets its own
-                return self._finish_head(self._request, fields)
+                return self._finish_head(self._request_line, fields)
             self._head_used += len(line) + 2
             self._add_field(line, self._fields)
 
@@ -623,8 +624,12 @@ class RequestParser(_Stream):
         if key is not None:
             fields.append((key, value.strip(" \t")))
 
-    def _finish_head(self, request: Request, fields: list[tuple[str, str]]) -> Request:
-        """Head-wide checks and framing (RFC 9112 section 6); moves to the body state."""
+    def _finish_head(self, parts: _RequestLineParts, fields: list[tuple[str, str]]) -> Request:
+        """The Request of a head, after head-wide checks; moves to the body state (RFC 9112
+        section 6)."""
+        request = Request()
+        (request.method, request.target, request.version, request.minor, request.path,
+         request.query, request.host) = parts
         _apply_fields(request, fields, self._max_body)
         if request.chunked:
             self._received = 0
@@ -634,7 +639,6 @@ class RequestParser(_Stream):
             self._go(_S_LENGTH)
         else:
             self._state = _S_END  # HEAD -> END (inlined from _go: per request)
-        self._request = request
         return request
 
     # --- Chunked body (RFC 9112 section 7.1) -----------------------------------------------------
@@ -689,13 +693,6 @@ class RequestParser(_Stream):
             self._go(_S_END)
             self._go(_S_PAUSED)
             return END_OF_MESSAGE
-
-
-def _new_request(parts: _RequestLineParts) -> Request:
-    request = Request()
-    (request.method, request.target, request.version, request.minor, request.path,
-     request.query, request.host) = parts
-    return request
 
 
 def _known_request_line(line: str) -> _RequestLineParts | None:
