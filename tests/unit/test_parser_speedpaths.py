@@ -1,10 +1,11 @@
 """The parser's fast paths give exactly the line-by-line path's answer, and are really taken.
 
-A head that arrives whole is split on CRLF and its field lines looked up among the lines seen
-before, or matched one by one (``_parse_whole_head``); fed one byte at a time, the same head goes
-through the reference line-by-line path. Each case here is one the fast path treats specially
-(OWS after a value, dropped names, the caches, long lines, stray CR/LF),
-checked against the reference, with a spy proving which path produced the request.
+A head that arrives whole is split on LF (each line keeping its CR) and its lines looked up
+among the lines seen before, or matched one by one (``_parse_whole_head``); fed one byte at a
+time, the same head goes through the reference line-by-line path. Each case here is one the fast
+path treats specially (OWS after a value, dropped names, the caches, long lines, stray CR/LF, a
+buffer holding more than the head), checked against the reference, with a spy proving which
+path produced the request.
 """
 
 from __future__ import annotations
