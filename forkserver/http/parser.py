@@ -13,10 +13,10 @@ How it stays cheap on the hot path:
   decoded once and split into lines; each line is either one seen before (a dict lookup) or
   checked by a linear regular expression and then remembered. When the buffer ends with the
   head, its end is not even searched for. Only a head that is incomplete, or that this check
-  rejects, goes through the line-by-line path. That path
-  is the reference: it reads one line at a time, remembers how far it has searched for the end
-  of a line (so a head trickling in byte by byte is scanned once), and gives the precise error.
-  The fast path only ever returns a request that the line path would return too.
+  rejects, goes through the line-by-line path. That path is the reference: it reads one line at
+  a time, remembers how far it has searched for the end of a line (so a head trickling in byte
+  by byte is scanned once), and gives the precise error. The fast path only ever returns a
+  request that the line path would return too.
 
 Error reporting is a function of the byte stream alone, however it is split: lines are judged
 in order, and a line's length is measured to its first LF, so an over-long line is reported the
@@ -137,7 +137,7 @@ _VERSION = r"HTTP/[0-9]\.[0-9]"
 _REQUEST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})")
 # field-line = field-name ":" OWS field-value OWS
 _FIELD_LINE = re.compile(f"({_TOKEN}):({_VALUE})")
-# The fast path for a head complete in the buffer splits it on CRLF. Lines seen before are
+# The fast path for a head complete in the buffer splits it into lines. Lines seen before are
 # looked up (``_KNOWN_LINES``, ``_KNOWN_REQUEST_LINES``: clients send the same lines request
 # after request, and matching costs ~4 ns a character); a new field line must match
 # _match_field_line whole. A bare CR or LF is in no valid line, so a head with one
@@ -186,13 +186,14 @@ _FIELD_KEYS_MAX = 1024
 # _FIELD_KEYS; a miss only costs the match.
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
-# Field lines that passed _FIELD_LINE_FAST -> their (stored name, value); lines of dropped names
-# are never kept. Bounded in entries and line length (emptied when full).
+# Field lines (each with its CR, as the fast path splits them) that passed _match_field_line ->
+# their (stored name, value); lines of dropped names are never kept. Bounded in entries and line
+# length (emptied when full).
 _KNOWN_LINES: dict[str, tuple[str, str]] = {}
 _KNOWN_LINES_MAX = 512
 _KNOWN_LINE_MAX = 1024
-# Request lines that passed _REQUEST_LINE and _request_line_parts -> those parts; bounded the
-# same way. A client asks for the same few targets again and again.
+# Request lines (each with its CR) that passed _request_line_parts -> those parts; bounded the
+# same way. Only the fast path reads it: a client asks for the same few targets again and again.
 _RequestLineParts = tuple[str, str, str, int, str, str, "str | None"]
 _KNOWN_REQUEST_LINES: dict[str, _RequestLineParts] = {}
 _KNOWN_REQUEST_LINES_MAX = 256
