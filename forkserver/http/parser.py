@@ -418,8 +418,10 @@ class RequestParser(_Stream):
             return 0
         return None
 
-    def start_next(self) -> None:
-        """Begin the next request; bytes already buffered (pipelined) are kept."""
+    def start_next(self) -> bool:
+        """Begin the next request; bytes already buffered (pipelined) are kept. Returns whether
+        there are any: if not, ``next_event()`` would return NEED_DATA and ``in_message`` be
+        False until the next ``feed``, so a caller may skip asking (once per keep-alive)."""
         if self._state is _S_PAUSED:
             self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
         else:
@@ -428,6 +430,7 @@ class RequestParser(_Stream):
         self._skipped_empty = False
         if self.trailers:  # a fresh list only when the last one was handed out filled
             self.trailers = []
+        return self._pos < len(self._buf)
 
     def eof(self) -> None:
         """The peer shut down its sending side.

@@ -306,3 +306,16 @@ def test_the_line_path_counts_each_head_from_zero() -> None:
     limits = {"max_line": 12, "max_fields": 1, "max_field_size": 5}
     assert run([raw[:14], raw[14:]], **limits) == run([raw], **limits)
     assert run([raw], **limits)[-1] == ("error", 414)
+
+
+def test_start_next_says_whether_a_next_request_is_buffered() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHo")
+    parser.next_event(), parser.next_event()
+    assert parser.start_next() is True  # part of /b is pipelined
+    assert parser.in_message and parser.next_event() is NEED_DATA
+    parser.feed(b"st: h\r\n\r\n")
+    assert parser.next_event().target == "/b" and parser.next_event() is END_OF_MESSAGE
+    assert parser.start_next() is False  # nothing left: what next_event and in_message say
+    assert not parser.in_message and parser.next_event() is NEED_DATA
+    parser.eof()  # a clean end between requests
