@@ -10,12 +10,13 @@ How it stays cheap on the hot path:
   and the consumed prefix is dropped at the next ``feed`` (CPython deletes a bytearray prefix
   without moving the rest).
 * A request head that is complete in the buffer (the usual case: it arrives in one ``recv``) is
-  decoded once and split on CRLF; each field line is either one seen before (a dict lookup) or
-  checked by a linear regular expression and then remembered. Only a head
-  that is incomplete, or that this check rejects, goes through the line-by-line path. That path
-  is the reference: it reads one line at a time, remembers how far it has searched for the end
-  of a line (so a head trickling in byte by byte is scanned once), and gives the precise error.
-  The fast path only ever returns a request that the line path would return too.
+  decoded once and split into lines; each line is either one seen before (a dict lookup) or
+  checked by a linear regular expression and then remembered. When the buffer ends with the
+  head, its end is not even searched for. Only a head that is incomplete, or that this check
+  rejects, goes through the line-by-line path. That path is the reference: it reads one line at
+  a time, remembers how far it has searched for the end of a line (so a head trickling in byte
+  by byte is scanned once), and gives the precise error. The fast path only ever returns a
+  request that the line path would return too.
 
 Error reporting is a function of the byte stream alone, however it is split: lines are judged
 in order, and a line's length is measured to its first LF, so an over-long line is reported the
@@ -27,9 +28,9 @@ neighbouring parts do not overlap, which keeps matching linear.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
-from dataclasses import dataclass
 
 from forkserver.http.errors import (
     BadRequest,
@@ -136,14 +137,13 @@ _VERSION = r"HTTP/[0-9]\.[0-9]"
 _REQUEST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})")
 # field-line = field-name ":" OWS field-value OWS
 _FIELD_LINE = re.compile(f"({_TOKEN}):({_VALUE})")
-# The fast path for a head complete in the buffer takes its request line with its CRLF, then
-# splits the field lines on CRLF. Lines seen before are looked up (``_KNOWN_LINES``: clients
-# send the same lines request after request, and matching costs ~4 ns a character); a new one
-# must match _match_field_line whole. A bare CR or LF is in no valid line, so a head with one
+# The fast path for a head complete in the buffer splits it into lines. Lines seen before are
+# looked up (``_KNOWN_LINES``, ``_KNOWN_REQUEST_LINES``: clients send the same lines request
+# after request, and matching costs ~4 ns a character); a new field line must match
+# _match_field_line whole. A bare CR or LF is in no valid line, so a head with one
 # never passes. OWS before the value goes to a possessive [ \t]*+ (no backtracking into it); a
 # line with OWS after its value does not match, so the rare head that has one takes the
 # line-by-line path, which trims it.
-_FIRST_LINE = re.compile(f"({_TOKEN}) ({_TARGET}) ({_VERSION})\r\n")
 _match_field_line = re.compile(f"({_TOKEN}):[ \t]*+({_VALUE_CHAR}*+)(?<![ \t])").fullmatch
 
 # chunk = chunk-size [ chunk-ext ] CRLF
@@ -186,11 +186,17 @@ _FIELD_KEYS_MAX = 1024
 # _FIELD_KEYS; a miss only costs the match.
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
-# Field lines that passed _FIELD_LINE_FAST -> their (stored name, value); lines of dropped names
-# are never kept. Bounded in entries and line length (emptied when full).
+# Field lines (each with its CR, as the fast path splits them) that passed _match_field_line ->
+# their (stored name, value); lines of dropped names are never kept. Bounded in entries and line
+# length (emptied when full).
 _KNOWN_LINES: dict[str, tuple[str, str]] = {}
 _KNOWN_LINES_MAX = 512
 _KNOWN_LINE_MAX = 1024
+# Request lines (each with its CR) that passed _request_line_parts -> those parts; bounded the
+# same way. Only the fast path reads it: a client asks for the same few targets again and again.
+_RequestLineParts = tuple[str, str, str, int, str, str, "str | None"]
+_KNOWN_REQUEST_LINES: dict[str, _RequestLineParts] = {}
+_KNOWN_REQUEST_LINES_MAX = 256
 _SPECIAL_FIELDS = {
     "HOST": _HOST_FIELD,
     "CONTENT-LENGTH": _LENGTH_FIELD,
@@ -240,7 +246,7 @@ _TRANSITIONS: tuple[tuple[_State, ...], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
     """The size limits one parser enforces; the worker builds one from the settings."""
 
@@ -249,13 +255,14 @@ class Limits:
     max_field_size: int = 8190  # one field line (431)
     max_body: int = 0  # body bytes (413); 0 is unlimited
     max_head: int = 64 * 1024  # the whole head (431)
+    # The most bytes a head may take: ``max_head``, or less if the per-line limits and the
+    # field count allow less. It bounds the memory a slow or hostile client can make a
+    # connection's unfinished head take. Derived once here: each new parser reads it.
+    head_cap: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def head_cap(self) -> int:
-        """The most bytes a head may take: ``max_head``, or less if the per-line limits and the
-        field count allow less. It bounds the memory a slow or hostile client can make a
-        connection's unfinished head take."""
-        return min(self.max_head, self.max_line + self.max_fields * (self.max_field_size + 2))
+    def __post_init__(self) -> None:
+        cap = min(self.max_head, self.max_line + self.max_fields * (self.max_field_size + 2))
+        object.__setattr__(self, "head_cap", cap)  # (frozen)
 
 
 DEFAULT_LIMITS = Limits()
@@ -270,7 +277,10 @@ class _Stream:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0  # first byte not consumed yet
-        self._scan = 0  # no LF in [_pos, _scan): where the search for a line end resumes
+        # No LF in [_pos, _scan): where the search for a line end resumes. Consuming bytes
+        # other than by lines (a head taken whole, body bytes) may leave it behind _pos, where
+        # it says nothing and is never read as more than max(_pos, _scan).
+        self._scan = 0
         self._remaining = 0  # body bytes left in the Content-Length body or the current chunk
         self._drained = False  # the last next_event() returned NEED_DATA and nothing came since
         self._error: HTTPError | None = None  # once set, the stream is dead
@@ -359,7 +369,7 @@ class RequestParser(_Stream):
         "_max_fields",
         "_max_line",
         "_received",
-        "_request",
+        "_request_line",
         "_skipped_empty",
         "_state",
         "trailers",
@@ -374,7 +384,8 @@ class RequestParser(_Stream):
         self._head_used = 0  # bytes of the current head's complete lines, CRLFs included
         super().__init__()
         self._state = _S_HEAD
-        self._request: Request | None = None  # set once the request line of a head is parsed
+        # What the request line of the head under way means, once the line path has read it.
+        self._request_line: _RequestLineParts | None = None
         self._fields: list[tuple[str, str]] = []
         self._lines = 0  # field lines seen in the current head or trailer section
         self._skipped_empty = False  # the one tolerated empty line before a request line
@@ -393,7 +404,7 @@ class RequestParser(_Stream):
         """
         state = self._state
         if state is _S_HEAD:
-            return self._pos < len(self._buf) or self._request is not None
+            return self._pos < len(self._buf) or self._request_line is not None
         return state is not _S_PAUSED and state is not _S_ERROR
 
     @property
@@ -407,19 +418,19 @@ class RequestParser(_Stream):
             return 0
         return None
 
-    def start_next(self) -> None:
-        """Begin the next request; bytes already buffered (pipelined) are kept."""
+    def start_next(self) -> bool:
+        """Begin the next request; bytes already buffered (pipelined) are kept. Returns whether
+        there are any: if not, ``next_event()`` would return NEED_DATA and ``in_message`` be
+        False until the next ``feed``, so a caller may skip asking (once per keep-alive)."""
         if self._state is _S_PAUSED:
             self._state = _S_HEAD  # the one move from PAUSED (inlined from _go: per request)
         else:
             self._go(_S_HEAD)  # raises
-        self._request = None
-        self._lines = 0
-        self._head_used = 0
+        self._request_line = None  # (the line path zeroes the head's counts there too)
         self._skipped_empty = False
-        self._scan = self._pos
         if self.trailers:  # a fresh list only when the last one was handed out filled
             self.trailers = []
+        return self._pos < len(self._buf)
 
     def eof(self) -> None:
         """The peer shut down its sending side.
@@ -460,10 +471,9 @@ class RequestParser(_Stream):
         try:
             state = self._state
             if state is _S_HEAD:
-                if self._request is None and self._pos == len(self._buf):
+                if self._request_line is None and self._pos == len(self._buf):
                     # Nothing buffered between requests (after each keep-alive response): what
                     # the line path would conclude, without it. Never an error, even after EOF.
-                    self._scan = self._pos
                     self._drained = True
                     return NEED_DATA
                 return self._parse_head()
@@ -507,18 +517,25 @@ class RequestParser(_Stream):
     # --- Request head ----------------------------------------------------------------------------
 
     def _parse_head(self) -> Request | _Sentinel:
-        if self._request is None:
+        if self._request_line is None:
             buf = self._buf
             pos = self._pos  # something is buffered (next_event answers an empty buffer)
-            if not self._skipped_empty and buf.startswith(b"\r\n", pos):
+            if buf[pos] == 13 and not self._skipped_empty and buf.startswith(b"\r\n", pos):
                 # RFC 9112 section 2.2: ignore at least one empty line before a request line.
                 # Exactly one is tolerated; a second one fails as an empty request line.
                 pos = self._pos = pos + 2
                 self._skipped_empty = True
-            scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF starts before _scan - 1
-            end = buf.find(b"\r\n\r\n", max(pos, scan))
-            if end >= 0:
-                request = self._parse_whole_head(pos, end + 2)
+            if not pos and buf.endswith(b"\r\n\r\n"):
+                # The first head since a feed, in a buffer that ends like a head: usually the
+                # buffer is that head, so no search. If it holds more, _parse_whole_head finds
+                # the head's end; pos is then past 0 for the next head, so at most one buffer
+                # per feed is split in vain.
+                end = len(buf)
+            else:
+                scan = self._scan - 1  # no LF before _scan, so no CRLFCRLF before _scan - 1
+                end = buf.find(b"\r\n\r\n", max(pos, scan)) + 4
+            if end >= 4:
+                request = self._parse_whole_head(pos, end)
                 if request is not None:
                     return request
         return self._parse_head_lines()
@@ -526,21 +543,27 @@ class RequestParser(_Stream):
     def _parse_whole_head(self, start: int, end: int) -> Request | None:
         """Fast path for a head complete in the buffer; None sends it to the line-by-line path.
 
-        ``end`` is just past the CRLF of the last head line; the empty line follows it.
+        ``end`` is just past a CRLFCRLF: the head's empty line, or a later one at the end of
+        the buffer (the head's own end is then its first empty line).
         """
-        text = self._buf[start:end].decode("latin-1")
-        first = _FIRST_LINE.match(text)
-        if first is None:
-            return None
-        fields_at = first.end()
-        lines = text[fields_at:].split("\r\n")
-        lines.pop()  # the empty string after the last CRLF
+        buf = self._buf
+        text = (buf[start:end] if start or end != len(buf) else buf).decode("latin-1")
+        # Split on LF (cheaper than on CRLF): each line keeps its CR, and one without it (a
+        # piece of a line with a bare LF) is no known line and fails _field_lines.
+        lines = text.split("\n")
+        del lines[-2:]  # the empty line, and what follows its LF
+        if "\r" in lines:  # an earlier empty line ends the head (pipelining, or a body)
+            del lines[lines.index("\r"):]
+            end = start + sum(map(len, lines)) + len(lines) + 2
+            if not lines:
+                return None  # an empty request line: the line path tells the error
+        first = lines.pop(0)  # the request line; the rest are field lines
         if (
-            fields_at - 2 > self._max_line
+            len(first) > self._max_line + 1
             or len(lines) > self._max_fields
-            or end + 2 - start > self._head_cap
-            or (len(text) - fields_at > self._max_field_size + 2
-                and max(map(len, lines)) > self._max_field_size)
+            or end - start > self._head_cap
+            or (end - start - len(first) - 3 > self._max_field_size + 2
+                and max(map(len, lines)) > self._max_field_size + 1)
         ):
             return None
         try:  # every line seen (and validated) before: the usual case
@@ -550,22 +573,25 @@ class RequestParser(_Stream):
             fields = _field_lines(lines)
             if fields is None:
                 return None
-        request = _new_request(*first.groups())
-        self._pos = end + 2
-        return self._finish_head(request, fields)
+        parts = _KNOWN_REQUEST_LINES.get(first) or _known_request_line(first)
+        if parts is None:
+            return None
+        self._pos = end
+        return self._finish_head(parts, fields)
 
     def _parse_head_lines(self) -> Request | _Sentinel:
         """The reference head parser: one line at a time, resumable after any byte."""
         while True:
-            if self._request is None:
+            if self._request_line is None:
+                self._head_used = self._lines = 0  # a new head (start_next leaves them)
                 line = self._read_line(*self._head_limit(self._max_line, URITooLong))
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
-                match = _REQUEST_LINE.fullmatch(line)
-                if match is None:
+                parts = _request_line_parts(line, len(line))
+                if parts is None:
                     raise BadRequest(_request_line_problem(line))
-                self._request = _new_request(*match.groups())
+                self._request_line = parts
                 continue
             line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
@@ -573,7 +599,7 @@ class RequestParser(_Stream):
             if not line:
                 fields = self._fields
                 self._fields = []  # the request keeps this list; the next head gets its own
-                return self._finish_head(self._request, fields)
+                return self._finish_head(self._request_line, fields)
             self._head_used += len(line) + 2
             self._add_field(line, self._fields)
 
@@ -602,8 +628,12 @@ class RequestParser(_Stream):
         if key is not None:
             fields.append((key, value.strip(" \t")))
 
-    def _finish_head(self, request: Request, fields: list[tuple[str, str]]) -> Request:
-        """Head-wide checks and framing (RFC 9112 section 6); moves to the body state."""
+    def _finish_head(self, parts: _RequestLineParts, fields: list[tuple[str, str]]) -> Request:
+        """The Request of a head, after head-wide checks; moves to the body state (RFC 9112
+        section 6)."""
+        request = Request()
+        (request.method, request.target, request.version, request.minor, request.path,
+         request.query, request.host) = parts
         _apply_fields(request, fields, self._max_body)
         if request.chunked:
             self._received = 0
@@ -613,8 +643,6 @@ class RequestParser(_Stream):
             self._go(_S_LENGTH)
         else:
             self._state = _S_END  # HEAD -> END (inlined from _go: per request)
-        self._request = request
-        self._scan = self._pos
         return request
 
     # --- Chunked body (RFC 9112 section 7.1) -----------------------------------------------------
@@ -671,44 +699,49 @@ class RequestParser(_Stream):
             return END_OF_MESSAGE
 
 
-def _new_request(method: str, target: str, version: str) -> Request:
-    """A Request from a syntactically valid request line (semantic checks happen here)."""
+def _known_request_line(line: str) -> _RequestLineParts | None:
+    """What a request line taken with its CR means (remembered), or None if it is no valid
+    request line; raises for a valid line the server refuses."""
+    parts = _request_line_parts(line, len(line) - 1) if line[-1:] == "\r" else None
+    if parts is not None and len(line) <= _KNOWN_LINE_MAX:
+        if len(_KNOWN_REQUEST_LINES) >= _KNOWN_REQUEST_LINES_MAX:
+            _KNOWN_REQUEST_LINES.clear()
+        _KNOWN_REQUEST_LINES[line] = parts
+    return parts
+
+
+def _request_line_parts(line: str, end: int) -> _RequestLineParts | None:
+    """What the request line ``line[:end]`` means: a Request's method, target, version, minor,
+    path, query and host (from the target). None if it fails the grammar; raises for a valid
+    line the server refuses."""
+    match = _REQUEST_LINE.fullmatch(line, 0, end)
+    if match is None:
+        return None
+    method, target, version = match.groups()
     versions = _VERSIONS.get(version)
     if versions is None:
         raise VersionNotSupported(f"unsupported version {version}")
-    request = Request()
-    request.method = method
-    request.target = target
-    request.version, request.minor = versions
     if target[0] == "/":  # origin-form, the common case
         if method == "CONNECT":
             raise BadRequest("CONNECT needs an authority-form target")
-        query_at = target.find("?")
-        if query_at < 0:
-            request.path = target
-            request.query = ""
-        else:
-            request.path = target[:query_at]
-            request.query = target[query_at + 1 :]
-    elif target == "*":  # asterisk-form
+        path, _, query = target.partition("?")
+        return method, target, *versions, path, query, None
+    if target == "*":  # asterisk-form
         if method != "OPTIONS":
             raise BadRequest("'*' target is only allowed with OPTIONS")
-        request.path = "*"
-        request.query = ""
-    elif method == "CONNECT":  # authority-form
+        return method, target, *versions, "*", "", None
+    if method == "CONNECT":  # authority-form
         if _AUTHORITY_FORM.fullmatch(target) is None:
             raise BadRequest("invalid CONNECT target")
-        request.path = target
-        request.query = ""
-    else:  # absolute-form
-        match = _ABSOLUTE_FORM.fullmatch(target)
-        if match is None:
-            raise BadRequest("invalid request-target")
-        authority, path, query = match.groups()
-        request.host = authority  # _finish_head keeps it over the Host field
-        request.path = path or "/"  # an empty http(s) path means "/" (RFC 9110 4.2.3)
-        request.query = query or ""
-    return request
+        return method, target, *versions, target, "", None
+    # absolute-form
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise BadRequest("invalid request-target")
+    authority, path, query = match.groups()
+    # The authority is never empty, and _apply_fields keeps it over the Host field. An empty
+    # http(s) path means "/" (RFC 9110 section 4.2.3).
+    return method, target, *versions, path or "/", query or "", authority
 
 
 def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int) -> None:
@@ -748,9 +781,8 @@ def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int
             raise BadRequest("invalid Host field")
         if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
             _VALID_HOSTS.add(host)  # type: ignore[arg-type]
-    if request.target[0] == "/" or "://" not in request.target:
-        request.host = host
-    # else absolute-form: RFC 9112 section 3.2.2, the target's authority replaces Host.
+    if request.host is None:  # else absolute-form: the target's authority replaces Host
+        request.host = host  # (RFC 9112 section 3.2.2)
 
     if length_value is None and codings is None:  # the usual GET: no body
         request.content_length, request.chunked = None, False
@@ -815,7 +847,7 @@ def _field_key(name: str) -> str | None:
 
 
 def _field_lines(lines: list[str]) -> list[tuple[str, str]] | None:
-    """The fields of a head's field lines (CRLFs split off), remembering each valid line; None
+    """The fields of a head's field lines (each with its CR), remembering each valid line; None
     if a line needs the line-by-line path (it is invalid, or has OWS after its value). Every
     new line is matched and remembered on first sight, so a client's steady lines are known
     from its second request on, whatever varies around them."""
@@ -825,8 +857,8 @@ def _field_lines(lines: list[str]) -> list[tuple[str, str]] | None:
     for line in lines:
         field = known.get(line)
         if field is None:
-            matched = _match_field_line(line)
-            if matched is None:
+            matched = _match_field_line(line, 0, len(line) - 1)
+            if matched is None or line[-1:] != "\r":
                 return None
             name, value = matched.groups()
             key = keys.get(name) or _field_key(name)

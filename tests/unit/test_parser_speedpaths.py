@@ -1,15 +1,18 @@
 """The parser's fast paths give exactly the line-by-line path's answer, and are really taken.
 
-A head that arrives whole is split on CRLF and its field lines looked up among the lines seen
-before, or matched one by one (``_parse_whole_head``); fed one byte at a time, the same head goes
-through the reference line-by-line path. Each case here is one the fast path treats specially
-(OWS after a value, dropped names, the caches, long lines, stray CR/LF),
-checked against the reference, with a spy proving which path produced the request.
+A head that arrives whole is split on LF (each line keeping its CR) and its lines looked up
+among the lines seen before, or matched one by one (``_parse_whole_head``); fed one byte at a
+time, the same head goes through the reference line-by-line path. Each case here is one the fast
+path treats specially (OWS after a value, dropped names, the caches, long lines, stray CR/LF, a
+buffer holding more than the head), checked against the reference, with a spy proving which
+path produced the request.
 """
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forkserver.http import parser as parser_module
 from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Limits, Request, RequestParser
@@ -213,7 +216,7 @@ def test_known_lines_are_bounded_and_skip_dropped_names(monkeypatch) -> None:
     assert not any(line.startswith("X_Drop") for line in known)
     long_line = "X-Big: " + "v" * parser_module._KNOWN_LINE_MAX
     same_both_ways(b"GET / HTTP/1.1\r\nHost: h\r\n" + long_line.encode() + b"\r\n\r\n")
-    assert long_line not in known
+    assert long_line + "\r" not in known and long_line not in known
 
 
 def test_a_pipelined_head_without_fields_under_a_small_field_size() -> None:
@@ -234,3 +237,85 @@ def test_unparsed_is_what_was_fed_and_not_consumed() -> None:
     parser.feed(b"st: h\r\n\r\n")
     assert copy == b"GET /b HTTP/1.1\r\nHo"  # a copy, not a view of the buffer
     assert parser.next_event().target == "/b"
+
+
+def test_a_buffer_ending_like_a_head_may_hold_more_than_one(fast_requests) -> None:
+    # Split whole because it ends with CRLFCRLF: the first empty line still ends the head.
+    pipelined = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    events = same_both_ways(pipelined)
+    assert [e[1]["target"] for e in events if e[0] == "request"] == ["/a", "/b"]
+    assert len(fast_requests) == 2
+    body = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nab\r\n\r\n"
+    assert ("data", b"ab\r\n\r\n") in same_both_ways(body)
+    assert same_both_ways(b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")[-1] == ("error", 400)
+
+
+@pytest.mark.parametrize("line, status", [
+    (b"GET / HTTP/2.0", 505), (b"CONNECT / HTTP/1.1", 400), (b"GET * HTTP/1.1", 400),
+    (b"GET h:1 HTTP/1.1", 400), (b"GET / HTTP/1.1 ", 400),
+])
+def test_a_refused_request_line_is_never_remembered(line, status) -> None:
+    for _ in range(2):
+        assert same_both_ways(line + b"\r\nHost: h\r\n\r\n")[-1] == ("error", status)
+    assert line.decode() + "\r" not in parser_module._KNOWN_REQUEST_LINES
+
+
+@pytest.mark.parametrize("target, path, query, host", [
+    (b"/p?q=1?2", "/p", "q=1?2", "h"), (b"*", "*", "", "h"),
+    (b"http://a.example:8/x?y", "/x", "y", "a.example:8"), (b"HTTP://a", "/", "", "a"),
+])
+def test_a_known_request_line_means_what_it_meant(target, path, query, host) -> None:
+    method = b"OPTIONS" if target == b"*" else b"GET"
+    raw = method + b" " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    for _ in range(2):  # matched, then looked up
+        request = same_both_ways(raw)[0][1]
+        assert (request["path"], request["query"], request["host"]) == (path, query, host)
+    assert (method + b" " + target + b" HTTP/1.1\r").decode() in parser_module._KNOWN_REQUEST_LINES
+
+
+def test_known_request_lines_are_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(parser_module, "_KNOWN_REQUEST_LINES", {})
+    for n in range(parser_module._KNOWN_REQUEST_LINES_MAX + 5):
+        assert same_both_ways(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)[0][1]["path"] == f"/{n}"
+    assert 0 < len(parser_module._KNOWN_REQUEST_LINES) <= parser_module._KNOWN_REQUEST_LINES_MAX
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_known_lines_with_stray_bytes_anywhere_get_the_reference_answer(data) -> None:
+    # Every line below is known (seen whole before); a stray CR, LF, CRLF or space put anywhere
+    # must give what the line-by-line path gives, however the caches are keyed.
+    base = BROWSER + b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    same_both_ways(base)
+    at = data.draw(st.integers(0, len(base)))
+    stray = data.draw(st.sampled_from([b"\r", b"\n", b"\r\n", b" ", b"\r\r\n", b"\n\r"]))
+    same_both_ways(base[:at] + stray + base[at:])
+
+
+@pytest.mark.parametrize("raw", [b"GET / HTTP/1.1X\nHost: h\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nHost: hX\nX-A: a\r\n\r\n"])
+def test_a_line_ended_by_a_bare_lf_is_never_read_as_one_ended_by_crlf(raw) -> None:
+    # The fast path splits on LF and takes each line's last byte for its CR: it must be one.
+    assert same_both_ways(raw)[-1] == ("error", 400)
+
+
+def test_the_line_path_counts_each_head_from_zero() -> None:
+    # The second head's request line is measured against max_line (414), not against what
+    # is left of a cap the first head used up (431).
+    raw = b"0 / HTTP/1.0\r\n\r\n00 / HTTP/1.0\r\n\r\n"
+    limits = {"max_line": 12, "max_fields": 1, "max_field_size": 5}
+    assert run([raw[:14], raw[14:]], **limits) == run([raw], **limits)
+    assert run([raw], **limits)[-1] == ("error", 414)
+
+
+def test_start_next_says_whether_a_next_request_is_buffered() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHo")
+    parser.next_event(), parser.next_event()
+    assert parser.start_next() is True  # part of /b is pipelined
+    assert parser.in_message and parser.next_event() is NEED_DATA
+    parser.feed(b"st: h\r\n\r\n")
+    assert parser.next_event().target == "/b" and parser.next_event() is END_OF_MESSAGE
+    assert parser.start_next() is False  # nothing left: what next_event and in_message say
+    assert not parser.in_message and parser.next_event() is NEED_DATA
+    parser.eof()  # a clean end between requests
