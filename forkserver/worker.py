@@ -276,6 +276,7 @@ class Requests:
         self.recycling = False  # asked the master for a replacement
         self.watcher: handoff.Watcher | None = None  # times inline requests for handoff
         self.log_app_error = self._log_app_error  # bound once, not per request
+        self.finished_at = 0.0  # the clock when the last inline request ended
 
     def _begin(self, conn: Connection, request: Request) -> bool:
         """Count the request on its connection; whether its response may offer keep-alive (the
@@ -305,7 +306,7 @@ class Requests:
         if self.post_request is not None:
             call_hook(self.post_request, environ, exchange.status_code)
         self.count += 1
-        now = time.monotonic()
+        now = self.finished_at = time.monotonic()
         duration = now - started
         verdict = exchange.verdict
         state = KEEPALIVE_STATE if verdict is KEEP else IDLE_STATE
@@ -571,32 +572,38 @@ class Worker:
         old = conn.phase
         if phase not in NEXT[old]:
             check_move(old, phase)
+        if phase is IDLE:
+            self._park(conn, time.monotonic())
+            return
         if old is IDLE:
             del self.idle[conn.fd]
         conn.phase = phase
         if phase is BUSY:
             conn.deadline = _NEVER
             return
-        if phase is IDLE:
-            self.idle[conn.fd] = conn
-            if not self.listeners.accepting and not self.stopping and \
-                    len(self.conns) >= self.settings.worker_connections:
-                self.listeners.on()  # at the limit, an idle connection can make room
         self._arm(conn)
 
+    def _park(self, conn: Connection, now: float) -> None:
+        """Move ``conn`` to IDLE (legal from every other phase that reaches it, see
+        ``phases.NEXT``): it waits for its next request, its keep-alive deadline counted from
+        ``now``. After each keep-alive response; ``_go`` checks the moves from elsewhere."""
+        conn.phase = IDLE
+        self.idle[conn.fd] = conn
+        seconds = self.settings.keepalive
+        if self.stopping:
+            seconds = min(seconds, STOP_IDLE_GRACE)
+        deadline = conn.deadline = now + seconds
+        if deadline < self.next_deadline:  # noqa: PLR1730 - per request: no call to min()
+            self.next_deadline = deadline
+        if not self.listeners.accepting and not self.stopping and \
+                len(self.conns) >= self.settings.worker_connections:
+            self.listeners.on()  # at the limit, an idle connection can make room
+
     def _arm(self, conn: Connection) -> None:
-        """Start the deadline of the phase ``conn`` just entered."""
-        phase = conn.phase
-        settings = self.settings
-        if phase is IDLE:
-            seconds = settings.keepalive
-            if self.stopping:
-                seconds = min(seconds, STOP_IDLE_GRACE)
-        elif phase is LINGER:
-            seconds = settings.linger_timeout
-        else:
-            seconds = settings.header_timeout
-        deadline = conn.deadline = time.monotonic() + seconds
+        """Start the deadline of the phase ``conn`` just entered (IDLE's is ``_park``'s)."""
+        seconds = (self.settings.linger_timeout if conn.phase is LINGER
+                   else self.settings.header_timeout)
+        conn.deadline = deadline = time.monotonic() + seconds
         self.next_deadline = min(self.next_deadline, deadline)
 
     def _expire(self, now: float) -> None:
@@ -747,7 +754,9 @@ class Worker:
                 if verdict is not KEEP:
                     self._end(conn, verdict)
                     return
-                parser.start_next()
+                if not parser.start_next():  # nothing pipelined: wait for the next request
+                    self._park(conn, self.requests.finished_at)
+                    return
         except HTTPError as error:
             self._fail(conn, error)
 
