@@ -335,7 +335,15 @@ def readable(fds: Iterable[int]) -> set[int]:
 
 
 # -- the watcher ---------------------------------------------------------------------------
-BACKOFF = 10  # the watcher's longest wait, in handoff delays, while requests are all fast
+# The watcher's longest wait, in handoff delays, while the requests it sees are fast: BACKOFF
+# while some request lasted BACKOFF delays or more in the last SLOW_MEMORY seconds (slow
+# requests are about: the next one is caught within BACKOFF delays), QUIET_BACKOFF after (each
+# wake takes the GIL from the serving thread, which a saturated machine pays for in stalls). A
+# shorter request does not count: on a busy machine a preempted worker's fast request often
+# outlives one delay, and that is no slow app.
+BACKOFF = 10
+QUIET_BACKOFF = 50
+SLOW_MEMORY = 1.0
 
 
 class Watcher:
@@ -344,9 +352,10 @@ class Watcher:
     The protocol with the reactor (the worker's main thread):
     - ``begin(now)`` just before the app is called: one store (and an Event.set only when the
       watcher slept through a quiet spell);
-    - ``end()`` as soon as the app returns and before the reactor touches any other connection:
-      two stores and a load; it returns the connections the watcher gave away, which the
-      reactor then forgets (unregister, close its descriptor; no shutdown).
+    - ``end(now)`` as soon as the app returns and before the reactor touches any other
+      connection, ``now`` being the clock reading that ended the request: two stores and a
+      few loads; it returns the connections the watcher gave away, which the reactor then
+      forgets (unregister, close its descriptor; no shutdown).
     Between the two, and only then, the watcher may read ``parked()`` and give connections
     away: the reactor is inside the app and touches none of them. The watcher acts under its
     lock with ``acting`` set; ``end`` takes the lock only if ``acting`` is set, which makes it
@@ -363,6 +372,8 @@ class Watcher:
         self.fileno = fileno
         self.quiet_after = quiet_after  # no request for this long: sleep until one begins
         self.started = 0.0  # > 0: a request began then and runs; < 0: -(when the last began)
+        self.slow_at = -SLOW_MEMORY  # when the last request of BACKOFF delays or more ended
+        self.slow = BACKOFF * delay
         self.acting = False
         self.handed: list[Any] = []
         self._lock = threading.Lock()
@@ -377,8 +388,12 @@ class Watcher:
         if self._sleeping:
             self._wake.set()
 
-    def end(self) -> Sequence[Any]:
-        self.started = -self.started
+    def end(self, now: float) -> Sequence[Any]:
+        started = self.started
+        if started > 0:  # (not if the request failed before begin)
+            self.started = -started
+            if now - started >= self.slow:
+                self.slow_at = now
         if self.acting or self.handed:
             with self._lock:
                 handed, self.handed = self.handed, []
@@ -398,21 +413,24 @@ class Watcher:
     def _run(self) -> None:
         delay = self.delay
         # While every request it looks at has ended within delay (a fast load), the watcher
-        # looks less often, doubling its wait up to BACKOFF x delay: waking every delay would
-        # take the GIL from the serving thread hundreds of times a second for nothing. A request
-        # found past delay brings the wait back to delay (slow requests are about).
+        # looks less often, doubling its wait up to BACKOFF x delay (QUIET_BACKOFF x delay when
+        # no request has been slow for SLOW_MEMORY, see above): waking every delay would take the GIL
+        # from the serving thread hundreds of times a second for nothing. A request found past
+        # delay brings the wait back to delay (slow requests are about).
         patience = delay
         watched = 0.0  # the request the last wait was for
         while not self._stopped:
             started = self.started
             now = time.monotonic()
+            longest = (QUIET_BACKOFF if now - self.slow_at > SLOW_MEMORY else BACKOFF) * delay
             if started > 0:
                 if now >= started + delay:
                     self._act(started)
                     patience, wait = delay, delay  # bytes may come on other connections
                 else:
                     if watched and started != watched:
-                        patience = min(2 * patience, BACKOFF * delay)
+                        patience = 2 * patience
+                    patience = min(patience, longest)
                     wait = max(started + delay - now, patience)
                 watched = started
             elif started == 0 or now + started > self.quiet_after:
@@ -420,7 +438,7 @@ class Watcher:
                 watched = 0.0
                 continue
             else:
-                wait = patience
+                wait = patience = min(patience, longest)
             self._wake.wait(wait)
 
     def _sleep(self) -> None:

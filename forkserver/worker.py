@@ -749,7 +749,7 @@ class Worker:
                 finally:
                     watcher = self.requests.watcher
                     if watcher is not None:  # forget what it gave away while the app ran
-                        for given in watcher.end():
+                        for given in watcher.end(self.requests.finished_at):
                             self.close(given)
                 if verdict is not KEEP:
                     self._end(conn, verdict)

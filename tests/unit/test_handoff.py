@@ -378,7 +378,7 @@ def test_watcher_hands_off_only_waiting_connections_after_the_delay(reactor):
         deadline = time.monotonic() + 2
         while not reactor.given and time.monotonic() < deadline:
             time.sleep(0.005)
-        handed = watcher.end()
+        handed = watcher.end(time.monotonic())
         assert list(handed) == [reactor.parked[1]]
         assert [conn for conn, _ in reactor.given] == [reactor.parked[1]]
         assert reactor.given[0][1] >= began + 0.1
@@ -393,7 +393,7 @@ def test_watcher_does_nothing_for_fast_requests(reactor):
         for _ in range(20):
             watcher.begin(time.monotonic())
             time.sleep(0.001)
-            assert watcher.end() == ()
+            assert watcher.end(time.monotonic()) == ()
         time.sleep(0.15)  # after the last request ended nothing runs: nothing to hand off
         assert reactor.given == []
         assert reactor.calls == 0
@@ -410,7 +410,7 @@ def test_watcher_wakes_after_a_quiet_spell(reactor):
         deadline = time.monotonic() + 2
         while not reactor.given and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert [conn for conn in watcher.end()] == [reactor.parked[2]]
+        assert [conn for conn in watcher.end(time.monotonic())] == [reactor.parked[2]]
     finally:
         watcher.stop()
 
@@ -433,7 +433,7 @@ def test_end_waits_for_a_handoff_in_progress(reactor):
         watcher.begin(time.monotonic())
         assert inside.wait(2)
         result: list = []
-        ender = threading.Thread(target=lambda: result.append(watcher.end()))
+        ender = threading.Thread(target=lambda: result.append(watcher.end(time.monotonic())))
         ender.start()
         time.sleep(0.05)
         assert result == []  # still giving: the reactor waits
@@ -464,7 +464,7 @@ def test_watcher_hands_off_through_a_real_channel(channel):
         deadline = time.monotonic() + 2
         while not channel.queued() and time.monotonic() < deadline:
             time.sleep(0.002)
-        assert list(watcher.end()) == [server]
+        assert list(watcher.end(time.monotonic())) == [server]
         server.close()
         handed = handoff.receive(channel)
         with handed.sock:
@@ -497,8 +497,45 @@ def test_the_watcher_looks_less_often_while_every_request_is_fast():
         while clock.monotonic() < end_at:  # back-to-back requests of about 0.2 ms each
             watcher.begin(clock.monotonic())
             clock.sleep(0.0002)
-            watcher.end()
+            watcher.end(clock.monotonic())
     finally:
         watcher.stop()
     assert max(t for t in wakes if t is not None) >= module.BACKOFF * 0.002 * 0.99
     assert len(wakes) < 0.4 / 0.002 / 2  # far fewer than one wake per delay
+
+
+def test_the_watcher_backs_off_further_only_while_no_request_is_slow():
+    """With no slow request (BACKOFF delays or more) for SLOW_MEMORY, the wait grows to
+    QUIET_BACKOFF delays; a slow request caps it at BACKOFF again, so the
+    next slow request is caught soon."""
+    delay = 0.002
+    waits: list[float | None] = []
+    watcher = handoff.Watcher(delay, list, lambda conn, seen: False, lambda conn: -1)
+    real_wait = watcher._wake.wait
+
+    def counting_wait(timeout=None):
+        waits.append(timeout)
+        return real_wait(timeout)
+
+    def requests_for(seconds: float, each: float) -> None:
+        end_at = time.monotonic() + seconds
+        while time.monotonic() < end_at:
+            watcher.begin(time.monotonic())
+            time.sleep(each)
+            watcher.end(time.monotonic())
+
+    watcher._wake.wait = counting_wait
+    watcher.start()
+    try:
+        requests_for(1.2, 0.0002)  # fast only: the quiet ceiling
+        quiet = [t for t in waits if t is not None]
+        assert max(quiet) > handoff.BACKOFF * delay * 1.5
+        assert max(quiet) <= handoff.QUIET_BACKOFF * delay + 1e-9
+        requests_for(0.1, 0.025)  # slow requests: each lasts more than BACKOFF delays
+        assert watcher.slow_at > 0
+        waits.clear()
+        requests_for(0.3, 0.0002)  # fast again, within SLOW_MEMORY of the slow ones
+        later = [t for t in waits if t is not None]
+        assert later and max(later) <= handoff.BACKOFF * delay + 1e-9
+    finally:
+        watcher.stop()
