@@ -296,8 +296,9 @@ class Requests:
         slot = self.slot
         started = time.monotonic()  # one clock reading per end of the request
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"), started)
-        if self.watcher is not None:  # from here the app runs: time it (the caller ends it)
-            self.watcher.begin(started)
+        watcher = self.watcher
+        if watcher is not None:  # from here the app runs: time it (the caller ends it)
+            watcher.begin(started)
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
         if self.pre_request is not None:
             call_hook(self.pre_request, environ)

@@ -485,10 +485,7 @@ class Exchange:
         if self.status is None:
             raise AppError("the application returned without calling start_response")
         request = self.request
-        body = self.body
-        # The app answers without reading a body (or one held back behind 100-continue) that
-        # is too large to read and drop: say close, then drain it (LINGER).
-        self.keep_alive = self.keep_alive and (body.complete or body.small_rest())
+        self.keep_alive = self.offer_keep_alive()
         response = Response(self.status, self.headers, minor=request.minor,
                             is_head=request.method == "HEAD", keep_alive=self.keep_alive,
                             server=self.server, body_length=body_length)
@@ -496,6 +493,13 @@ class Exchange:
         self.keep_alive = response.keep_alive  # from here on, what the head says
         self.status_code = response.status_code
         return response
+
+    def offer_keep_alive(self) -> bool:
+        """Whether the response head may offer keep-alive: not when the app answers without
+        reading a body (or one held back behind 100-continue) too large to read and drop; the
+        connection then says close and drains it (LINGER)."""
+        body = self.body
+        return self.keep_alive and (body.complete or body.small_rest())
 
     def _send(self, data: bytes) -> None:
         self.channel.send_all(data)
@@ -648,11 +652,10 @@ def handle(app: Callable, channel: Channel, request: Request, body: Body | Empty
                 and exchange.status is not None and type(data := result[0]) is bytes
                 and len(data) <= SMALL_BODY):
             # The usual response: one small body in hand and no write(), so one send with the
-            # head and no Response object (a list has no close()). The keep-alive offer is
-            # _start's.
+            # head and no Response object (a list has no close()).
             data, exchange.keep_alive, exchange.status_code = whole_response(
                 exchange.status, exchange.headers, request.minor, request.method == "HEAD",
-                keep_alive and (body.complete or body.small_rest()), server, data)
+                exchange.offer_keep_alive(), server, data)
             channel.send_all(data)
             exchange.head_sent = True
             exchange.bytes_sent = len(data)

@@ -195,6 +195,18 @@ def http_request(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
         return read_until_closed(sock)
 
 
+def post_unread(port: int, size: int, timeout: float = 20.0) -> bytes:
+    """POST ``size`` bytes the app never reads, then read the answer, as most clients do
+    (``requests`` among them): a reset while sending loses the request, as it does for them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                     % size)
+        piece = b"x" * 65536
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        return read_until_closed(sock)
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the peer sends until it closes (a reset after the answer counts as a close)."""
     chunks = []

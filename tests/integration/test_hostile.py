@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ResponseReader, Server, http_request
+from tests.conftest import ResponseReader, Server, http_request, post_unread
 
 HEADER_TIMEOUT = 3.0
 SEND_TIMEOUT = 1.0
@@ -401,28 +401,13 @@ def test_app_fault_after_head_closes_connection(server, route):
 # Issue 10: lost responses and broken apps, each against a server of its own
 
 
-def _post_unread_body(port: int, size: int) -> bytes:
-    """POST ``size`` bytes the app never reads, then read the answer, as ``requests`` does: a
-    reset while sending loses the request for such a client, so it counts as a failure."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
-                     % size)
-        piece = b"x" * 65536
-        for _ in range(size // len(piece)):
-            sock.sendall(piece)
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-        return b"".join(chunks)
-
-
 def test_answers_to_unread_8mib_posts_reach_all_20_clients(server_factory):
     server = server_factory("tests.apps.basic:app", workers=2)
     results: list[object] = []
 
     def client() -> None:
         try:
-            results.append(_post_unread_body(server.port, 8 * 1024 * 1024))
+            results.append(post_unread(server.port, 8 * 1024 * 1024, timeout=30))
         except OSError as error:
             results.append(error)
     threads = [threading.Thread(target=client) for _ in range(20)]

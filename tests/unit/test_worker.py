@@ -26,7 +26,7 @@ import pytest
 from forkserver import config, handoff, logs, tls, worker
 from forkserver.scoreboard import Scoreboard
 from forkserver.worker import Worker, WorkerSpec
-from tests.conftest import ResponseReader, read_until_closed
+from tests.conftest import ResponseReader, post_unread, read_until_closed
 
 GET = b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -211,18 +211,6 @@ def test_app_exception_is_500_and_the_connection_closes(make_worker):
 def ignore_body(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
-
-
-def post_unread(port: int, size: int) -> bytes:
-    """POST ``size`` bytes the app never reads, then read the answer, as most clients do
-    (``requests`` among them): a reset while sending loses the request, as it does for them."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
-                     % size)
-        piece = b"x" * 65536
-        for _ in range(size // len(piece)):
-            sock.sendall(piece)
-        return read_until_closed(sock)
 
 
 def test_unread_large_body_does_not_destroy_the_response(make_worker, listener):
