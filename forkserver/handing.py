@@ -38,12 +38,11 @@ class Handing:
         worker = self.worker
         if worker.lending is None:
             idle = worker.idle
-            self.watcher = handoff.Watcher(self.delay, lambda: list(idle.values()), self.give,
-                                           _fileno)
-            self.watcher.start()
-            # The worker's inline dispatch begins and ends each request on it (one call each:
-            # the clock reading is dispatch's own).
+            # It reads what the worker's inline dispatch records of each request (Inline).
+            self.watcher = handoff.Watcher(self.delay, worker.requests,
+                                           lambda: list(idle.values()), self.give, _fileno)
             worker.requests.watcher = self.watcher
+            self.watcher.start()
         self.sync()
 
     def sync(self) -> None:
@@ -136,14 +135,20 @@ class Handing:
 
     def close(self) -> None:
         if self.watcher is not None:
-            self.worker.requests.watcher = None
             self.watcher.stop()
+            self._unwatch()
 
     def forget(self) -> None:
         """In a mold: the watcher thread does not exist after a fork; the channel stays (the
         workers the mold forks use it)."""
-        self.watcher = self.worker.requests.watcher = None
+        self._unwatch()
         self.receiving = False
+
+    def _unwatch(self) -> None:
+        """No watcher from now on: nothing for the reactor to wake or collect."""
+        requests = self.worker.requests
+        self.watcher = requests.watcher = None
+        requests.dozing = requests.giving = False
 
 
 def candidate(conn: Connection, waiting: bool) -> handoff.Candidate:

@@ -53,7 +53,6 @@ MAX_PENDING = MAX_MESSAGE - _HEADER.size - 2 * 0xFF  # room left with the longes
 _MAX_FDS = 4  # room for more than one, so that a message carrying several is seen and refused
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE)
-_NOTHING: tuple[Any, ...] = ()
 
 
 class Channel:
@@ -336,69 +335,77 @@ def readable(fds: Iterable[int]) -> set[int]:
 
 # -- the watcher ---------------------------------------------------------------------------
 # The watcher's longest wait, in handoff delays, while the requests it sees are fast: BACKOFF
-# while some request lasted BACKOFF delays or more in the last SLOW_MEMORY seconds (slow
-# requests are about: the next one is caught within BACKOFF delays), QUIET_BACKOFF after (each
-# wake takes the GIL from the serving thread, which a saturated machine pays for in stalls). A
-# shorter request does not count: on a busy machine a preempted worker's fast request often
-# outlives one delay, and that is no slow app.
+# while it has seen a request BACKOFF delays old in the last SLOW_MEMORY seconds (slow requests
+# are about: the next one is caught within BACKOFF delays), QUIET_BACKOFF after (each wake takes
+# the GIL from the serving thread, which a saturated machine pays for in stalls). A younger
+# request does not count: on a busy machine a preempted worker's fast request often outlives
+# one delay, and that is no slow app.
 BACKOFF = 10
 QUIET_BACKOFF = 50
 SLOW_MEMORY = 1.0
 
 
+class Inline:
+    """What the reactor and the watcher share about the request the reactor runs inline.
+
+    Plain attributes, so that the reactor's part costs two stores and two tests a request and
+    no call (``worker.Requests`` is one of these; a call at each end of every request cost a
+    hello-world load 4% of its throughput):
+    - ``app_since``: the reactor sets it to its clock reading just before the app is called,
+      and back to 0.0 as soon as the app has returned, however it returned;
+    - ``count``: requests served; the watcher tells a quiet spell by it standing still;
+    - ``giving``: the watcher sets it, under its lock, before it looks whether the request it
+      timed still runs. The reactor, having set ``app_since`` to 0.0, calls
+      ``Watcher.collect`` if it sees it set: that waits for a handoff in progress and returns
+      the connections given away, which the reactor then forgets (each side writes its flag
+      before it reads the other's, so one of them always sees the other);
+    - ``dozing``: the watcher sets it before it sleeps through a quiet spell; the reactor that
+      sees it set as a request begins calls ``Watcher.wake``.
+    """
+
+    def __init__(self) -> None:
+        self.app_since = 0.0
+        self.count = 0
+        self.giving = False
+        self.dozing = False
+
+
 class Watcher:
     """Lets a single-threaded worker hand off while its one thread runs the app.
 
-    The protocol with the reactor (the worker's main thread):
-    - ``begin(now)`` just before the app is called: one store (and an Event.set only when the
-      watcher slept through a quiet spell);
-    - ``end(now)`` as soon as the app returns and before the reactor touches any other
-      connection, ``now`` being the clock reading that ended the request: two stores and a
-      few loads; it returns the connections the watcher gave away, which the reactor then
-      forgets (unregister, close its descriptor; no shutdown).
-    Between the two, and only then, the watcher may read ``parked()`` and give connections
-    away: the reactor is inside the app and touches none of them. The watcher acts under its
-    lock with ``acting`` set; ``end`` takes the lock only if ``acting`` is set, which makes it
-    wait for a handoff in progress (the two flags are written before they are read, so one side
-    always sees the other).
+    It reads the reactor's ``Inline`` record; between the reactor's setting ``app_since`` and
+    its setting it back, and only then, the watcher may read ``parked()`` and give connections
+    away: the reactor is inside the app and touches none of them.
     """
 
-    def __init__(self, delay: float, parked: Callable[[], Iterable[Any]],
+    def __init__(self, delay: float, inline: Inline, parked: Callable[[], Iterable[Any]],
                  give: Callable[[Any, float], bool], fileno: Callable[[Any], int],
                  *, name: str = "handoff", quiet_after: float = 0.25) -> None:
         self.delay = delay
-        self.parked = parked      # the reactor's idle connections (called only between the two)
+        self.inline = inline
+        self.parked = parked      # the reactor's idle connections (called only while the app runs)
         self.give = give          # (conn, seen_at) -> handed off?
         self.fileno = fileno
-        self.quiet_after = quiet_after  # no request for this long: sleep until one begins
-        self.started = 0.0  # > 0: a request began then and runs; < 0: -(when the last began)
-        self.slow_at = -SLOW_MEMORY  # when the last request of BACKOFF delays or more ended
+        self.quiet_after = quiet_after  # no request for this long: doze until one begins
+        self.slow_at = -SLOW_MEMORY  # when it last saw a request of BACKOFF delays or more
         self.slow = BACKOFF * delay
-        self.acting = False
         self.handed: list[Any] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._sleeping = False
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    # -- the reactor's side ---------------------------------------------------------------
-    def begin(self, now: float) -> None:
-        self.started = now
-        if self._sleeping:
-            self._wake.set()
+    # -- the reactor's side (rare: only when a flag of ``Inline`` says so) ------------------
+    def wake(self) -> None:
+        """A request begins while the watcher dozes."""
+        self._wake.set()
 
-    def end(self, now: float) -> Sequence[Any]:
-        started = self.started
-        if started > 0:  # (not if the request failed before begin)
-            self.started = -started
-            if now - started >= self.slow:
-                self.slow_at = now
-        if self.acting or self.handed:
-            with self._lock:
-                handed, self.handed = self.handed, []
-            return handed
-        return _NOTHING
+    def collect(self) -> list[Any]:
+        """The connections given away while the app ran (after any handoff in progress)."""
+        with self._lock:
+            handed, self.handed = self.handed, []
+            self.inline.giving = False
+        return handed
 
     def start(self) -> None:
         self._thread.start()
@@ -412,16 +419,20 @@ class Watcher:
     # -- the watcher's side ---------------------------------------------------------------
     def _run(self) -> None:
         delay = self.delay
-        # While every request it looks at has ended within delay (a fast load), the watcher
+        inline = self.inline
+        # While every request it looks at is younger than delay (a fast load), the watcher
         # looks less often, doubling its wait up to BACKOFF x delay (QUIET_BACKOFF x delay when
-        # no request has been slow for SLOW_MEMORY, see above): waking every delay would take the GIL
-        # from the serving thread hundreds of times a second for nothing. A request found past
-        # delay brings the wait back to delay (slow requests are about).
+        # it has seen no slow request for SLOW_MEMORY, see above): waking every delay would take
+        # the GIL from the serving thread hundreds of times a second for nothing. A request
+        # found past delay brings the wait back to delay (slow requests are about).
         patience = delay
         watched = 0.0  # the request the last wait was for
+        count, counted_at = -1, 0.0  # requests begun, when that figure was last seen to move
         while not self._stopped:
-            started = self.started
+            started = inline.app_since
             now = time.monotonic()
+            if started > 0 and now - started >= self.slow:
+                self.slow_at = now
             longest = (QUIET_BACKOFF if now - self.slow_at > SLOW_MEMORY else BACKOFF) * delay
             if started > 0:
                 if now >= started + delay:
@@ -433,36 +444,43 @@ class Watcher:
                     patience = min(patience, longest)
                     wait = max(started + delay - now, patience)
                 watched = started
-            elif started == 0 or now + started > self.quiet_after:
-                self._sleep()
-                watched = 0.0
-                continue
             else:
+                if inline.count != count:
+                    count, counted_at = inline.count, now
+                elif now - counted_at > self.quiet_after:
+                    self._doze()
+                    watched = 0.0
+                    continue
                 wait = patience = min(patience, longest)
-            self._wake.wait(wait)
+            if self._wake.wait(wait):  # a late wake() (meant for a doze already over)
+                self._wake.clear()      # must not turn every next wait into a spin
 
-    def _sleep(self) -> None:
-        self._sleeping = True
-        if self.started <= 0 and not self._stopped:
+    def _doze(self) -> None:
+        """Sleep until a request begins (the reactor wakes it) or the watcher stops."""
+        inline = self.inline
+        inline.dozing = True
+        if inline.app_since <= 0 and not self._stopped:
             self._wake.wait()
         self._wake.clear()
-        self._sleeping = False
+        inline.dozing = False
 
     def _act(self, started: float) -> None:
         """Give away the parked connections with bytes waiting, while the request that began
         at ``started`` still runs."""
+        inline = self.inline
         with self._lock:
-            self.acting = True
+            inline.giving = True
             try:
-                if self.started != started:
+                if inline.app_since != started:
                     return
                 conns = list(self.parked())
                 ready = readable(self.fileno(conn) for conn in conns)
                 seen_at = time.monotonic()
                 for conn in conns:
-                    if self.started != started:
+                    if inline.app_since != started:
                         return  # the app returned: the reactor waits for us
                     if self.fileno(conn) in ready and self.give(conn, seen_at):
                         self.handed.append(conn)
             finally:
-                self.acting = False
+                if not self.handed:
+                    inline.giving = False

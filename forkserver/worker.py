@@ -257,11 +257,13 @@ class Connection:
             raise ClientDisconnected(f"client did not {what} for {seconds:g}s")
 
 
-class Requests:
+class Requests(handoff.Inline):
     """Runs each complete request through the app, with its bookkeeping: hooks, scoreboard,
-    access log, and recycling after max_requests."""
+    access log, and recycling after max_requests. As a ``handoff.Inline`` it is also what the
+    handoff watcher reads of the request running inline."""
 
     def __init__(self, spec: WorkerSpec, slot: Any) -> None:
+        super().__init__()
         self.spec = spec
         self.settings = spec.settings
         self.slot = slot
@@ -271,10 +273,9 @@ class Requests:
                                             spec.settings.forwarded_headers)
         self.pre_request = spec.hooks.get("pre_request")
         self.post_request = spec.hooks.get("post_request")
-        self.count = 0
         self.retiring = False  # answer every next request with Connection: close
         self.recycling = False  # asked the master for a replacement
-        self.watcher: handoff.Watcher | None = None  # times inline requests for handoff
+        self.watcher: handoff.Watcher | None = None  # reads app_since, for handoff
         self.log_app_error = self._log_app_error  # bound once, not per request
         self.finished_at = 0.0  # the clock when the last inline request ended
 
@@ -296,9 +297,9 @@ class Requests:
         slot = self.slot
         started = time.monotonic()  # one clock reading per end of the request
         slot.request_started(f"{request.method} {request.target}".encode("latin-1"), started)
-        watcher = self.watcher
-        if watcher is not None:  # from here the app runs: time it (the caller ends it)
-            watcher.begin(started)
+        self.app_since = started  # from here the app runs (the caller resets it)
+        if self.dozing:
+            self.watcher.wake()
         environ = wsgi.build_environ(request, conn.base, conn.remote, body, self.proxies)
         if self.pre_request is not None:
             call_hook(self.pre_request, environ)
@@ -745,12 +746,13 @@ class Worker:
                 if self.lending is not None:
                     self.lending.lend(conn, request, body)
                     return
+                requests = self.requests
                 try:
-                    verdict = self.requests.dispatch(conn, request, body)
+                    verdict = requests.dispatch(conn, request, body)
                 finally:
-                    watcher = self.requests.watcher
-                    if watcher is not None:  # forget what it gave away while the app ran
-                        for given in watcher.end(self.requests.finished_at):
+                    requests.app_since = 0.0  # (handoff.Inline) the app has returned
+                    if requests.giving:  # forget what the watcher gave away meanwhile
+                        for given in requests.watcher.collect():
                             self.close(given)
                 if verdict is not KEEP:
                     self._end(conn, verdict)

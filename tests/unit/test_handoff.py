@@ -330,14 +330,17 @@ def test_receiving(delay, free, stopping, retiring, expected):
 
 
 # -- the watcher ---------------------------------------------------------------------------
-class FakeReactor:
-    """Parked connections as real socketpairs; ``give`` records instead of sending."""
+class FakeReactor(handoff.Inline):
+    """The reactor's side of the watcher protocol (as ``worker.Requests`` and ``_process`` do
+    it), with parked connections as real socketpairs; ``give`` records instead of sending."""
 
     def __init__(self, count: int) -> None:
+        super().__init__()
         self.pairs = [socket.socketpair() for _ in range(count)]
         self.parked = [server for _, server in self.pairs]
         self.given: list[tuple[socket.socket, float]] = []
         self.calls = 0
+        self.watcher: handoff.Watcher | None = None
 
     def parked_conns(self):
         self.calls += 1
@@ -347,7 +350,33 @@ class FakeReactor:
         self.given.append((conn, seen_at))
         return True
 
+    def watch(self, delay: float, give=None, parked=None, **options) -> handoff.Watcher:
+        self.watcher = handoff.Watcher(delay, self, parked or self.parked_conns,
+                                       give or self.give, lambda s: s.fileno(), **options)
+        self.watcher.start()
+        return self.watcher
+
+    def begin(self, now: float | None = None) -> None:
+        self.app_since = time.monotonic() if now is None else now
+        self.count += 1
+        if self.dozing:
+            self.watcher.wake()
+
+    def end(self) -> list:
+        self.app_since = 0.0
+        return self.watcher.collect() if self.giving else []
+
+    def requests_for(self, seconds: float, each: float) -> None:
+        """Back-to-back requests of ``each`` seconds for ``seconds``."""
+        end_at = time.monotonic() + seconds
+        while time.monotonic() < end_at:
+            self.begin()
+            time.sleep(each)
+            self.end()
+
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         for a, b in self.pairs:
             a.close()
             b.close()
@@ -360,64 +389,75 @@ def reactor():
     r.close()
 
 
-def make_watcher(reactor, delay):
-    w = handoff.Watcher(delay, reactor.parked_conns, reactor.give, lambda s: s.fileno(),
-                        quiet_after=0.05)
-    w.start()
-    return w
+def wait_until(condition, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def test_watcher_hands_off_only_waiting_connections_after_the_delay(reactor):
-    watcher = make_watcher(reactor, 0.1)
-    try:
-        reactor.pairs[1][0].sendall(b"GET / HTTP/1.1\r\n")  # a request waits on conn 1
-        began = time.monotonic()
-        watcher.begin(began)
-        time.sleep(0.05)
-        assert reactor.given == []  # not before handoff_delay
-        deadline = time.monotonic() + 2
-        while not reactor.given and time.monotonic() < deadline:
-            time.sleep(0.005)
-        handed = watcher.end(time.monotonic())
-        assert list(handed) == [reactor.parked[1]]
-        assert [conn for conn, _ in reactor.given] == [reactor.parked[1]]
-        assert reactor.given[0][1] >= began + 0.1
-    finally:
-        watcher.stop()
+    reactor.watch(0.1, quiet_after=0.05)
+    reactor.pairs[1][0].sendall(b"GET / HTTP/1.1\r\n")  # a request waits on conn 1
+    began = time.monotonic()
+    reactor.begin(began)
+    time.sleep(0.05)
+    assert reactor.given == []  # not before handoff_delay
+    wait_until(lambda: reactor.given)
+    assert reactor.end() == [reactor.parked[1]]
+    assert [conn for conn, _ in reactor.given] == [reactor.parked[1]]
+    assert reactor.given[0][1] >= began + 0.1
+    assert not reactor.giving  # collected
 
 
 def test_watcher_does_nothing_for_fast_requests(reactor):
-    watcher = make_watcher(reactor, 0.05)
-    try:
-        reactor.pairs[0][0].sendall(b"x")
-        for _ in range(20):
-            watcher.begin(time.monotonic())
-            time.sleep(0.001)
-            assert watcher.end(time.monotonic()) == ()
-        time.sleep(0.15)  # after the last request ended nothing runs: nothing to hand off
-        assert reactor.given == []
-        assert reactor.calls == 0
-    finally:
-        watcher.stop()
+    reactor.watch(0.05, quiet_after=0.05)
+    reactor.pairs[0][0].sendall(b"x")
+    for _ in range(20):
+        reactor.begin()
+        time.sleep(0.001)
+        assert reactor.end() == []
+    time.sleep(0.15)  # after the last request ended nothing runs: nothing to hand off
+    assert reactor.given == []
+    assert reactor.calls == 0
+    assert not reactor.giving
 
 
-def test_watcher_wakes_after_a_quiet_spell(reactor):
-    watcher = make_watcher(reactor, 0.02)
-    try:
-        time.sleep(0.2)  # longer than quiet_after: the watcher sleeps on its event
-        reactor.pairs[2][0].sendall(b"x")
-        watcher.begin(time.monotonic())
-        deadline = time.monotonic() + 2
-        while not reactor.given and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert [conn for conn in watcher.end(time.monotonic())] == [reactor.parked[2]]
-    finally:
-        watcher.stop()
+def test_watcher_dozes_through_a_quiet_spell_and_wakes_for_a_request(reactor):
+    watcher = reactor.watch(0.02, quiet_after=0.05)
+    wait_until(lambda: reactor.dozing)
+    assert reactor.dozing  # no request for quiet_after: it sleeps on its event
+    reactor.pairs[2][0].sendall(b"x")
+    reactor.begin()  # wakes it
+    wait_until(lambda: reactor.given)
+    assert reactor.end() == [reactor.parked[2]]
+    assert not reactor.dozing
+    assert watcher._thread.is_alive()
 
 
-def test_end_waits_for_a_handoff_in_progress(reactor):
-    """The reactor and the watcher never both hold a connection: end() returns only once
-    the watcher's give() has finished, and reports what it gave."""
+def test_a_late_wake_does_not_make_the_watcher_spin(reactor):
+    """A wake() that comes after the doze it was meant for ended (the reactor read ``dozing``
+    just before the watcher cleared it) must not leave the event set for every next wait."""
+    waits: list[float | None] = []
+    watcher = handoff.Watcher(0.002, reactor, list, reactor.give, lambda s: -1)
+    real_wait = watcher._wake.wait
+
+    def counting_wait(timeout=None):
+        waits.append(timeout)
+        return real_wait(timeout)
+
+    watcher._wake.wait = counting_wait
+    reactor.watcher = watcher
+    watcher.start()
+    reactor.requests_for(0.05, 0.0002)  # the watcher is awake, in its timed waits
+    watcher.wake()  # the late wake
+    time.sleep(0.2)  # fast requests no more; quiet_after (0.25 s) not yet passed
+    assert len(waits) < 40  # a spin would be thousands
+
+
+def test_collect_waits_for_a_handoff_in_progress(reactor):
+    """The reactor and the watcher never both hold a connection: once the app has returned,
+    the reactor sees ``giving`` and collect() returns only once the watcher's give() has
+    finished, with what it gave."""
     inside = threading.Event()
     release = threading.Event()
 
@@ -427,25 +467,23 @@ def test_end_waits_for_a_handoff_in_progress(reactor):
         return True
 
     reactor.pairs[0][0].sendall(b"x")
-    watcher = handoff.Watcher(0.01, reactor.parked_conns, slow_give, lambda s: s.fileno())
-    watcher.start()
+    reactor.watch(0.01, give=slow_give)
     try:
-        watcher.begin(time.monotonic())
+        reactor.begin()
         assert inside.wait(2)
         result: list = []
-        ender = threading.Thread(target=lambda: result.append(watcher.end(time.monotonic())))
+        ender = threading.Thread(target=lambda: result.append(reactor.end()))
         ender.start()
         time.sleep(0.05)
         assert result == []  # still giving: the reactor waits
         release.set()
         ender.join(2)
-        assert list(result[0]) == [reactor.parked[0]]
+        assert result[0] == [reactor.parked[0]]
     finally:
         release.set()
-        watcher.stop()
 
 
-def test_watcher_hands_off_through_a_real_channel(channel):
+def test_watcher_hands_off_through_a_real_channel(channel, reactor):
     """End to end in one process: a waiting connection travels, its pending bytes with it."""
     client, server = client_pair()
 
@@ -455,87 +493,61 @@ def test_watcher_hands_off_through_a_real_channel(channel):
         handoff.settle(channel, handoff.SETTLE_SLOW)
         return True
 
-    watcher = handoff.Watcher(0.01, lambda: [server], give, lambda s: s.fileno())
-    watcher.start()
+    reactor.watch(0.01, give=give, parked=lambda: [server])
     try:
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(0.02)
-        watcher.begin(time.monotonic())
-        deadline = time.monotonic() + 2
-        while not channel.queued() and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert list(watcher.end(time.monotonic())) == [server]
+        reactor.begin()
+        wait_until(channel.queued)
+        assert reactor.end() == [server]
         server.close()
         handed = handoff.receive(channel)
         with handed.sock:
             time.sleep(0.01)
             assert handed.sock.recv(100) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     finally:
-        watcher.stop()
         client.close()
 
 
-def test_the_watcher_looks_less_often_while_every_request_is_fast():
-    """A fast load must not wake the watcher every handoff_delay (it would take the GIL from
-    the serving thread hundreds of times a second); a slow request brings it back."""
-    import time as clock
-
-    from forkserver import handoff as module
-
-    wakes = []
-    watcher = module.Watcher(0.002, list, lambda conn, seen: False, lambda conn: -1)
-    real_wait = watcher._wake.wait
-
-    def counting_wait(timeout=None):
-        wakes.append(timeout)
-        return real_wait(timeout)
-
-    watcher._wake.wait = counting_wait
-    watcher.start()
-    try:
-        end_at = clock.monotonic() + 0.4
-        while clock.monotonic() < end_at:  # back-to-back requests of about 0.2 ms each
-            watcher.begin(clock.monotonic())
-            clock.sleep(0.0002)
-            watcher.end(clock.monotonic())
-    finally:
-        watcher.stop()
-    assert max(t for t in wakes if t is not None) >= module.BACKOFF * 0.002 * 0.99
-    assert len(wakes) < 0.4 / 0.002 / 2  # far fewer than one wake per delay
-
-
-def test_the_watcher_backs_off_further_only_while_no_request_is_slow():
-    """With no slow request (BACKOFF delays or more) for SLOW_MEMORY, the wait grows to
-    QUIET_BACKOFF delays; a slow request caps it at BACKOFF again, so the
-    next slow request is caught soon."""
-    delay = 0.002
+def counted_waits(reactor: FakeReactor, delay: float) -> list[float | None]:
+    """Start a watcher that gives nothing away; the list fills with each wait's timeout."""
     waits: list[float | None] = []
-    watcher = handoff.Watcher(delay, list, lambda conn, seen: False, lambda conn: -1)
+    watcher = handoff.Watcher(delay, reactor, list, lambda conn, seen: False, lambda conn: -1)
     real_wait = watcher._wake.wait
 
     def counting_wait(timeout=None):
         waits.append(timeout)
         return real_wait(timeout)
 
-    def requests_for(seconds: float, each: float) -> None:
-        end_at = time.monotonic() + seconds
-        while time.monotonic() < end_at:
-            watcher.begin(time.monotonic())
-            time.sleep(each)
-            watcher.end(time.monotonic())
-
     watcher._wake.wait = counting_wait
+    reactor.watcher = watcher
     watcher.start()
-    try:
-        requests_for(1.2, 0.0002)  # fast only: the quiet ceiling
-        quiet = [t for t in waits if t is not None]
-        assert max(quiet) > handoff.BACKOFF * delay * 1.5
-        assert max(quiet) <= handoff.QUIET_BACKOFF * delay + 1e-9
-        requests_for(0.1, 0.025)  # slow requests: each lasts more than BACKOFF delays
-        assert watcher.slow_at > 0
-        waits.clear()
-        requests_for(0.3, 0.0002)  # fast again, within SLOW_MEMORY of the slow ones
-        later = [t for t in waits if t is not None]
-        assert later and max(later) <= handoff.BACKOFF * delay + 1e-9
-    finally:
-        watcher.stop()
+    return waits
+
+
+def test_the_watcher_looks_less_often_while_every_request_is_fast(reactor):
+    """A fast load must not wake the watcher every handoff_delay (it would take the GIL from
+    the serving thread hundreds of times a second); a slow request brings it back."""
+    waits = counted_waits(reactor, 0.002)
+    reactor.requests_for(0.4, 0.0002)  # back-to-back requests of about 0.2 ms each
+    reactor.watcher.stop()
+    assert max(t for t in waits if t is not None) >= handoff.BACKOFF * 0.002 * 0.99
+    assert len(waits) < 0.4 / 0.002 / 2  # far fewer than one wake per delay
+
+
+def test_the_watcher_backs_off_further_only_while_no_request_is_slow(reactor):
+    """While it has seen no slow request (BACKOFF delays old) for SLOW_MEMORY, the wait grows
+    to QUIET_BACKOFF delays; a slow request seen caps it at BACKOFF again, so the next slow
+    request is caught soon."""
+    delay = 0.002
+    waits = counted_waits(reactor, delay)
+    reactor.requests_for(1.2, 0.0002)  # fast only: the quiet ceiling
+    quiet = [t for t in waits if t is not None]
+    assert max(quiet) > handoff.BACKOFF * delay * 1.5
+    assert max(quiet) <= handoff.QUIET_BACKOFF * delay + 1e-9
+    reactor.requests_for(0.4, 0.15)  # slow: each outlives the longest wait, so it is seen
+    assert reactor.watcher.slow_at > 0
+    waits.clear()
+    reactor.requests_for(0.3, 0.0002)  # fast again, within SLOW_MEMORY of the slow ones
+    later = [t for t in waits if t is not None]
+    assert later and max(later) <= handoff.BACKOFF * delay + 1e-9
