@@ -374,29 +374,21 @@ def _environ_key(name: str) -> str:
 def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str],
                   wsgi_input: Any, proxies: TrustedProxies | None = None) -> dict[str, Any]:
     environ = base.copy()
-    path = request.path
-    if "%" in path:
-        path = unquote_to_bytes(path).decode("latin-1")
-    environ["REQUEST_METHOD"] = request.method
-    environ["PATH_INFO"] = path
-    environ["QUERY_STRING"] = request.query
-    environ["RAW_URI"] = request.target
-    environ["REQUEST_URI"] = request.target
-    environ["SERVER_PROTOCOL"] = request.version
+    # What the head alone decides: derived into the environ itself for a head seen once, and
+    # kept as the Request's memo once the parser hands the same Request again (a repeated
+    # head), so that every later use is one update.
+    memo = request.memo
+    if memo is None:
+        _add_head(request, environ)
+        request.memo = _ONCE
+    elif memo is _ONCE:
+        memo = request.memo = {}
+        _add_head(request, memo)
+        environ.update(memo)
+    else:
+        environ.update(memo)
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     environ["wsgi.input"] = wsgi_input
-    for name, value in request.headers:
-        key = _ENVIRON_KEYS.get(name) or _environ_key(name)  # (the call only for a new name)
-        if key in environ and key.startswith("HTTP_"):
-            separator = "; " if key == "HTTP_COOKIE" else ", "
-            environ[key] = environ[key] + separator + value
-        else:
-            environ[key] = value
-    if request.chunked:
-        environ.pop("CONTENT_LENGTH", None)
-    target = request.target
-    if target[0] != "/" and "://" in target:
-        environ["HTTP_HOST"] = request.host  # absolute-form: RFC 9112 section 3.2.2
     if proxies is not None and (
             "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_PROTO" in environ
             or "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_HOST" in environ):
@@ -411,6 +403,34 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
         if host is not None:
             environ["HTTP_HOST"] = host
     return environ
+
+
+_ONCE: dict[str, str] = {}  # a Request's memo after its first environ (compared by identity)
+
+
+def _add_head(request: Request, environ: dict[str, Any]) -> None:
+    """Add the environ's keys that the request head alone decides (PEP 3333, CGI). None of
+    them is in a listener's base environ, so ``environ`` may be that copy or an empty dict."""
+    path = request.path
+    if "%" in path:
+        path = unquote_to_bytes(path).decode("latin-1")
+    environ["REQUEST_METHOD"] = request.method
+    environ["PATH_INFO"] = path
+    environ["QUERY_STRING"] = request.query
+    environ["RAW_URI"] = environ["REQUEST_URI"] = request.target
+    environ["SERVER_PROTOCOL"] = request.version
+    for name, value in request.headers:
+        key = _ENVIRON_KEYS.get(name) or _environ_key(name)  # (the call only for a new name)
+        if key in environ and key.startswith("HTTP_"):
+            separator = "; " if key == "HTTP_COOKIE" else ", "
+            environ[key] = environ[key] + separator + value
+        else:
+            environ[key] = value
+    if request.chunked:
+        environ.pop("CONTENT_LENGTH", None)
+    target = request.target
+    if target[0] != "/" and "://" in target:
+        environ["HTTP_HOST"] = request.host  # absolute-form: RFC 9112 section 3.2.2
 
 
 # ---------------------------------------------------------------------------------------------

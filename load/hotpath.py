@@ -6,9 +6,12 @@
     .venv/bin/python load/hotpath.py --profile --top 40 --shape browser
     .venv/bin/python load/hotpath.py --ablate         # plus each part's cost inside the path
 
-Two request shapes: ``wrk`` (the request wrk sends: a request line and ``Host``) and
+Three request shapes: ``wrk`` (the request wrk sends: a request line and ``Host``),
 ``browser`` (wrk's ``Host`` plus the 8 fields of ``load/bench.py``'s browser-like request,
-cookie included). For each shape, the real code is driven in this process:
+cookie included), each sent again and again as wrk does, and ``varied``: the browser request
+with an ``X-Request-Id`` field that differs from one request to the next, as a proxy adds it,
+so no head repeats (the parser's memory of a connection's last head never matches, and the
+environ is derived anew for every request). For each shape, the real code is driven in this process:
 
 - ``socket floor``: a socketpair round trip doing no HTTP work (client send, server
   ``recv_into``, server send of a constant response, client recv): what the kernel and the
@@ -45,6 +48,7 @@ import argparse
 import cProfile
 import dataclasses
 import inspect
+import itertools
 import os
 import pstats
 import socket
@@ -62,10 +66,14 @@ from load.apps import hello
 from load.bench import BROWSER_HEADERS
 
 HOST = "127.0.0.1:8000"
-SHAPES = {
+BROWSER_LINES = ["GET / HTTP/1.1", f"Host: {HOST}", *BROWSER_HEADERS]
+VARIANTS = 4096  # more than the parser keeps of anything, so none is still cached when it recurs
+# A shape is one request sent again and again, or distinct requests sent in turn.
+SHAPES: dict[str, bytes | list[bytes]] = {
     "wrk": f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode("latin-1"),
-    "browser": "\r\n".join(["GET / HTTP/1.1", f"Host: {HOST}", *BROWSER_HEADERS, "", ""])
-    .encode("latin-1"),
+    "browser": "\r\n".join([*BROWSER_LINES, "", ""]).encode("latin-1"),
+    "varied": ["\r\n".join([*BROWSER_LINES, f"X-Request-Id: {n:016x}", "", ""])
+               .encode("latin-1") for n in range(VARIANTS)],
 }
 CLOSE_FIELD = b"Connection: close\r\n"
 FLOOR_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\nHello, World!"
@@ -75,6 +83,16 @@ READ_HANDLERS = ("readable", "_readable", "on_readable", "_on_readable")
 ACCEPT_HANDLERS = ("_accept", "accept", "_on_accept")
 
 Step = Callable[[], None]
+Shape = bytes | list[bytes]
+
+
+def turns(shape: Shape) -> Callable[[], bytes]:
+    """The next request of ``shape`` at each call."""
+    return itertools.cycle(shape if isinstance(shape, list) else [shape]).__next__
+
+
+def first(shape: Shape) -> bytes:
+    return shape[0] if isinstance(shape, list) else shape
 
 
 class Unsupported(Exception):
@@ -107,13 +125,14 @@ def best_us(step: Step, count: int, repeats: int) -> float:
 # --------------------------------------------------------------------------------------------
 # The parts, each built by one function; any exception makes the row n/a.
 
-def make_floor(raw: bytes) -> Part:
+def make_floor(shape: Shape) -> Part:
     client, server = socket.socketpair()
     server.setblocking(False)
     buffer = bytearray(64 * 1024)
+    next_raw = turns(shape)
 
     def step() -> None:
-        client.send(raw)
+        client.send(next_raw())
         server.recv_into(buffer)
         server.send(FLOOR_RESPONSE)
         client.recv(65536)
@@ -132,14 +151,15 @@ def parser_limits() -> Any:
                   max_head=settings.limit_request_head)
 
 
-def make_parser(raw: bytes, fresh: bool = False) -> Part:
+def make_parser(shape: Shape, fresh: bool = False) -> Part:
     from forkserver.http.parser import END_OF_MESSAGE, NEED_DATA, Request, RequestParser
     limits = parser_limits()
     kept = RequestParser(limits)
+    next_raw = turns(shape)
 
     def step() -> None:
         parser = RequestParser(limits) if fresh else kept
-        parser.feed(raw)
+        parser.feed(next_raw())
         if type(parser.next_event()) is not Request or parser.next_event() is not END_OF_MESSAGE:
             raise AssertionError("the parser did not return one request")
         parser.start_next()
@@ -157,14 +177,19 @@ def parsed(raw: bytes) -> Any:
     return parser.next_event()
 
 
-def make_environ(raw: bytes) -> Part:
+def make_environ(shape: Shape) -> Part:
+    """A repeated head is the parser's same Request each time; a new head is a new Request,
+    with nothing derived from it yet (``memo``, where the Request has one)."""
     from forkserver import wsgi
-    request = parsed(raw)
+    request = parsed(first(shape))
     base = wsgi.base_environ("127.0.0.1", "8000")
     remote = ("127.0.0.1", "50000")
     empty = wsgi.EMPTY_INPUT
+    new_heads = isinstance(shape, list) and hasattr(request, "memo")
 
     def step() -> None:
+        if new_heads:
+            request.memo = None
         wsgi.build_environ(request, base, remote, empty, None)
 
     step()
@@ -189,8 +214,9 @@ class DiscardingChannel:
         raise Unsupported("sendfile is not part of the hello-world path")
 
 
-def make_app(raw: bytes) -> Part:
+def make_app(shape: Shape) -> Part:
     from forkserver import wsgi
+    raw = first(shape)
     request = parsed(raw)
     environ = wsgi.build_environ(request, wsgi.base_environ("127.0.0.1", "8000"),
                                  ("127.0.0.1", "50000"), wsgi.EMPTY_INPUT, None)
@@ -214,11 +240,12 @@ def make_app(raw: bytes) -> Part:
     return Part("app + response", step)
 
 
-def make_scoreboard(raw: bytes) -> Part:
+def make_scoreboard(shape: Shape) -> Part:
     from forkserver.scoreboard import Scoreboard, State
     board = Scoreboard(1)
     board.claim(0, os.getpid(), 1)
     slot = board.writer(0)
+    raw = first(shape)
     line = raw[:raw.index(b" HTTP/")]
 
     def step() -> None:
@@ -381,7 +408,7 @@ class KeepAliveClient:
                 sock.close()
 
 
-def make_whole(raw: bytes, handoff: bool = False) -> Part:
+def make_whole(shape: Shape, handoff: bool = False) -> Part:
     listener = socket.create_server(("127.0.0.1", 0))
     worker, cleanup = make_worker(listener, handoff)
     cleanup.insert(0, listener.close)
@@ -395,16 +422,18 @@ def make_whole(raw: bytes, handoff: bool = False) -> Part:
             cleanup.insert(0, worker.handing.close)
         client = KeepAliveClient(worker)
         cleanup.insert(0, client.close)
-        client.request(raw)
+        next_raw = turns(shape)
+        client.request(next_raw())
     except BaseException:
         run_cleanup(part)
         raise
-    part.step = lambda: client.request(raw)
+    part.step = lambda: client.request(next_raw())
     return part
 
 
-def make_close(raw: bytes) -> Part:
-    raw = raw[:-2] + CLOSE_FIELD + b"\r\n"
+def make_close(shape: Shape) -> Part:
+    next_raw = turns([raw[:-2] + CLOSE_FIELD + b"\r\n"
+                      for raw in (shape if isinstance(shape, list) else [shape])])
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     listener.setblocking(False)
     worker, cleanup = make_worker(listener)
@@ -416,7 +445,7 @@ def make_close(raw: bytes) -> Part:
     def step() -> None:
         client = socket.create_connection(address)
         try:
-            client.send(raw)
+            client.send(next_raw())
             accept(fd)
             reply = client.recv(65536)
             while not reply.endswith(b"Hello, World!"):
@@ -513,9 +542,10 @@ def canned_handle(real: Callable) -> Callable[..., Sent]:
     return handle
 
 
-def ablations(raw: bytes) -> dict[str, Callable[[Any, KeepAliveClient], Callable[[], None]]]:
+def ablations(shape: Shape) -> dict[str, Callable[[Any, KeepAliveClient], Callable[[], None]]]:
     """name -> apply(worker, client), which returns the function that undoes it."""
     from forkserver import wsgi
+    raw = first(shape)
 
     def parser_off(worker: Any, client: KeepAliveClient) -> Callable[[], None]:
         canned = CannedParser(raw)
@@ -549,19 +579,20 @@ def ablations(raw: bytes) -> dict[str, Callable[[Any, KeepAliveClient], Callable
     }
 
 
-def measure_ablations(raw: bytes, count: int, rounds: int) -> dict[str, float | str]:
+def measure_ablations(shape: Shape, count: int, rounds: int) -> dict[str, float | str]:
     """Whole-path µs per request for the real path and each ablation, taken in turns (so
     drift on a shared machine hits all alike); the best of the rounds counts."""
-    part = build(make_whole, "whole path", raw)
+    part = build(make_whole, "whole path", shape)
     if part.step is None:
         return {"real path": part.why}
     run_cleanup(part)
     listener = socket.create_server(("127.0.0.1", 0))
     worker, cleanup = make_worker(listener)
     client = KeepAliveClient(worker)
+    next_raw = turns(shape)
 
     def step() -> None:
-        client.request(raw)
+        client.request(next_raw())
 
     figures: dict[str, float | str] = {"real path": float("inf")}
     try:
@@ -571,7 +602,7 @@ def measure_ablations(raw: bytes, count: int, rounds: int) -> dict[str, float | 
             except Exception as error:  # noqa: BLE001 - the worker moved under an ablation
                 figures["real path"] = f"{type(error).__name__}: {error}"
                 break
-            for name, apply in ablations(raw).items():
+            for name, apply in ablations(shape).items():
                 if isinstance(figures.get(name), str):
                     continue
                 try:
@@ -610,7 +641,7 @@ def print_ablations(results: dict[str, dict[str, float | str]]) -> None:
 # --------------------------------------------------------------------------------------------
 # Running and reporting.
 
-BUILDERS: tuple[Callable[[bytes], Part], ...] = (
+BUILDERS: tuple[Callable[[Shape], Part], ...] = (
     make_floor, make_parser, lambda raw: make_parser(raw, fresh=True), make_environ, make_app,
     make_scoreboard, make_whole, lambda raw: make_whole(raw, handoff=True), make_close)
 NAMES = ("socket floor", "parser", "parser, new each", "environ", "app + response",
@@ -618,18 +649,18 @@ NAMES = ("socket floor", "parser", "parser, new each", "environ", "app + respons
 GLUE_PARTS = ("socket floor", "parser", "environ", "app + response", "scoreboard")
 
 
-def build(builder: Callable[[bytes], Part], name: str, raw: bytes) -> Part:
+def build(builder: Callable[[Shape], Part], name: str, shape: Shape) -> Part:
     try:
-        return builder(raw)
+        return builder(shape)
     except Exception as error:  # noqa: BLE001 - any mismatch with the code makes the row n/a
         return Part(name, why=f"{type(error).__name__}: {error}")
 
 
-def measure_shape(raw: bytes, count: int, repeats: int) -> dict[str, float | str]:
+def measure_shape(shape: Shape, count: int, repeats: int) -> dict[str, float | str]:
     """µs per request for each part (or the reason it is n/a), plus the derived glue."""
     figures: dict[str, float | str] = {}
     for builder, name in zip(BUILDERS, NAMES, strict=True):
-        part = build(builder, name, raw)
+        part = build(builder, name, shape)
         try:
             if part.step is None:
                 figures[name] = part.why
@@ -650,8 +681,9 @@ def measure_shape(raw: bytes, count: int, repeats: int) -> dict[str, float | str
 
 def print_table(results: dict[str, dict[str, float | str]]) -> None:
     shapes = list(results)
+    ratios = "wrk" in shapes and "browser" in shapes
     print(f"{'µs CPU per request':<20}" + "".join(f"{shape:>12}" for shape in shapes)
-          + ("   browser/wrk" if shapes == ["wrk", "browser"] else ""))
+          + ("   browser/wrk" if ratios else ""))
     notes: list[str] = []
     for name in (*NAMES, "glue"):
         cells = []
@@ -663,7 +695,7 @@ def print_table(results: dict[str, dict[str, float | str]]) -> None:
                 cells.append(f"{'n/a':>12}")
                 notes.append(f"{name} ({shape}): {value}")
         ratio = ""
-        if shapes == ["wrk", "browser"]:
+        if ratios:
             wrk, browser = results["wrk"][name], results["browser"][name]
             if isinstance(wrk, float) and isinstance(browser, float) and wrk > 0:
                 ratio = f"{browser / wrk:12.2f}x"
@@ -672,12 +704,12 @@ def print_table(results: dict[str, dict[str, float | str]]) -> None:
         print(f"  n/a {note}")
 
 
-def profile(raw: bytes, shape: str, count: int, top: int) -> None:
+def profile(requests: Shape, shape: str, count: int, top: int) -> None:
     """cProfile the whole path (or, if it cannot run, the parser); top functions by own time."""
-    part = build(make_whole, "whole path", raw)
+    part = build(make_whole, "whole path", requests)
     if part.step is None:
         print(f"\nwhole path n/a ({part.why}); profiling the parser instead")
-        part = build(make_parser, "parser", raw)
+        part = build(make_parser, "parser", requests)
     if part.step is None:
         print(f"parser n/a ({part.why})")
         return

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from typing import Any
 
 from forkserver.http.errors import (
     BadRequest,
@@ -82,7 +83,13 @@ END_OF_MESSAGE = EndOfMessage()
 
 
 class Request:
-    """One parsed request head. Strings are latin-1 decodes of the received bytes."""
+    """One parsed request head. Strings are latin-1 decodes of the received bytes.
+
+    Read-only once returned: a parser hands the same Request again when a connection's next
+    head repeats its last one byte for byte, so nothing may change it. ``memo`` is the one
+    thing a layer above may set, to what it derives from this head alone (the WSGI layer's
+    share of the environ); a repeated head then derives nothing again.
+    """
 
     __slots__ = (
         "chunked",
@@ -91,6 +98,7 @@ class Request:
         "headers",
         "host",
         "keep_alive",
+        "memo",
         "method",
         "minor",
         "path",
@@ -111,6 +119,7 @@ class Request:
     chunked: bool
     expect_continue: bool
     host: str | None  # the Host field; for an absolute-form target, the target's authority
+    memo: Any  # None until a layer above derives something from this head (see above)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} {self.version}>"
@@ -363,6 +372,8 @@ class RequestParser(_Stream):
         "_fields",
         "_head_cap",
         "_head_used",
+        "_last_head",
+        "_last_request",
         "_lines",
         "_max_body",
         "_max_field_size",
@@ -387,6 +398,11 @@ class RequestParser(_Stream):
         # What the request line of the head under way means, once the line path has read it.
         self._request_line: _RequestLineParts | None = None
         self._fields: list[tuple[str, str]] = []
+        # The connection's last head taken whole (its text), and its Request: a keep-alive
+        # client (a probe, an API client, a benchmark) often sends the same head again. Per
+        # connection, so a head that varies costs one failed comparison and keeps nothing.
+        self._last_head = ""
+        self._last_request: Request | None = None
         self._lines = 0  # field lines seen in the current head or trailer section
         self._skipped_empty = False  # the one tolerated empty line before a request line
         self._received = 0  # chunked body bytes announced so far (for max_body)
@@ -548,6 +564,9 @@ class RequestParser(_Stream):
         """
         buf = self._buf
         text = (buf[start:end] if start or end != len(buf) else buf).decode("latin-1")
+        if text == self._last_head:  # the last head again: nothing to check again
+            self._pos = end
+            return self._finish_head(self._last_request)  # type: ignore[arg-type]
         # Split on LF (cheaper than on CRLF): each line keeps its CR, and one without it (a
         # piece of a line with a bare LF) is no known line and fails _field_lines.
         lines = text.split("\n")
@@ -577,14 +596,18 @@ class RequestParser(_Stream):
         if parts is None:
             return None
         self._pos = end
-        return self._finish_head(parts, fields)
+        request = self._finish_head(_head_request(parts, fields, self._max_body))
+        if end - start == len(text):  # text is this head and no more
+            self._last_head, self._last_request = text, request
+        return request
 
     def _parse_head_lines(self) -> Request | _Sentinel:
         """The reference head parser: one line at a time, resumable after any byte."""
         while True:
             if self._request_line is None:
                 self._head_used = self._lines = 0  # a new head (start_next leaves them)
-                line = self._read_line(*self._head_limit(self._max_line, URITooLong))
+                line = self._read_line(*_head_limit(self._head_cap - self._head_used,
+                                                    self._max_line, URITooLong))
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
@@ -593,27 +616,17 @@ class RequestParser(_Stream):
                     raise BadRequest(_request_line_problem(line))
                 self._request_line = parts
                 continue
-            line = self._read_line(*self._head_limit(self._max_field_size, HeaderFieldsTooLarge))
+            line = self._read_line(*_head_limit(self._head_cap - self._head_used,
+                                                self._max_field_size, HeaderFieldsTooLarge))
             if line is None:
                 return self._need_data()
             if not line:
                 fields = self._fields
                 self._fields = []  # the request keeps this list; the next head gets its own
-                return self._finish_head(self._request_line, fields)
+                return self._finish_head(_head_request(self._request_line, fields,
+                                                       self._max_body))
             self._head_used += len(line) + 2
             self._add_field(line, self._fields)
-
-    def _head_limit(self, limit: int, too_long: type[HTTPError]) -> tuple[int, type[HTTPError]]:
-        """The length limit for the next head line, and the error for exceeding it.
-
-        The line's own limit applies unless the head-size cap leaves less room: then the cap
-        decides, with a 431. The line's LF must lie within the first ``_head_cap`` bytes of
-        the head, so the head (which ends with the CRLF after it) can still fit.
-        """
-        room = self._head_cap - 1 - self._head_used  # furthest allowed LF offset in the line
-        if room <= limit + 1:
-            return room - 1, HeaderFieldsTooLarge
-        return limit, too_long
 
     def _add_field(self, line: str, fields: list[tuple[str, str]]) -> None:
         """Validate one header or trailer line and append it (unless its name has a "_")."""
@@ -628,13 +641,8 @@ class RequestParser(_Stream):
         if key is not None:
             fields.append((key, value.strip(" \t")))
 
-    def _finish_head(self, parts: _RequestLineParts, fields: list[tuple[str, str]]) -> Request:
-        """The Request of a head, after head-wide checks; moves to the body state (RFC 9112
-        section 6)."""
-        request = Request()
-        (request.method, request.target, request.version, request.minor, request.path,
-         request.query, request.host) = parts
-        _apply_fields(request, fields, self._max_body)
+    def _finish_head(self, request: Request) -> Request:
+        """Move to what follows ``request``'s head: its body, or its end (RFC 9112 section 6)."""
         if request.chunked:
             self._received = 0
             self._go(_S_CHUNK_SIZE)
@@ -697,6 +705,32 @@ class RequestParser(_Stream):
             self._go(_S_END)
             self._go(_S_PAUSED)
             return END_OF_MESSAGE
+
+
+def _head_request(parts: _RequestLineParts, fields: list[tuple[str, str]],
+                  max_body: int) -> Request:
+    """The Request of a head, after the head-wide checks."""
+    request = Request()
+    (request.method, request.target, request.version, request.minor, request.path,
+     request.query, request.host) = parts
+    request.memo = None
+    _apply_fields(request, fields, max_body)
+    return request
+
+
+def _head_limit(left: int, limit: int, too_long: type[HTTPError]
+                ) -> tuple[int, type[HTTPError]]:
+    """The length limit for the next head line, and the error for exceeding it, with ``left``
+    bytes of the head cap not taken by the head's complete lines.
+
+    The line's own limit applies unless the head-size cap leaves less room: then the cap
+    decides, with a 431. The line's LF must lie within the cap, so the head (which ends with
+    the CRLF after it) can still fit.
+    """
+    room = left - 1  # furthest allowed LF offset in the line
+    if room <= limit + 1:
+        return room - 1, HeaderFieldsTooLarge
+    return limit, too_long
 
 
 def _known_request_line(line: str) -> _RequestLineParts | None:

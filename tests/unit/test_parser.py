@@ -26,7 +26,8 @@ from tests.corpus.http_verdicts import LIMITS, SMUGGLED, VERDICTS, Verdict, chec
 
 
 def snapshot(request: Request) -> dict:
-    return {name: getattr(request, name) for name in Request.__slots__}
+    """What a Request says of its head (``memo`` is for the layers above, not the parser's)."""
+    return {name: getattr(request, name) for name in Request.__slots__ if name != "memo"}
 
 
 def drain(parser: RequestParser, out: list) -> None:
@@ -763,3 +764,70 @@ def test_verdict_is_the_same_however_the_bytes_arrive(case: Verdict):
     for cut in cuts(data):
         assert run([data[:cut], data[cut:]], **LIMITS) == expected, f"cut at {cut}"
     assert run([data[i : i + 1] for i in range(len(data))], **LIMITS) == expected
+
+
+# --- A connection's repeated head ----------------------------------------------------------------
+
+REPEATED = b"GET /r?q=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n"
+
+
+def keep_alive_heads(parser: RequestParser, *heads: bytes) -> list[Request]:
+    """Each head fed alone on one keep-alive connection, as a client sends them one by one."""
+    requests = []
+    for data in heads:
+        parser.feed(data)
+        request = parser.next_event()
+        assert isinstance(request, Request)
+        assert parser.next_event() is END_OF_MESSAGE
+        parser.start_next()
+        requests.append(request)
+    return requests
+
+
+def test_a_repeated_head_is_answered_with_the_same_request():
+    first, second, third = keep_alive_heads(RequestParser(), REPEATED, REPEATED, REPEATED)
+    assert second is first and third is first  # nothing parsed again
+    assert snapshot(first) == snapshot(head(REPEATED))
+
+
+def test_only_the_last_head_is_remembered_and_a_byte_makes_it_another():
+    other = REPEATED.replace(b"q=1", b"q=2")
+    a, b, c, d = keep_alive_heads(RequestParser(), REPEATED, other, REPEATED, REPEATED)
+    assert b is not a and c is not a and d is c
+    assert (a.query, b.query, c.query) == ("q=1", "q=2", "q=1")
+    assert snapshot(c) == snapshot(a)
+
+
+def test_a_repeated_head_with_a_body_still_frames_its_body():
+    post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n"
+    parser = RequestParser()
+    out: list = []
+    for body in (b"abc", b"xyz"):
+        parser.feed(post)
+        request = parser.next_event()
+        assert request.content_length == 3
+        parser.feed(body)
+        out.append((request, parser.next_event(), parser.next_event()))
+        parser.start_next()
+    (first, data1, end1), (second, data2, end2) = out
+    assert second is first
+    assert (data1, data2) == (b"abc", b"xyz") and end1 is end2 is END_OF_MESSAGE
+
+
+def test_a_head_followed_by_pipelined_bytes_is_not_remembered_with_them():
+    """Two identical heads in one read: both are served, in order, and the remembered text is
+    one head, never the buffer holding two."""
+    events = run([REPEATED * 2, REPEATED])
+    requests = [snapshot_ for kind, snapshot_ in events if kind == "request"]
+    assert len(requests) == 3 and requests[0] == requests[1] == requests[2]
+    assert [kind for kind, _ in events] == ["request", "end"] * 3
+
+
+def test_a_remembered_head_is_checked_under_its_own_parsers_limits():
+    """What a head means depends on the limits; each parser remembers only its own heads."""
+    assert keep_alive_heads(RequestParser(), REPEATED)
+    strict = RequestParser(Limits(max_fields=1))
+    strict.feed(REPEATED)
+    with pytest.raises(HTTPError) as refused:
+        strict.next_event()
+    assert refused.value.status == 431

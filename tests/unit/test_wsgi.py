@@ -10,7 +10,7 @@ from wsgiref.validate import validator
 import pytest
 
 from forkserver import wsgi
-from forkserver.http.parser import Request, RequestParser
+from forkserver.http.parser import END_OF_MESSAGE, Request, RequestParser
 
 
 class FakeChannel:
@@ -516,3 +516,31 @@ def test_proxies_are_not_consulted_without_a_forwarding_header(monkeypatch):
                                  ("10.0.0.1", "5555"), None, proxies)
     assert asked == [] and environ["REMOTE_ADDR"] == "10.0.0.1"
     assert environ["HTTP_X_FORWARDED_FORE"] == "x"
+
+
+def test_the_environ_of_a_repeated_head_is_the_same_each_time_and_the_apps_own():
+    """A connection that sends the same head again gets the parser's same Request; what its
+    head decides is derived into the environ the first time and kept (memo) from the second,
+    and an app changing its environ changes no later one."""
+    raw = (b"GET /a%20b?x=1 HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nCookie: b=2\r\n"
+           b"X-Id: 7\r\n\r\n")
+    parser = RequestParser()
+    base = wsgi.base_environ("127.0.0.1", "8000")
+    environs = []
+    for port in ("1", "2", "3"):
+        parser.feed(raw)
+        request = parser.next_event()
+        assert parser.next_event() is END_OF_MESSAGE
+        parser.start_next()
+        environ = wsgi.build_environ(request, base, ("10.0.0.1", port), wsgi.EMPTY_INPUT)
+        environs.append(dict(environ))
+        environ["PATH_INFO"] = "/changed by the app"
+        environ["HTTP_X_ID"] = "changed"
+    assert isinstance(request.memo, dict)  # kept from the second use on
+    assert environs[0]["PATH_INFO"] == "/a b" and environs[0]["HTTP_COOKIE"] == "a=1; b=2"
+    assert environs[0]["HTTP_X_ID"] == "7" and environs[0]["QUERY_STRING"] == "x=1"
+    for environ, port in zip(environs, ("1", "2", "3"), strict=True):
+        assert environ["REMOTE_PORT"] == port
+        assert {k: v for k, v in environ.items() if k != "REMOTE_PORT"} == \
+            {k: v for k, v in environs[0].items() if k != "REMOTE_PORT"}
+    assert "PATH_INFO" not in base and "HTTP_X_ID" not in base
