@@ -25,7 +25,9 @@ environ is derived anew for every request). For each shape, the real code is dri
   worker's per-connection read handler (the one the epoll loop calls) reads, parses, calls
   ``load.apps:hello`` and writes the response; the client reads it;
 - ``close path (TCP)``: connect over loopback, the worker's accept handler takes, serves and
-  closes the connection, the client reads to EOF.
+  closes the connection, the client reads to EOF; ``close floor (TCP)`` does the same with no
+  HTTP work (accept, ``TCP_NODELAY``, non-blocking, ``recv_into``, a constant response, close):
+  the in-process analogue of the ceiling's ``Connection: close`` row.
 
 ``glue`` is what the whole path costs beyond the floor and the parts measured alone: the worker's
 own bookkeeping, plus what the parts cost inside the path beyond their cost alone (code run in a
@@ -464,6 +466,35 @@ def make_close(shape: Shape) -> Part:
     return part
 
 
+def make_close_floor(shape: Shape) -> Part:
+    next_raw = turns([raw[:-2] + CLOSE_FIELD + b"\r\n"
+                      for raw in (shape if isinstance(shape, list) else [shape])])
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    address = listener.getsockname()
+    buffer = bytearray(64 * 1024)
+
+    def step() -> None:
+        client = socket.create_connection(address)
+        try:
+            client.send(next_raw())
+            server, _ = listener.accept()
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server.setblocking(False)
+            server.recv_into(buffer)
+            server.send(FLOOR_RESPONSE)
+            server.close()
+            reply = client.recv(65536)
+            while not reply.endswith(b"Hello, World!"):
+                reply += client.recv(65536)
+            if not reply.startswith(OK) or client.recv(1):
+                raise AssertionError("no constant response and close")
+        finally:
+            client.close()
+
+    step()
+    return Part("close floor (TCP)", step, count_scale=0.1, cleanup=[listener.close])
+
+
 def run_cleanup(part: Part) -> None:
     for close in part.cleanup:
         try:
@@ -643,9 +674,11 @@ def print_ablations(results: dict[str, dict[str, float | str]]) -> None:
 
 BUILDERS: tuple[Callable[[Shape], Part], ...] = (
     make_floor, make_parser, lambda raw: make_parser(raw, fresh=True), make_environ, make_app,
-    make_scoreboard, make_whole, lambda raw: make_whole(raw, handoff=True), make_close)
+    make_scoreboard, make_whole, lambda raw: make_whole(raw, handoff=True), make_close,
+    make_close_floor)
 NAMES = ("socket floor", "parser", "parser, new each", "environ", "app + response",
-         "scoreboard", "whole path", "whole path, handoff", "close path (TCP)")
+         "scoreboard", "whole path", "whole path, handoff", "close path (TCP)",
+         "close floor (TCP)")
 GLUE_PARTS = ("socket floor", "parser", "environ", "app + response", "scoreboard")
 
 
