@@ -59,6 +59,14 @@ def _listen(sock: socket.socket, backlog: int) -> socket.socket:
 DEFER_ACCEPT_SECONDS = 1
 
 
+def _nodelay_for_accepted(sock: socket.socket) -> None:
+    """TCP_NODELAY on a TCP listener: Linux copies it to every socket accepted from it, so the
+    worker's accept path does not pay a setsockopt per connection (small responses and the
+    pieces of a streamed one go out at once, never held back for an ACK)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _bind_tcp(spec: BindSpec, backlog: int, reuse_port: bool) -> socket.socket:
     try:
         infos = socket.getaddrinfo(spec.host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -82,6 +90,7 @@ def _bind_tcp(spec: BindSpec, backlog: int, reuse_port: bool) -> socket.socket:
             # then read and answer at once, without a round through epoll, and a client that
             # connects and says nothing never takes a worker's attention.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+            _nodelay_for_accepted(sock)
             sock.bind(sockaddr)
             return _listen(sock, backlog)
         except OSError as exc:
@@ -143,6 +152,7 @@ def _adopt(fd: int, origin: str) -> socket.socket:
     if sock.type != socket.SOCK_STREAM or not listening:
         sock.detach()  # leave the caller's descriptor open; it is not ours to close
         raise ValueError(f"{origin}: fd {fd} is not a listening stream socket")
+    _nodelay_for_accepted(sock)  # (a listener from systemd or an exec: set here too)
     sock.setblocking(False)
     sock.set_inheritable(False)
     return sock

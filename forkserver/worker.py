@@ -471,11 +471,8 @@ class Listeners:
                 worker.log.warning("accept failed: %s; pausing accepts", error)
                 self.off()
                 return kept
-            if unix:
-                remote = ("", "")
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                remote = (address[0], str(address[1]))
+            # (TCP_NODELAY comes from the listener: sockets.py sets it there, Linux copies it.)
+            remote = ("", "") if unix else (address[0], str(address[1]))
             if len(worker.conns) >= limit:
                 # At the limit, the longest-idle keep-alive connection makes room, so a new
                 # client is served at once instead of waiting for some connection to expire.

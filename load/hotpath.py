@@ -436,8 +436,8 @@ def make_whole(shape: Shape, handoff: bool = False) -> Part:
 def make_close(shape: Shape) -> Part:
     next_raw = turns([raw[:-2] + CLOSE_FIELD + b"\r\n"
                       for raw in (shape if isinstance(shape, list) else [shape])])
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    listener.setblocking(False)
+    from forkserver.sockets import bind, parse_bind
+    listener = bind(parse_bind("127.0.0.1:0"), 64)  # with the options the master sets
     worker, cleanup = make_worker(listener)
     cleanup.insert(0, listener.close)
     address = listener.getsockname()

@@ -82,6 +82,8 @@ def test_bind_tcp_v4_serves_connections():
             conn, _ = sock.accept()
             client.sendall(b"ping")
             assert conn.recv(4) == b"ping"
+            # Set on the listener, inherited by each accepted socket: the worker sets nothing.
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             conn.close()
     finally:
         sock.close()
@@ -221,6 +223,11 @@ def test_bind_fd_adopts_a_listening_socket():
         assert sock.fileno() == fd
         _assert_listener(sock)
         assert describe(sock).startswith("http://127.0.0.1:")
+        with socket.create_connection(sock.getsockname(), timeout=2):
+            sock.setblocking(True)
+            conn, _ = sock.accept()
+            with conn:  # an adopted listener gets TCP_NODELAY for its connections too
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
 
