@@ -400,7 +400,10 @@ class RequestParser(_Stream):
         self._fields: list[tuple[str, str]] = []
         # The connection's last head taken whole (its text), and its Request: a keep-alive
         # client (a probe, an API client, a benchmark) often sends the same head again. Per
-        # connection, so a head that varies costs one failed comparison and keeps nothing.
+        # connection: a head that varies costs one failed comparison and a connection holds
+        # one head at most; and no client's head is compared byte by byte with another's
+        # (timing would tell how much of another client's head, cookies included, a guess
+        # got right).
         self._last_head = ""
         self._last_request: Request | None = None
         self._lines = 0  # field lines seen in the current head or trailer section
