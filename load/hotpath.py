@@ -433,6 +433,15 @@ def make_whole(shape: Shape, handoff: bool = False) -> Part:
     return part
 
 
+def expect_close(client: socket.socket, problem: str) -> None:
+    """Read a hello-world response to its end, then the server's close; else raise."""
+    reply = client.recv(65536)
+    while not reply.endswith(b"Hello, World!"):
+        reply += client.recv(65536)
+    if not reply.startswith(OK) or client.recv(1):
+        raise AssertionError(problem)
+
+
 def make_close(shape: Shape) -> Part:
     next_raw = turns([raw[:-2] + CLOSE_FIELD + b"\r\n"
                       for raw in (shape if isinstance(shape, list) else [shape])])
@@ -449,11 +458,7 @@ def make_close(shape: Shape) -> Part:
         try:
             client.send(next_raw())
             accept(fd)
-            reply = client.recv(65536)
-            while not reply.endswith(b"Hello, World!"):
-                reply += client.recv(65536)
-            if not reply.startswith(OK) or client.recv(1):
-                raise AssertionError("the worker did not answer 200 and close")
+            expect_close(client, "the worker did not answer 200 and close")
         finally:
             client.close()
 
@@ -483,11 +488,7 @@ def make_close_floor(shape: Shape) -> Part:
             server.recv_into(buffer)
             server.send(FLOOR_RESPONSE)
             server.close()
-            reply = client.recv(65536)
-            while not reply.endswith(b"Hello, World!"):
-                reply += client.recv(65536)
-            if not reply.startswith(OK) or client.recv(1):
-                raise AssertionError("no constant response and close")
+            expect_close(client, "no constant response and close")
         finally:
             client.close()
 

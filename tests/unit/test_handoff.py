@@ -434,11 +434,10 @@ def test_watcher_dozes_through_a_quiet_spell_and_wakes_for_a_request(reactor):
     assert watcher._thread.is_alive()
 
 
-def test_a_late_wake_does_not_make_the_watcher_spin(reactor):
-    """A wake() that comes after the doze it was meant for ended (the reactor read ``dozing``
-    just before the watcher cleared it) must not leave the event set for every next wait."""
+def counted_waits(reactor: FakeReactor, delay: float) -> list[float | None]:
+    """Start a watcher that gives nothing away; the list fills with each wait's timeout."""
     waits: list[float | None] = []
-    watcher = handoff.Watcher(0.002, reactor, list, reactor.give, lambda s: -1)
+    watcher = handoff.Watcher(delay, reactor, list, lambda conn, seen: False, lambda conn: -1)
     real_wait = watcher._wake.wait
 
     def counting_wait(timeout=None):
@@ -448,8 +447,15 @@ def test_a_late_wake_does_not_make_the_watcher_spin(reactor):
     watcher._wake.wait = counting_wait
     reactor.watcher = watcher
     watcher.start()
+    return waits
+
+
+def test_a_late_wake_does_not_make_the_watcher_spin(reactor):
+    """A wake() that comes after the doze it was meant for ended (the reactor read ``dozing``
+    just before the watcher cleared it) must not leave the event set for every next wait."""
+    waits = counted_waits(reactor, 0.002)
     reactor.requests_for(0.05, 0.0002)  # the watcher is awake, in its timed waits
-    watcher.wake()  # the late wake
+    reactor.watcher.wake()  # the late wake
     time.sleep(0.2)  # fast requests no more; quiet_after (0.25 s) not yet passed
     assert len(waits) < 40  # a spin would be thousands
 
@@ -507,22 +513,6 @@ def test_watcher_hands_off_through_a_real_channel(channel, reactor):
             assert handed.sock.recv(100) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     finally:
         client.close()
-
-
-def counted_waits(reactor: FakeReactor, delay: float) -> list[float | None]:
-    """Start a watcher that gives nothing away; the list fills with each wait's timeout."""
-    waits: list[float | None] = []
-    watcher = handoff.Watcher(delay, reactor, list, lambda conn, seen: False, lambda conn: -1)
-    real_wait = watcher._wake.wait
-
-    def counting_wait(timeout=None):
-        waits.append(timeout)
-        return real_wait(timeout)
-
-    watcher._wake.wait = counting_wait
-    reactor.watcher = watcher
-    watcher.start()
-    return waits
 
 
 def test_the_watcher_looks_less_often_while_every_request_is_fast(reactor):
