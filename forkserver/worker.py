@@ -755,7 +755,7 @@ class Worker:
                     self._end(conn, verdict)
                     return
                 if not parser.start_next():  # nothing pipelined: wait for the next request
-                    self._park(conn, self.requests.finished_at)
+                    self._park(conn, requests.finished_at)
                     return
         except HTTPError as error:
             self._fail(conn, error)

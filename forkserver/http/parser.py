@@ -609,8 +609,8 @@ class RequestParser(_Stream):
         while True:
             if self._request_line is None:
                 self._head_used = self._lines = 0  # a new head (start_next leaves them)
-                line = self._read_line(*_head_limit(self._head_cap - self._head_used,
-                                                    self._max_line, URITooLong))
+                line = self._read_line(*_head_limit(self._head_cap, self._max_line,
+                                                    URITooLong))
                 if line is None:
                     return self._need_data()
                 self._head_used = len(line) + 2
