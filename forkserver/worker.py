@@ -11,6 +11,7 @@ the loop sleeps until the nearest one (rule 7 of style.md).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import faulthandler
 import fcntl
@@ -395,7 +396,10 @@ class Listeners:
     def __init__(self, worker: Worker, socks: list[socket.socket]) -> None:
         self.worker = worker
         multithread = worker.settings.threads > 1
-        self.listeners = {sock.fileno(): (sock, listener_environ(sock, multithread))
+        # fd -> (listener, its connections' base environ, what socket() needs to wrap one:
+        # family, type and protocol as plain ints, read once instead of per accept)
+        self.listeners = {sock.fileno(): (sock, listener_environ(sock, multithread),
+                                          _accepted_kind(sock))
                           for sock in socks}
         self.accepting = False
 
@@ -407,7 +411,7 @@ class Listeners:
         clients were accepted by the kernel and must get an answer, not a reset."""
         was_accepting = self.accepting
         self.off()
-        for fd, (sock, _) in self.listeners.items():
+        for fd, (sock, _, _) in self.listeners.items():
             if was_accepting:
                 self._batch(fd, self.worker.settings.worker_connections, drain=True)
             sock.close()
@@ -445,10 +449,8 @@ class Listeners:
         ``drain``, stop after one that closed at once (``Connection: close``): the accept that
         would follow mostly finds nothing, and level-triggered epoll reports a backlog again."""
         worker = self.worker
-        listener, base = self.listeners[fd]
-        family = listener.family  # (properties that convert to enums: read them once)
-        unix = family == socket.AF_UNIX
-        kind = (int(family), listener.type & ~socket.SOCK_NONBLOCK, listener.proto)
+        listener, base, kind = self.listeners[fd]
+        unix = kind[0] == socket.AF_UNIX
         kept = 0
         limit = worker.settings.worker_connections
         for _ in range(batch):
@@ -456,11 +458,12 @@ class Listeners:
                 self.off()  # every connection is busy; _go(IDLE) or _close resumes
                 return kept
             try:
-                # socket.accept() less its per-call enum conversions of family and type (a
-                # tenth of a Connection: close request's Python time): accept4 with
-                # SOCK_CLOEXEC, then a socket object for the new descriptor.
+                # socket.accept() less what a worker never uses (a tenth of a Connection:
+                # close request's Python time): accept4 with SOCK_CLOEXEC, then the C socket
+                # object for the new descriptor, without socket.socket's Python layer (enum
+                # conversions, makefile bookkeeping) on creation and on close.
                 new_fd, address = listener._accept()
-                sock = socket.socket(*kind, new_fd)
+                sock = _socket.socket(*kind, new_fd)
             except (BlockingIOError, InterruptedError):
                 return kept
             except OSError as error:
@@ -902,6 +905,11 @@ def _install_signals(pending: deque[int], wake_fd: int, promotable: bool = False
     for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+
+
+def _accepted_kind(listener: socket.socket) -> tuple[int, int, int]:
+    """Family, type and protocol of the connections ``listener`` accepts, as plain ints."""
+    return int(listener.family), listener.type & ~socket.SOCK_NONBLOCK, listener.proto
 
 
 def listener_environ(sock: socket.socket, multithread: bool = False) -> dict[str, Any]:
