@@ -827,7 +827,11 @@ def _apply_fields(request: Request, fields: list[tuple[str, str]], max_body: int
         request.content_length, request.chunked = _framing(length_value, codings, minor,
                                                            max_body)
     request.expect_continue = expect is not None and _expects_continue(expect, minor)
-    request.keep_alive = minor == 1 if connection is None else _keeps_alive(connection, minor)
+    if connection is None:
+        request.keep_alive = minor == 1
+    else:
+        keep = _ONE_CONNECTION_OPTION.get(connection)
+        request.keep_alive = _keeps_alive(connection, minor) if keep is None else keep
 
 
 def _framing(length_value: str | None, codings: str | None, minor: int,
@@ -860,6 +864,12 @@ def _expects_continue(expect: str, minor: int) -> bool:
         elif item:
             raise ExpectationFailed("unsupported expectation")
     return expect_continue
+
+
+# The Connection values that say it all alone, whatever the version ("close" ends the
+# connection; "keep-alive" keeps an HTTP/1.0 one, and changes nothing in HTTP/1.1).
+_ONE_CONNECTION_OPTION = {"close": False, "Close": False, "keep-alive": True,
+                          "Keep-Alive": True}
 
 
 def _keeps_alive(connection: str, minor: int) -> bool:

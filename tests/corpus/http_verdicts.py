@@ -160,6 +160,12 @@ accept("connection-close-in-list", msg(b"GET / HTTP/1.1", HOST,
                                        b"Connection: keep-alive, close"), closes=True)
 accept("connection-close-any-case", msg(b"GET / HTTP/1.1", HOST, b"Connection: CLOSE"),
        closes=True)
+accept("connection-close-capitalised", msg(b"GET / HTTP/1.1", HOST, b"Connection: Close"),
+       closes=True)
+accept("http10-keep-alive-capitalised", msg(b"GET / HTTP/1.0", b"Connection: Keep-Alive"),
+       {"protocol": "HTTP/1.0"})
+accept("http10-connection-close", msg(b"GET / HTTP/1.0", b"Connection: close"),
+       {"protocol": "HTTP/1.0"}, closes=True)
 accept("head-request", msg(b"HEAD /h HTTP/1.1", HOST), {"method": "HEAD", "path": "/h"},
        head=True)
 accept("one-empty-line-before-request", CRLF + msg(b"GET /e HTTP/1.1", HOST), {"path": "/e"})

@@ -178,6 +178,27 @@ def test_unfinished_head_gets_408_after_header_timeout(make_worker):
     assert 0.2 < time.monotonic() - started < 3
 
 
+def test_a_connection_that_sends_nothing_is_closed_after_header_timeout(make_worker):
+    h = make_worker(header_timeout=0.3)
+    with h.client() as client:
+        started = time.monotonic()
+        assert read_until_closed(client) == b""
+        assert 0.2 < time.monotonic() - started < 3
+
+
+def test_a_head_cut_short_in_the_first_read_gets_408_after_header_timeout(make_worker):
+    # The deadline of a new connection starts once its first read leaves it open.
+    h = make_worker(header_timeout=0.3)
+    client, theirs = socket.socketpair()
+    with client:
+        client.settimeout(5)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        h.on_loop(lambda: h.worker.adopt(theirs))
+        assert read_until_closed(client).startswith(b"HTTP/1.1 408 ")
+        assert 0.2 < time.monotonic() - started < 3
+
+
 def test_unfinished_small_body_gets_408_after_header_timeout(make_worker):
     h = make_worker(header_timeout=0.3)
     client = h.client()
