@@ -5,6 +5,7 @@
     .venv/bin/python load/hotpath.py --profile        # plus cProfile of the whole path
     .venv/bin/python load/hotpath.py --profile --top 40 --shape browser
     .venv/bin/python load/hotpath.py --ablate         # plus each part's cost inside the path
+    .venv/bin/python load/hotpath.py --evict 2048     # plus the parts with cold caches
 
 Three request shapes: ``wrk`` (the request wrk sends: a request line and ``Host``),
 ``browser`` (wrk's ``Host`` plus the 8 fields of ``load/bench.py``'s browser-like request,
@@ -36,6 +37,12 @@ the whole path again with one part replaced by a stand-in that does (nearly) not
 that returns the same parsed request, a prebuilt environ, no trusted proxies, a scoreboard that
 writes nothing, ``wsgi.handle`` as one constant send); the difference is what the part costs in
 place. The differences overlap, so they do not add up to the whole.
+
+``--evict KIB`` measures the parts a ``Connection: close`` request runs (a new parser, the
+environ, the app and response, the scoreboard) once more, with KIB KiB written over, one byte
+per cache line, before each call and outside its timing: what the code left in the caches is
+then gone, as it is after the kernel sets up and tears down a connection in between. Each call
+is timed alone (wall clock, best repeat), so the figures carry the clock's own cost.
 
 Each figure is the best of the repeats of ``process_time`` over many requests (CPU time: another
 process preempting this one does not count), so it moves less than wall time on a shared machine,
@@ -764,6 +771,74 @@ def profile(requests: Shape, shape: str, count: int, top: int) -> None:
               f"  {function} ({where})")
 
 
+COLD_PARTS = ("parser, new each", "environ", "app + response", "scoreboard")
+
+
+def evicting(kib: int) -> Callable[[], None]:
+    """A call that writes one byte in each 64-byte line of a ``kib`` KiB buffer."""
+    buffer = bytearray(kib * 1024)
+    ones = b"\x01" * len(buffer[::64])
+
+    def evict() -> None:
+        buffer[::64] = ones
+
+    return evict
+
+
+def each_call_us(step: Step, count: int, repeats: int, before: Callable[[], None]) -> float:
+    """The lowest mean wall time of ``step`` over ``repeats`` runs of ``count`` calls, in
+    microseconds, with ``before`` run untimed ahead of each call."""
+    clock = time.perf_counter_ns
+    best = float("inf")
+    for _ in range(repeats):
+        total = 0
+        for _ in range(count):
+            before()
+            started = clock()
+            step()
+            total += clock() - started
+        best = min(best, total / count)
+    return best / 1000
+
+
+def measure_cold(shape: Shape, count: int, repeats: int, kib: int
+                 ) -> dict[str, tuple[float, float] | str]:
+    """(hot, with ``kib`` KiB evicted before each call) µs for each of COLD_PARTS."""
+    evict = evicting(kib)
+    figures: dict[str, tuple[float, float] | str] = {}
+    for builder, name in zip(BUILDERS, NAMES, strict=True):
+        if name not in COLD_PARTS:
+            continue
+        part = build(builder, name, shape)
+        try:
+            if part.step is None:
+                figures[name] = part.why
+                continue
+            hot = each_call_us(part.step, count, repeats, lambda: None)
+            figures[name] = (hot, each_call_us(part.step, count, repeats, evict))
+        except Exception as error:  # noqa: BLE001
+            figures[name] = f"{type(error).__name__}: {error}"
+        finally:
+            run_cleanup(part)
+    return figures
+
+
+def print_cold(results: dict[str, dict[str, tuple[float, float] | str]], kib: int) -> None:
+    print(f"\nµs wall per call, hot / with {kib} KiB evicted before each call")
+    for shape, figures in results.items():
+        total_hot = total_cold = 0.0
+        for name, value in figures.items():
+            if isinstance(value, str):
+                print(f"{shape:<8} {name:<18} n/a ({value})")
+                continue
+            hot, cold = value
+            total_hot, total_cold = total_hot + hot, total_cold + cold
+            print(f"{shape:<8} {name:<18} {hot:8.2f} {cold:8.2f} {cold / hot:6.2f}x")
+        if total_hot:
+            print(f"{shape:<8} {'together':<18} {total_hot:8.2f} {total_cold:8.2f} "
+                  f"{total_cold / total_hot:6.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20_000, help="requests per repeat")
@@ -774,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablate", action="store_true",
                         help="the whole path with each part replaced in turn")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
+    parser.add_argument("--evict", type=int, metavar="KIB", default=0,
+                        help="also the Connection: close parts with KIB KiB evicted before each")
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.repeats = 3000, 3
@@ -785,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablate:
         print_ablations({shape: measure_ablations(SHAPES[shape], max(1000, args.count // 4),
                                                   args.repeats + 2) for shape in shapes})
+    if args.evict:
+        print_cold({shape: measure_cold(SHAPES[shape], max(200, args.count // 40), args.repeats,
+                                        args.evict) for shape in shapes}, args.evict)
     if args.profile:
         for shape in shapes:
             profile(SHAPES[shape], shape, min(args.count, 10_000), args.top)
