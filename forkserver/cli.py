@@ -19,7 +19,6 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any, NamedTuple
 
 from forkserver import addresses, config, loader
@@ -83,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
+    from importlib import (
+        metadata,  # (imported where used: architecture.md, "What a worker inherits")
+    )
+
     try:
         return metadata.version("forkserver")
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed

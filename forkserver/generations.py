@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -292,6 +291,8 @@ class UpgradeCheck:
     def __init__(self, argv: list[str], environ: Mapping[str, str]) -> None:
         self.argv = argv
         check_argv = [*argv, "--check-config"]
+        import tempfile  # (imported where used: architecture.md, "What a worker inherits")
+
         self._output: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in result()
         try:
             self.pid = os.posix_spawn(

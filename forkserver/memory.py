@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-import psutil
-
 __all__ = ["Reading", "Sampler", "read_process", "total"]
 
 
@@ -40,6 +38,8 @@ def read_process(pid: int) -> Reading | None:
     Where smaps cannot be read (not Linux, or no permission), USS falls back to RSS minus
     shared pages, which is close to it, and PSS is reported as 0 (unknown).
     """
+    import psutil  # (imported where used: architecture.md, "What a worker inherits")
+
     try:
         proc = psutil.Process(pid)
         try:

@@ -34,8 +34,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from forkserver import addresses
 from forkserver.http.parser import NEED_DATA, HTTPError, Limits, Request, RequestParser
 from forkserver.memory import Reading, Sampler
@@ -357,6 +355,8 @@ def _sample(pid: int, index: int, generation: int, view: SlotView, now: float, u
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process; 0 if it is gone or unreadable."""
+    import psutil  # (imported where used: architecture.md, "What a worker inherits")
+
     try:
         cpu = psutil.Process(pid).cpu_times()
     except psutil.Error:

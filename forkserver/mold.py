@@ -33,8 +33,6 @@ sends a signal: the pool does (it is the one place SIGKILL is sent).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import errno
 import functools
@@ -88,6 +86,8 @@ def set_child_subreaper() -> None:
     if not sys.platform.startswith("linux"):
         raise MoldUnsupported(f"refork_after: needs Linux (PR_SET_CHILD_SUBREAPER); this is "
                               f"{sys.platform}")
+    import ctypes.util  # (imported where used: architecture.md, "What a worker inherits")
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         code = ctypes.get_errno()

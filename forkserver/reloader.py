@@ -34,9 +34,7 @@ import contextlib
 import enum
 import glob
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -115,6 +113,8 @@ def report_modules(directory: str, inherited: Iterable[str],
         sig = signature(path)
         if sig is not None and "\n" not in path:
             lines.append(f"{sig[0]}\t{sig[1]}\t{sig[2]}\t{path}\n")
+    import tempfile  # (imported where used: architecture.md, "What a worker inherits")
+
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".report-")
     with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
         file.writelines(lines)
@@ -185,6 +185,8 @@ class Reloader:
     def for_workers(cls, extra_globs: Iterable[str] = (), **options: Any) -> Reloader:
         """A Reloader with its own temporary report directory (``report_dir``, for the
         WorkerSpec); ``close()`` removes it."""
+        import tempfile  # (imported where used: architecture.md, "What a worker inherits")
+
         watcher = cls(extra_globs=extra_globs,
                       report_dir=tempfile.mkdtemp(prefix="forkserver-reload-"), **options)
         watcher._owns_reports = True
@@ -200,6 +202,8 @@ class Reloader:
 
     def close(self) -> None:
         if self._owns_reports and self.report_dir:
+            import shutil  # (imported where used: architecture.md, "What a worker inherits")
+
             shutil.rmtree(self.report_dir, ignore_errors=True)
             self._owns_reports = False
 

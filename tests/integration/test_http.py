@@ -360,3 +360,15 @@ def test_keep_alive_connections_spread_over_workers(server):
 def test_wsgi_errors_goes_to_the_error_log(server):
     assert get(server, "/errors").status_code == 200
     server.wait_for_log(r"a message from the app via wsgi.errors")
+
+
+def test_workers_map_no_module_the_server_imports_only_where_used(server):
+    """ctypes (refork's subreaper) and psutil (memory readings, metrics) are imported where
+    they are used, so no process of a default server maps them: a worker inherits what its
+    master imported, at a few hundred KiB to 2 MiB of RSS each (architecture.md, "What a
+    worker inherits")."""
+    assert get(server, "/").status_code == 200
+    for pid in (server.pid, *server.worker_pids()):
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
+            mapped = maps.read()
+        assert "_ctypes" not in mapped and "_psutil" not in mapped, pid

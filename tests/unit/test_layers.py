@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,14 @@ def test_the_map_reads_modules_and_targets():
             f"| `demo` | app | — |\n{END}\n| `ignored` | after | `x` |\n")
     assert read_module_map(text) == {"cli": {"config", "master"}, "http.parser": {"http.errors"},
                                      "demo": set()}
+
+
+def test_importing_the_server_brings_no_module_it_imports_only_where_used():
+    """The modules a default server never needs stay out of the master, so out of every worker
+    it forks (architecture.md, "What a worker inherits"); importing them lazily is the rule."""
+    lazy = ("ctypes", "psutil", "importlib.metadata", "email", "zipfile", "csv", "tempfile")
+    code = ("import sys, forkserver.cli, forkserver.master, forkserver.worker; "
+            f"print(*[name for name in {lazy!r} if name in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "", "")
