@@ -195,8 +195,7 @@ Target = tuple[str, str, str]
 def _verdict(target: str, value: float | None, limit: float, higher: bool = True) -> Target:
     if value is None:
         return (target, "n/a", "n/a")
-    ok = value >= limit if higher else value <= limit
-    return (target, f"{value:.2f}x", "met" if ok else "NOT met")
+    return (target, *bench_env.judged(value, limit, higher))
 
 
 def _cpu_ratio(cells: list[Cell]) -> float | None:

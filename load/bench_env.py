@@ -22,6 +22,18 @@ from pathlib import Path
 
 from load.servers import ROOT
 
+
+def judged(value: float, limit: float, higher: bool = True) -> tuple[str, str]:
+    """A ratio against its target: (the ratio as shown, "met" or "NOT met"). Two decimals, or
+    three where two would round onto the limit: 0.749x is shown so, not as a 0.75x that
+    failed."""
+    met = value >= limit if higher else value <= limit
+    shown = f"{value:.2f}"
+    if float(shown) == limit and value != limit:
+        shown = f"{value:.3f}"
+    return f"{shown}x", "met" if met else "NOT met"
+
+
 BENCH_VENV = ROOT / "load" / ".bench-venv"
 RESULTS = ROOT / "load" / "results"
 # Bump when the package list changes, so existing bench venvs are completed on the next run.

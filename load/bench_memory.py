@@ -304,7 +304,7 @@ def render_markdown(results: list[Measurement], unsupported: dict[str, str],
     verdict = ("n/a", "n/a")
     if refork and base:
         ratio = refork.total_pss / base
-        verdict = (f"{ratio:.2f}x", "met" if ratio <= 0.75 else "NOT met")
+        verdict = bench_env.judged(ratio, 0.75, higher=False)
     lines += ["", "## Target (issue 17)", "", "| target | measured | verdict |", "|---|---|---|",
               (f"| preload + freeze + refork <= 0.75x gunicorn --preload | {verdict[0]} | "
                f"{verdict[1]} |"), "", "![total PSS per server](bench-memory.png)", ""]

@@ -192,7 +192,7 @@ def check_targets(s: dict[tuple[str, str], Summary], outcomes: list[Outcome] | N
     def at_least(target: str, value: float | None, limit: float) -> tuple[str, str, str]:
         if value is None:
             return (target, "n/a", "n/a")
-        return (target, f"{value:.2f}x", "met" if value >= limit else "NOT met")
+        return (target, *bench_env.judged(value, limit))
 
     return [
         at_least(f"mixed: {THREADED} fast rate >= 2x {GTHREAD}", ratio(THREADED, GTHREAD), 2.0),
@@ -210,10 +210,10 @@ def within(target: str, unpaired: float | None, paired: float | None) -> tuple[s
     value = paired if paired is not None else unpaired
     if value is None:
         return (target, "n/a", "n/a")
-    shown = f"{value:.2f}x"
+    shown, verdict = bench_env.judged(value, 0.95)
     if paired is not None and unpaired is not None:
-        shown = f"{paired:.2f}x paired by round (ratio of the rows' medians {unpaired:.2f}x)"
-    return (target, shown, "met" if value >= 0.95 else "NOT met")
+        shown = f"{shown} paired by round (ratio of the rows' medians {unpaired:.2f}x)"
+    return (target, shown, verdict)
 
 
 def render_markdown(summaries: dict[tuple[str, str], Summary], unsupported: dict[str, str],

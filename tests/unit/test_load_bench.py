@@ -326,3 +326,12 @@ def test_the_warm_up_visits_every_kind_of_page():
     paths = [bench_memory.warmup_path(i) for i in range(len(bench_memory.PATHS))]
     assert paths[0] == "/" and "/admin/login/" in paths
     assert all("{" not in p for p in paths)
+
+
+def test_a_ratio_just_off_its_target_is_shown_with_a_third_decimal():
+    judged = bench_env.judged
+    assert judged(0.7487, 0.75) == ("0.749x", "NOT met")
+    assert judged(0.7539, 0.75, higher=False) == ("0.754x", "NOT met")
+    assert judged(0.7461, 0.75, higher=False) == ("0.746x", "met")
+    assert judged(0.75, 0.75) == ("0.75x", "met")
+    assert judged(0.8312, 0.75) == ("0.83x", "met")
