@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from importlib import (
-        metadata,  # (imported where used: architecture.md, "What a worker inherits")
-    )
+    # (imported where used: architecture.md, "What a worker inherits")
+    from importlib import metadata
 
     try:
         return metadata.version("forkserver")
