@@ -282,3 +282,22 @@ class ResponseReader:
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return ResponseReader(sock).read()
+
+
+# -- reruns: say which test failed on its first attempt, and why ---------------------------------
+_RERUNS: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.outcome == "rerun":
+        errors = [line for line in report.longreprtext.splitlines() if line.startswith("E ")]
+        _RERUNS.append((report.nodeid, "\n".join(errors[:6]) or report.longreprtext[-600:]))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """A test that passed (or failed again) on its rerun is named with its first failure, so a
+    flaky test shows in CI's log with a reason instead of one R among the dots."""
+    if _RERUNS:
+        terminalreporter.section("first attempts that failed (rerun once)")
+        for nodeid, why in _RERUNS:
+            terminalreporter.write_line(f"RERUN {nodeid}\n{why}")

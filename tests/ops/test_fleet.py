@@ -452,6 +452,7 @@ class Fleet:
         self.instances: list[Instance | None] = []
         self.haproxy: FleetHAProxy | None = None
         self.mode = ""
+        self.loads: Counter[str] = Counter()  # scenarios run so far, reruns included
 
     def start(self) -> Fleet:
         if Namespaces.usable():
@@ -505,6 +506,11 @@ class Fleet:
         return f"http://127.0.0.1:{self.haproxy.port}/"
 
     def load(self, scenario: str) -> Load:
+        """A load whose request ids no earlier load on this fleet used: a rerun of a scenario
+        gets its own ("reload2"), or the ledger would count each request twice."""
+        self.loads[scenario] += 1
+        if self.loads[scenario] > 1:
+            scenario = f"{scenario}{self.loads[scenario]}"
         return Load(self.url, frozenset(s.name for s in self.sites), scenario)
 
     def report(self, load: Load, before: dict[str, int]) -> Report:
