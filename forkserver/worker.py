@@ -403,9 +403,6 @@ class Listeners:
                           for sock in socks}
         self.accepting = False
 
-    def __contains__(self, fd: int) -> bool:
-        return fd in self.listeners
-
     def close_all(self) -> None:
         """Stop accepting for good. What already waits in the backlog is taken first: those
         clients were accepted by the kernel and must get an answer, not a reset."""
@@ -552,8 +549,7 @@ class Worker:
         self.conns[conn.fd] = conn
         if handed is not None:  # its preamble is behind it; what was read comes first
             conn.hops, conn.requests = handed.hops, handed.requests
-            if handed.pending:
-                self._arm(conn)
+            if handed.pending:  # (a deadline, if it stays open, as for any connection)
                 conn.parser.feed(handed.pending)
                 self._process(conn)
                 if self.conns.get(conn.fd) is not conn:
@@ -806,7 +802,7 @@ class Worker:
             conn = conns.get(fd)
             if conn is not None:
                 self._readable(conn)
-            elif fd in self.listeners.listeners:  # (the dict: no __contains__ call)
+            elif fd in self.listeners.listeners:
                 if not self.stopping:
                     self.listeners.accept(fd)
             elif self.lending is not None and fd == self.lending.fd:

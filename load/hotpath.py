@@ -64,7 +64,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -697,21 +697,28 @@ def build(builder: Callable[[Shape], Part], name: str, shape: Shape) -> Part:
         return Part(name, why=f"{type(error).__name__}: {error}")
 
 
-def measure_shape(shape: Shape, count: int, repeats: int) -> dict[str, float | str]:
-    """µs per request for each part (or the reason it is n/a), plus the derived glue."""
-    figures: dict[str, float | str] = {}
+def measure_parts(shape: Shape, names: Iterable[str], measure: Callable[[Part], Any]
+                  ) -> dict[str, Any]:
+    """``measure(part)`` for each named part, built and cleaned up in turn; the reason instead
+    where a part is n/a or its measurement fails."""
+    figures: dict[str, Any] = {}
     for builder, name in zip(BUILDERS, NAMES, strict=True):
+        if name not in names:
+            continue
         part = build(builder, name, shape)
         try:
-            if part.step is None:
-                figures[name] = part.why
-                continue
-            runs = max(1, int(count * part.count_scale))
-            figures[name] = best_us(part.step, runs, repeats)
+            figures[name] = part.why if part.step is None else measure(part)
         except Exception as error:  # noqa: BLE001
             figures[name] = f"{type(error).__name__}: {error}"
         finally:
             run_cleanup(part)
+    return figures
+
+
+def measure_shape(shape: Shape, count: int, repeats: int) -> dict[str, float | str]:
+    """µs per request for each part (or the reason it is n/a), plus the derived glue."""
+    figures = measure_parts(shape, NAMES, lambda part: best_us(
+        part.step, max(1, int(count * part.count_scale)), repeats))
     parts = [figures[name] for name in ("whole path", *GLUE_PARTS)]
     if all(isinstance(value, float) for value in parts):
         figures["glue"] = parts[0] - sum(parts[1:])
@@ -805,22 +812,9 @@ def measure_cold(shape: Shape, count: int, repeats: int, kib: int
                  ) -> dict[str, tuple[float, float] | str]:
     """(hot, with ``kib`` KiB evicted before each call) µs for each of COLD_PARTS."""
     evict = evicting(kib)
-    figures: dict[str, tuple[float, float] | str] = {}
-    for builder, name in zip(BUILDERS, NAMES, strict=True):
-        if name not in COLD_PARTS:
-            continue
-        part = build(builder, name, shape)
-        try:
-            if part.step is None:
-                figures[name] = part.why
-                continue
-            hot = each_call_us(part.step, count, repeats, lambda: None)
-            figures[name] = (hot, each_call_us(part.step, count, repeats, evict))
-        except Exception as error:  # noqa: BLE001
-            figures[name] = f"{type(error).__name__}: {error}"
-        finally:
-            run_cleanup(part)
-    return figures
+    return measure_parts(shape, COLD_PARTS, lambda part: (
+        each_call_us(part.step, count, repeats, lambda: None),
+        each_call_us(part.step, count, repeats, evict)))
 
 
 def print_cold(results: dict[str, dict[str, tuple[float, float] | str]], kib: int) -> None:
